@@ -1,0 +1,153 @@
+"""The zimage-trt command line: exact output of sigmas and workflow commands, help everywhere."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from zimage_trt.cli import build_parser, main
+from zimage_trt.workflow import Workflow, load_workflow
+
+STAGE3 = [
+    0.930881143,
+    0.915012956,
+    0.896854758,
+    0.875436842,
+    0.849809885,
+    0.820474803,
+    0.785153687,
+    0.742732584,
+    0.693181872,
+    0.633455217,
+    0.564049602,
+    0.478773564,
+    0.381561249,
+    0.273353755,
+    0.162650615,
+    0.0597722903,
+    0,
+]
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_sigmas_json_prints_stage3(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(
+        capsys,
+        "sigmas",
+        "--scheduler",
+        "beta",
+        "--shift",
+        "7",
+        "--steps",
+        "16",
+        "--denoise",
+        "0.6",
+        "--json",
+    )
+    assert code == 0
+    data = json.loads(out)
+    assert len(data["sigmas"]) == 17
+    assert data["sigmas"] == pytest.approx(STAGE3, abs=1e-6)
+    assert (data["scheduler"], data["steps"], data["denoise"], data["shift"]) == (
+        "beta",
+        16,
+        0.6,
+        7.0,
+    )
+
+
+def test_sigmas_flow_match_euler_options(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(
+        capsys,
+        "sigmas",
+        "--scheduler",
+        "flow_match_euler",
+        "--steps",
+        "9",
+        "-o",
+        "use_dynamic_shifting=true",
+        "--json",
+    )
+    assert code == 0
+    assert json.loads(out)["sigmas"] == pytest.approx(
+        [1, 0.875125, 0.75025, 0.625375, 0.5005, 0.375625, 0.25075, 0.125875, 0.001, 0], abs=1e-6
+    )
+
+
+def test_sigmas_table(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(
+        capsys, "sigmas", "--scheduler", "flow_match_linear", "--steps", "16", "--denoise", "0.7"
+    )
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[0] == "flow_match_linear: 16 steps, denoise 0.7, shift 3.0 → 17 sigmas"
+    assert lines[2].split() == ["0", "0.714571416", "285.429"]
+    assert lines[-1].split() == ["16", "0.000000000", "1000.000"]
+
+
+def test_sigmas_bad_option_is_an_error(capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run(capsys, "sigmas", "--scheduler", "beta", "--steps", "4", "-o", "gamma=2")
+    assert code == 2
+    assert err.startswith("zimage-trt: error: ") and "gamma" in err
+
+
+def test_workflow_show_prints_the_reference(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "workflow", "show", "zimage-121101")
+    assert code == 0
+    shown = Workflow.from_dict(yaml.safe_load(out))
+    assert shown == load_workflow("zimage-121101")
+    assert "seed: 905124181980574" in out
+
+
+def test_workflow_validate_table(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "workflow", "validate", "zimage-121101")
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[0] == "zimage-121101: valid workflow 'zimage-121101', 3 stage(s)"
+    base, refine, upscale = lines[2:5]
+    assert "176×224" in base and "154→160" in base and "18 (cond+uncond)" in base
+    assert "336×432" in refine and "567→576" in refine and "calls 0-12 of 16" in refine
+    assert "672×864" in upscale and "2268→2272" in upscale and "calls 14-26 of 31" in upscale
+
+
+def test_workflow_validate_reports_errors(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        "stages:\n  - latent: {source: empty, width: 64, height: 64}\n"
+        "    sampler: {name: heun}\n    scheduler: {name: simple, steps: 4}\n"
+    )
+    code, _, err = run(capsys, "workflow", "validate", str(bad))
+    assert code == 2
+    assert "stages.0.sampler.name: unknown sampler 'heun'" in err
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        [],
+        ["sigmas"],
+        ["workflow"],
+        ["workflow", "show"],
+        ["workflow", "validate"],
+        ["workflow", "import"],
+        ["workflow", "list"],
+    ],
+)
+def test_every_command_has_help_with_examples(
+    path: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args([*path, "--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert "examples:" in out and "zimage-trt " in out

@@ -1,0 +1,252 @@
+"""The ``zimage-trt`` command: one argparse app, one sub-command per task."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from zimage_trt import __version__
+
+
+def _examples(*lines: str) -> str:
+    return "examples:\n" + "\n".join(f"  {line}" for line in lines)
+
+
+def _float32_list(values: Any) -> list[float]:
+    """Shortest decimal that round-trips each float32 (what ComfyUI's tensors hold)."""
+    return [float(str(np.float32(v))) for v in values]
+
+
+def _parse_option(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key, yaml.safe_load(value)
+
+
+# ---- sigmas -------------------------------------------------------------------------------------
+def cmd_sigmas(args: argparse.Namespace) -> int:
+    from zimage_trt.runtime.model_sampling import FlowSampling
+    from zimage_trt.runtime.schedules import calculate_sigmas
+
+    options = dict(args.option)
+    if args.scheduler == "flow_match_euler" and args.shift is not None:
+        options.setdefault("shift", args.shift)
+    shift = args.shift if args.shift is not None else 3.0
+    sigmas = calculate_sigmas(
+        args.scheduler, FlowSampling(shift), args.steps, args.denoise, **options
+    )
+    values = _float32_list(sigmas)
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "scheduler": args.scheduler,
+                    "steps": args.steps,
+                    "denoise": args.denoise,
+                    "shift": shift,
+                    "options": options,
+                    "sigmas": values,
+                }
+            )
+        )
+        return 0
+    print(
+        f"{args.scheduler}: {args.steps} steps, denoise {args.denoise}, shift {shift}"
+        + (f", options {options}" if options else "")
+        + f" → {len(values)} sigmas"
+    )
+    print(f"{'step':>4}  {'sigma':>12}  {'DiT t (1-σ)·1000':>17}")
+    for i, s in enumerate(sigmas.tolist()):
+        print(f"{i:>4}  {s:>12.9f}  {(1 - s) * 1000:>17.3f}")
+    return 0
+
+
+# ---- workflow -----------------------------------------------------------------------------------
+def cmd_workflow_show(args: argparse.Namespace) -> int:
+    from zimage_trt.workflow import load_workflow
+
+    sys.stdout.write(load_workflow(args.workflow).to_yaml())
+    return 0
+
+
+def cmd_workflow_list(args: argparse.Namespace) -> int:
+    from zimage_trt.workflow import load_workflow, preset_names
+
+    for name in preset_names():
+        wf = load_workflow(name)
+        print(f"{name:<16} {len(wf.stages)} stage(s)  {wf.description.split('.')[0]}")
+    return 0
+
+
+def cmd_workflow_validate(args: argparse.Namespace) -> int:
+    from zimage_trt.summary import stage_table
+    from zimage_trt.workflow import load_workflow
+
+    wf = load_workflow(args.workflow)
+    print(f"{args.workflow}: valid workflow {wf.name!r}, {len(wf.stages)} stage(s)")
+    print(stage_table(wf))
+    return 0
+
+
+def cmd_workflow_import(args: argparse.Namespace) -> int:
+    from zimage_trt.comfy import import_graph
+
+    wf = import_graph(args.graph)
+    if args.output is None:
+        sys.stdout.write(wf.to_yaml())
+    else:
+        wf.save(args.output)
+        print(f"wrote {args.output}: workflow {wf.name!r}, {len(wf.stages)} stage(s)")
+    return 0
+
+
+# ---- the parser ---------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    raw = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(
+        prog="zimage-trt",
+        formatter_class=raw,
+        description="Compiled inference for Z-Image-Turbo with ComfyUI-identical sampling.",
+        epilog=_examples(
+            "zimage-trt workflow show zimage-121101",
+            "zimage-trt workflow import my_graph.json -o my_workflow.yaml",
+            "zimage-trt sigmas --scheduler beta --shift 7 --steps 16 --denoise 0.6",
+        ),
+    )
+    parser.add_argument("--version", action="version", version=f"zimage-trt {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    from zimage_trt.runtime.schedules import SCHEDULERS
+
+    p = sub.add_parser(
+        "sigmas",
+        formatter_class=raw,
+        help="print a noise schedule exactly as ComfyUI computes it",
+        description="Print the sigmas a scheduler gives, as ComfyUI computes them (float32). "
+        "Use it to check a ported workflow stage by stage.",
+        epilog=_examples(
+            "zimage-trt sigmas --scheduler beta --shift 7 --steps 16 --denoise 0.6 --json",
+            "zimage-trt sigmas --scheduler flow_match_euler --steps 9 --shift 3",
+            "zimage-trt sigmas --scheduler flow_match_linear --steps 16 --denoise 0.7",
+            "zimage-trt sigmas --scheduler beta --steps 20 -o alpha=0.5 -o beta=0.7",
+            "zimage-trt sigmas --scheduler flow_match_euler --steps 9 -o use_dynamic_shifting=1",
+        ),
+    )
+    p.add_argument(
+        "--scheduler",
+        required=True,
+        choices=SCHEDULERS,
+        metavar="NAME",
+        help="one of: " + ", ".join(SCHEDULERS) + " (flow_match_linear is KSampler's "
+        "'FlowMatchEulerDiscreteScheduler'; flow_match_euler is the custom "
+        "'FlowMatchEulerDiscreteScheduler (Custom)' node)",
+    )
+    p.add_argument("--steps", type=int, required=True, help="sampling steps")
+    p.add_argument(
+        "--denoise",
+        type=float,
+        default=1.0,
+        help="0..1; below 1 ComfyUI computes int(steps/denoise) steps and keeps the "
+        "last steps+1 sigmas (default 1.0)",
+    )
+    p.add_argument(
+        "--shift",
+        type=float,
+        default=None,
+        help="model-sampling shift (ModelSamplingAuraFlow; Z-Image's own is 3.0); for "
+        "flow_match_euler, the node's own shift input",
+    )
+    p.add_argument(
+        "-o",
+        "--option",
+        type=_parse_option,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a scheduler parameter, e.g. alpha=0.6 (beta), "
+        "rho=7 (karras), use_dynamic_shifting=true (flow_match_euler); repeatable",
+    )
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=cmd_sigmas)
+
+    w = sub.add_parser(
+        "workflow",
+        formatter_class=raw,
+        help="show, validate and import workflows",
+        description="Workflows are YAML files (or built-in presets) describing a whole "
+        "multi-stage run.",
+        epilog=_examples(
+            "zimage-trt workflow list",
+            "zimage-trt workflow show zimage-121101 > mine.yaml",
+            "zimage-trt workflow validate mine.yaml",
+            "zimage-trt workflow import ComfyUI_00001_.png -o mine.yaml",
+        ),
+    )
+    wsub = w.add_subparsers(dest="workflow_command", required=True, metavar="ACTION")
+    q = wsub.add_parser(
+        "list",
+        help="list the built-in presets",
+        formatter_class=raw,
+        epilog=_examples("zimage-trt workflow list"),
+    )
+    q.set_defaults(func=cmd_workflow_list)
+    q = wsub.add_parser(
+        "show",
+        help="print a preset or a workflow file as YAML",
+        formatter_class=raw,
+        epilog=_examples(
+            "zimage-trt workflow show zimage-121101", "zimage-trt workflow show ./mine.yaml"
+        ),
+    )
+    q.add_argument("workflow", metavar="NAME|FILE")
+    q.set_defaults(func=cmd_workflow_show)
+    q = wsub.add_parser(
+        "validate",
+        help="check a workflow and print its stages",
+        formatter_class=raw,
+        epilog=_examples(
+            "zimage-trt workflow validate mine.yaml", "zimage-trt workflow validate zimage-121101"
+        ),
+    )
+    q.add_argument("workflow", metavar="NAME|FILE")
+    q.set_defaults(func=cmd_workflow_validate)
+    q = wsub.add_parser(
+        "import",
+        formatter_class=raw,
+        help="convert a ComfyUI graph (API JSON, UI JSON or PNG) into a workflow",
+        description="Reads ComfyUI's API-format JSON, its UI workflow JSON, or a PNG ComfyUI "
+        "saved (its embedded graph), follows the graph back from every SaveImage/PreviewImage "
+        "and writes the equivalent workflow.",
+        epilog=_examples(
+            "zimage-trt workflow import workflow_api.json -o mine.yaml",
+            "zimage-trt workflow import ComfyUI_00001_.png",
+        ),
+    )
+    q.add_argument("graph", type=Path, metavar="GRAPH")
+    q.add_argument(
+        "-o", "--output", type=Path, default=None, help="write the YAML here (default: print it)"
+    )
+    q.set_defaults(func=cmd_workflow_import)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"zimage-trt: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
