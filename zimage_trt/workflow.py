@@ -17,15 +17,13 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from torch import Tensor
 
-from zimage_trt.runtime.latents import UPSCALE_METHODS, VAE_SCALE
+from zimage_trt.runtime.latents import MAX_SIDE, SIDE_MULTIPLE, UPSCALE_METHODS, VAE_SCALE
 from zimage_trt.runtime.model_sampling import FlowSampling
+from zimage_trt.runtime.noise import SEED_MAX
 from zimage_trt.runtime.samplers import SAMPLERS
 from zimage_trt.runtime.schedules import SCHEDULERS, calculate_sigmas
 
 ZIMAGE_SHIFT = 3.0  # Z-Image-Turbo's own model-sampling shift (ComfyUI supported_models.ZImage)
-MAX_SEED = 2**64 - 1  # ComfyUI's seed widget range
-SIDE_MULTIPLE = 16  # VAE ×8 and patch 2: image sides must be multiples of 16 px
-MAX_SIDE = 16384
 PRESET_DIR = "workflows"
 
 
@@ -189,7 +187,7 @@ class Stage(_Spec):
         description="model-sampling shift (ModelSamplingAuraFlow)",
     )
     cfg: float = Field(default=1.0, ge=0.0, le=100.0)
-    seed: int = Field(default=0, ge=0, le=MAX_SEED)
+    seed: int = Field(default=0, ge=0, le=SEED_MAX)
     add_noise: bool = True
     noise_device: Literal["auto", "cpu", "cuda"] = Field(
         default="auto",
