@@ -151,3 +151,40 @@ def test_every_command_has_help_with_examples(
     assert exit_.value.code == 0
     out = capsys.readouterr().out
     assert "examples:" in out and "zimage-trt " in out
+
+
+def test_workflow_import_writes_yaml_that_loads_back(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    graph = Path(__file__).parent / "data" / "comfy_ui" / "zimage-121101.json"
+    out = tmp_path / "imported.yaml"
+    code, stdout, _ = run(capsys, "workflow", "import", str(graph), "-o", str(out))
+    assert code == 0
+    assert stdout == f"wrote {out}: workflow 'zimage-121101', 3 stage(s)\n"
+    imported, preset = Workflow.load(out), load_workflow("zimage-121101")
+    assert imported.stages == preset.stages
+    assert imported.prompts.negative_text() == preset.prompts.negative_text()
+    assert "negative: |" in out.read_text(encoding="utf-8")  # long prompts stay readable
+
+
+def test_workflow_import_unsupported_node(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    graph = tmp_path / "g.json"
+    graph.write_text(
+        json.dumps(
+            {
+                "1": {
+                    "class_type": "SaveImage",
+                    "inputs": {"images": ["2", 0], "filename_prefix": "x"},
+                },
+                "2": {"class_type": "UpscaleModelLoader", "inputs": {}},
+            }
+        )
+    )
+    code, _, err = run(capsys, "workflow", "import", str(graph))
+    assert code == 2
+    assert err.startswith(
+        "zimage-trt: error: node 2 (class 'UpscaleModelLoader') is not "
+        "supported; supported classes: "
+    )

@@ -325,7 +325,9 @@ class Workflow(_Spec):
         return self.model_dump(mode="json", exclude_none=True)
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True, width=100)
+        return yaml.dump(
+            self.to_dict(), Dumper=_BlockDumper, sort_keys=False, allow_unicode=True, width=100
+        )
 
     def save(self, path: str | Path) -> None:
         """Write atomically: a temp file beside the target, then rename."""
@@ -333,6 +335,18 @@ class Workflow(_Spec):
         tmp = path.with_name(f".{path.name}.tmp")
         tmp.write_text(self.to_yaml(), encoding="utf-8")
         tmp.replace(path)
+
+
+class _BlockDumper(yaml.SafeDumper):
+    """Multi-line strings (long negative prompts) as readable ``|`` blocks."""
+
+
+def _represent_str(dumper: yaml.SafeDumper, text: str) -> yaml.ScalarNode:
+    style = "|" if "\n" in text else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", text, style=style)
+
+
+_BlockDumper.add_representer(str, _represent_str)
 
 
 def format_validation_error(exc: ValidationError, source: str) -> str:
