@@ -7,29 +7,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from comfy_reference import STAGE1_SEED, STAGE1_SIGMAS_DYNAMIC, STAGE3_SIGMAS
 
 from zimage_trt.cli import build_parser, main
 from zimage_trt.workflow import Workflow, load_workflow
-
-STAGE3 = [
-    0.930881143,
-    0.915012956,
-    0.896854758,
-    0.875436842,
-    0.849809885,
-    0.820474803,
-    0.785153687,
-    0.742732584,
-    0.693181872,
-    0.633455217,
-    0.564049602,
-    0.478773564,
-    0.381561249,
-    0.273353755,
-    0.162650615,
-    0.0597722903,
-    0,
-]
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
@@ -55,7 +36,7 @@ def test_sigmas_json_prints_stage3(capsys: pytest.CaptureFixture[str]) -> None:
     assert code == 0
     data = json.loads(out)
     assert len(data["sigmas"]) == 17
-    assert data["sigmas"] == pytest.approx(STAGE3, abs=1e-6)
+    assert data["sigmas"] == pytest.approx(STAGE3_SIGMAS, abs=1e-6)
     assert (data["scheduler"], data["steps"], data["denoise"], data["shift"]) == (
         "beta",
         16,
@@ -77,9 +58,7 @@ def test_sigmas_flow_match_euler_options(capsys: pytest.CaptureFixture[str]) -> 
         "--json",
     )
     assert code == 0
-    assert json.loads(out)["sigmas"] == pytest.approx(
-        [1, 0.875125, 0.75025, 0.625375, 0.5005, 0.375625, 0.25075, 0.125875, 0.001, 0], abs=1e-6
-    )
+    assert json.loads(out)["sigmas"] == pytest.approx(STAGE1_SIGMAS_DYNAMIC, abs=1e-6)
 
 
 def test_sigmas_table(capsys: pytest.CaptureFixture[str]) -> None:
@@ -104,7 +83,7 @@ def test_workflow_show_prints_the_reference(capsys: pytest.CaptureFixture[str]) 
     assert code == 0
     shown = Workflow.from_dict(yaml.safe_load(out))
     assert shown == load_workflow("zimage-121101")
-    assert "seed: 905124181980574" in out
+    assert f"seed: {STAGE1_SEED}" in out
 
 
 def test_workflow_validate_table(capsys: pytest.CaptureFixture[str]) -> None:

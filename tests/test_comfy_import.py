@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from comfy_reference import STAGE2_SEED
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
@@ -119,7 +120,7 @@ def test_ui_seed_control_entry_is_optional_and_primitive_wins() -> None:
     node["widgets_values"] = [7, 16, 1.0, "euler_ancestral", "FlowMatchEulerDiscreteScheduler", 0.7]
     node["inputs"] = [i for i in node["inputs"] if i["name"] != "seed"]
     assert import_graph(graph).stages[1].seed == 7
-    assert import_graph(ui()).stages[1].seed == 182450993364532
+    assert import_graph(ui()).stages[1].seed == STAGE2_SEED
 
 
 def test_ui_newer_layouts() -> None:
@@ -238,7 +239,7 @@ def ksampler_advanced(graph: dict[str, Any], **changes: Any) -> dict[str, Any]:
 
 def test_ksampler_advanced() -> None:
     stage = import_graph(ksampler_advanced(api(), add_noise="disable")).stages[1]
-    assert (stage.add_noise, stage.seed, stage.scheduler.denoise) == (False, 182450993364532, 1.0)
+    assert (stage.add_noise, stage.seed, stage.scheduler.denoise) == (False, STAGE2_SEED, 1.0)
     assert stage.scheduler.name == "flow_match_linear" and stage.scheduler.steps == 16
     assert import_error(ksampler_advanced(api(), start_at_step=3)) == (
         "node 276 (class 'KSamplerAdvanced'): start_at_step 3 / end_at_step 10000 is not "

@@ -6,6 +6,14 @@ import logging
 
 import pytest
 import torch
+from comfy_reference import (
+    STAGE2_EASYCACHE_WINDOW,
+    STAGE2_EASYCACHE_WINDOW_SHIFT7,
+    STAGE2_SIGMAS,
+    STAGE3_EASYCACHE_WINDOW,
+    STAGE3_MIDPOINTS,
+    STAGE3_SIGMAS,
+)
 from torch import Tensor
 
 from zimage_trt.runtime.easycache import EasyCache, easycache_window
@@ -14,48 +22,41 @@ from zimage_trt.runtime.model_sampling import FlowSampling
 
 BF16 = torch.bfloat16
 
-# §16 schedules
-STAGE2 = [0.714571416, 0.666999996, 0.619428575, 0.571857154, 0.524285734, 0.476714283,
-          0.429142863, 0.381571442, 0.333999991, 0.286428571, 0.23885715, 0.191285715,
-          0.143714279, 0.0961428583, 0.0485714301, 0.00100000005, 0.0]  # fmt: skip
-STAGE3 = [0.930881143, 0.915012956, 0.896854758, 0.875436842, 0.849809885, 0.820474803,
-          0.785153687, 0.742732584, 0.693181872, 0.633455217, 0.564049602, 0.478773564,
-          0.381561249, 0.273353755, 0.162650615, 0.0597722903, 0.0]  # fmt: skip
-STAGE3_MID = [0.92332256, 0.90632766, 0.88658601, 0.86312729, 0.83566755, 0.80341268,
-              0.76460385, 0.71862036, 0.66397363, 0.59925002, 0.52156872, 0.42948768,
-              0.32512894, 0.21279573, 0.10001045]  # fmt: skip
-
 
 # ---- windows (§9.4, §16) -------------------------------------------------------------------
 
 
 def test_stage2_window_stock_shift3() -> None:
     ec = EasyCache.from_percents(0.37, 0.45, 0.95, FlowSampling(3.0))
-    assert ec.start_sigma == pytest.approx(0.785714, abs=1e-6)
-    assert ec.end_sigma == pytest.approx(0.136364, abs=1e-6)
-    w = easycache_window(STAGE2[:-1], ec.start_sigma, ec.end_sigma)
+    assert ec.start_sigma == pytest.approx(STAGE2_EASYCACHE_WINDOW[0], abs=1e-6)
+    assert ec.end_sigma == pytest.approx(STAGE2_EASYCACHE_WINDOW[1], abs=1e-6)
+    w = easycache_window(STAGE2_SIGMAS[:-1], ec.start_sigma, ec.end_sigma)
     assert w == ["window"] * 13 + ["after"] * 3
 
 
 def test_stage2_window_if_auraflow7_were_honoured() -> None:
     ms = FlowSampling(7.0)
     start, end = ms.percent_to_sigma(0.45), ms.percent_to_sigma(0.95)
-    assert (start, end) == (pytest.approx(0.895349, abs=1e-6), pytest.approx(0.269231, abs=1e-6))
+    assert (start, end) == (
+        pytest.approx(STAGE2_EASYCACHE_WINDOW_SHIFT7[0], abs=1e-6),
+        pytest.approx(STAGE2_EASYCACHE_WINDOW_SHIFT7[1], abs=1e-6),
+    )
     assert (
-        easycache_window(torch.tensor(STAGE2[:-1]), start, end) == ["window"] * 10 + ["after"] * 6
+        easycache_window(torch.tensor(STAGE2_SIGMAS[:-1]), start, end)
+        == ["window"] * 10 + ["after"] * 6
     )
 
 
 def test_stage3_window_31_evaluations() -> None:
     ec = EasyCache.from_percents(0.12, 0.7, 0.95, FlowSampling(7.0))
-    assert ec.start_sigma == pytest.approx(0.75, abs=1e-6)
-    assert ec.end_sigma == pytest.approx(0.269231, abs=1e-6)
-    evaluated = [s for pair in zip(STAGE3[:15], STAGE3_MID, strict=True) for s in pair]
-    evaluated.append(STAGE3[15])
+    assert ec.start_sigma == pytest.approx(STAGE3_EASYCACHE_WINDOW[0], abs=1e-6)
+    assert ec.end_sigma == pytest.approx(STAGE3_EASYCACHE_WINDOW[1], abs=1e-6)
+    evaluated = [s for pair in zip(STAGE3_SIGMAS[:15], STAGE3_MIDPOINTS, strict=True) for s in pair]
+    evaluated.append(STAGE3_SIGMAS[15])
     assert len(evaluated) == 31
     w = easycache_window(evaluated, ec.start_sigma, ec.end_sigma)
     assert w == ["before"] * 14 + ["window"] * 13 + ["after"] * 4
-    assert evaluated[14] == 0.742732584 and evaluated[26] == 0.273353755
+    assert evaluated[14] == STAGE3_SIGMAS[7] and evaluated[26] == STAGE3_SIGMAS[13]
 
 
 def test_window_bounds_compare_in_float32() -> None:
@@ -243,7 +244,7 @@ def reference_actions(threshold: float, start: float, end: float) -> tuple[list[
     threshold (so the test can tell that bf16 vs float64 rounding cannot flip a decision).
     """
     model = VelocityModel()
-    sig = torch.tensor(STAGE2)
+    sig = torch.tensor(STAGE2_SIGMAS)
     x = sig[0] * torch.randn(1, 16, 32, 32, generator=torch.Generator().manual_seed(1))
     ctx = torch.zeros(1, 4, 8, dtype=BF16)
     actions: list[str] = []
@@ -252,7 +253,7 @@ def reference_actions(threshold: float, start: float, end: float) -> tuple[list[
     cum = 0.0
     diff = None
     margin = float("inf")
-    for i in range(len(STAGE2) - 1):
+    for i in range(len(STAGE2_SIGMAS) - 1):
         s = sig[i : i + 1]
         xb = x.to(BF16)
         v = None
@@ -305,8 +306,8 @@ def test_stage2_sampling_matches_reference(threshold: float, expected: list[str]
     ec = EasyCache.from_percents(threshold, 0.45, 0.95, FlowSampling(3.0), log=lambda s: None)
     model = VelocityModel()
     guider = CFGGuider(ec.wrap(model), Cond("cond", torch.zeros(1, 4, 8)), None, 1.0)
-    with ec.run(len(STAGE2) - 1):
-        euler(guider, STAGE2)
+    with ec.run(len(STAGE2_SIGMAS) - 1):
+        euler(guider, STAGE2_SIGMAS)
     ref, margin = reference_actions(threshold, ec.start_sigma, ec.end_sigma)
     assert margin > 0.03  # far enough from the threshold for bf16 and float64 to agree
     assert ec.actions == ref == expected
@@ -320,8 +321,8 @@ def test_uncond_follows_cond_when_called_separately() -> None:
     cond = Cond("cond", torch.full((1, 5, 8), 0.5))
     uncond = Cond("uncond", torch.zeros(1, 8, 8))
     guider = CFGGuider(ec.wrap(model), cond, uncond, 2.0)
-    with ec.run(len(STAGE2) - 1):
-        euler(guider, STAGE2)
+    with ec.run(len(STAGE2_SIGMAS) - 1):
+        euler(guider, STAGE2_SIGMAS)
     pairs = list(zip(ec.actions[::2], ec.actions[1::2], strict=True))
     assert [c for c, _ in pairs] == [a for _, a in pairs]  # uncond does what cond did
     assert pairs[:2] == [(C, C)] * 2 and pairs[13:] == [(A, A)] * 3
@@ -340,8 +341,8 @@ def test_batched_call_makes_uncond_the_first_cond() -> None:
     cond = Cond("cond", torch.full((1, 8, 8), 0.5))
     uncond = Cond("uncond", torch.zeros(1, 8, 8))
     guider = CFGGuider(ec.wrap(model), cond, uncond, 2.0)
-    with ec.run(len(STAGE2) - 1):
-        euler(guider, STAGE2)
+    with ec.run(len(STAGE2_SIGMAS) - 1):
+        euler(guider, STAGE2_SIGMAS)
     assert ec.first_cond == "uncond"
     assert len(ec.actions) == 16 and ec.actions[:2] == [C, C] and ec.actions[13:] == [A] * 3
     assert ec.steps_skipped == ec.actions.count(K) > 0
@@ -386,16 +387,16 @@ def test_log_lines() -> None:
     lines: list[str] = []
     ec = EasyCache.from_percents(0.37, 0.45, 0.95, FlowSampling(3.0), log=lines.append)
     guider = CFGGuider(ec.wrap(VelocityModel()), Cond("cond", torch.zeros(1, 4, 8)), None, 1.0)
-    with ec.run(len(STAGE2) - 1):
-        euler(guider, STAGE2)
+    with ec.run(len(STAGE2_SIGMAS) - 1):
+        euler(guider, STAGE2_SIGMAS)
     assert ec.steps_skipped == 9
     assert lines == [
         "EasyCache enabled - threshold: 0.37, start_percent: 0.45, end_percent: 0.95",
         "EasyCache - skipped 9/16 steps (2.29x speedup).",
     ]
     # a second run starts fresh
-    with ec.run(len(STAGE2) - 1):
-        euler(guider, STAGE2)
+    with ec.run(len(STAGE2_SIGMAS) - 1):
+        euler(guider, STAGE2_SIGMAS)
     assert lines[-1] == lines[1] and len(ec.actions) == 16
     assert ec.diffs == {} and ec.x_prev_sub is None  # tensors freed after the run
 

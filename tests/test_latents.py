@@ -6,6 +6,7 @@ import re
 
 import pytest
 import torch
+from comfy_reference import H_28_TO_54, W_22_TO_42
 
 from zimage_trt.runtime.latents import (
     LATENT_CHANNELS,
@@ -18,13 +19,6 @@ from zimage_trt.runtime.latents import (
     upscale_latent,
     upscale_latent_by,
 )
-
-# §16: nearest-exact source indices computed by ComfyUI
-W_22_TO_42 = [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 6, 6, 7, 7, 8, 8, 9, 9, 10, 10, 11, 11, 12, 12, 13,
-              13, 14, 14, 15, 15, 16, 17, 17, 18, 18, 19, 19, 20, 20, 21, 21]  # fmt: skip
-H_28_TO_54 = [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 7, 7, 8, 8, 9, 9, 10, 10, 11, 11, 12, 12, 13,
-              13, 14, 14, 15, 15, 16, 16, 17, 17, 18, 18, 19, 19, 20, 21, 21, 22, 22, 23, 23, 24,
-              24, 25, 25, 26, 26, 27, 27]  # fmt: skip
 
 
 def arange_latent(h: int, w: int) -> torch.Tensor:

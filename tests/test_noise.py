@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import comfy_reference as ref
 import pytest
 import torch
 
@@ -13,41 +14,11 @@ from zimage_trt.runtime.noise import (
     initial_noise,
 )
 
-# §16 noise checksums: shape, seed, first six values, sum.
-INITIAL_NOISE = [
-    (
-        (1, 16, 28, 22),
-        905124181980574,
-        [0.3623764, -0.5754872, 1.1528263, 0.2605728, -0.7819521, 1.3729424],
-        -86.052745,
-    ),
-    (
-        (1, 16, 54, 42),
-        182450993364532,
-        [2.2608187, 0.3004878, -0.3708425, 0.7733823, 1.2257245, 1.1216058],
-        125.968293,
-    ),
-    (
-        (1, 16, 108, 84),
-        894355038471848,
-        [1.2404746, -0.5303831, 1.4364955, 0.1722028, -0.5025685, 0.2269332],
-        -388.471570,
-    ),
-]
-
-STAGE1_SEED = 905124181980574
-STAGE3_SEED = 894355038471848
-STAGE3_SIGMAS = torch.tensor(
-    [
-        0.930881143, 0.915012956, 0.896854758, 0.875436842, 0.849809885, 0.820474803,
-        0.785153687, 0.742732584, 0.693181872, 0.633455217, 0.564049602, 0.478773564,
-        0.381561249, 0.273353755, 0.162650615, 0.0597722903, 0.0,
-    ]
-)  # fmt: skip
-STAGE3_FIRST_MIDPOINT = torch.tensor(0.92332256)
+STAGE3_SIGMAS = torch.tensor(ref.STAGE3_SIGMAS)
+STAGE3_FIRST_MIDPOINT = torch.tensor(ref.STAGE3_MIDPOINTS[0])
 
 
-@pytest.mark.parametrize(("shape", "seed", "first6", "total"), INITIAL_NOISE)
+@pytest.mark.parametrize(("shape", "seed", "first6", "total"), ref.INITIAL_NOISE)
 def test_initial_noise_matches_comfyui(
     shape: tuple[int, ...], seed: int, first6: list[float], total: float
 ) -> None:
@@ -87,15 +58,15 @@ def test_initial_noise_rejects_bad_seeds(seed: object) -> None:
 
 def test_ancestral_cpu_first_draw_matches_comfyui() -> None:
     x = torch.zeros(1, 16, 28, 22)
-    ns = ancestral_noise_sampler(x, STAGE1_SEED)
-    first = ns(torch.tensor(1.0), torch.tensor(0.954693854))
+    ns = ancestral_noise_sampler(x, ref.STAGE1_SEED)
+    first = ns(torch.tensor(ref.STAGE1_SIGMAS[0]), torch.tensor(ref.STAGE1_SIGMAS[1]))
     assert first.shape == x.shape and first.dtype == torch.float32
     torch.testing.assert_close(
-        first.flatten()[:3], torch.tensor([-0.2646814, 0.9821804, 2.0374773]), atol=1e-6, rtol=0
+        first.flatten()[:3], torch.tensor(ref.ANCESTRAL_FIRST_DRAW), atol=1e-6, rtol=0
     )
-    assert first.double().sum().item() == pytest.approx(-92.326295, abs=1e-3)
+    assert first.double().sum().item() == pytest.approx(ref.ANCESTRAL_FIRST_DRAW_SUM, abs=1e-3)
     # One draw per call from one generator seeded with seed + 1 (x on CPU).
-    gen = torch.Generator().manual_seed(STAGE1_SEED + 1)
+    gen = torch.Generator().manual_seed(ref.STAGE1_SEED + 1)
     assert torch.equal(first, torch.randn(x.shape, generator=gen))
     assert torch.equal(ns(0.95, 0.90), torch.randn(x.shape, generator=gen))
 
@@ -145,7 +116,7 @@ def test_ancestral_rejects_bad_device_and_seed() -> None:
 def _stage3_tree(shape: tuple[int, ...] = (1, 16, 108, 84)) -> tuple[torch.Tensor, NoiseSampler]:
     x = torch.zeros(shape)
     positive = STAGE3_SIGMAS[STAGE3_SIGMAS > 0]
-    return x, brownian_tree_noise_sampler(x, positive.min(), STAGE3_SIGMAS.max(), STAGE3_SEED)
+    return x, brownian_tree_noise_sampler(x, positive.min(), STAGE3_SIGMAS.max(), ref.STAGE3_SEED)
 
 
 def test_brownian_tree_first_two_calls_match_comfyui() -> None:
@@ -154,19 +125,13 @@ def test_brownian_tree_first_two_calls_match_comfyui() -> None:
     second = ns(STAGE3_SIGMAS[0], STAGE3_SIGMAS[1])
     assert first.shape == x.shape and first.dtype == torch.float32
     torch.testing.assert_close(
-        first.flatten()[:4],
-        torch.tensor([-2.402406, -0.680422, 0.565156, -0.795890]),
-        atol=1e-6,
-        rtol=0,
+        first.flatten()[:4], torch.tensor(ref.BROWNIAN_FIRST_CALL), atol=1e-6, rtol=0
     )
-    assert first.double().sum().item() == pytest.approx(181.5714, abs=1e-4)
+    assert first.double().sum().item() == pytest.approx(ref.BROWNIAN_FIRST_CALL_SUM, abs=1e-4)
     torch.testing.assert_close(
-        second.flatten()[:4],
-        torch.tensor([-2.575469, -1.107076, -0.593200, -0.476963]),
-        atol=1e-6,
-        rtol=0,
+        second.flatten()[:4], torch.tensor(ref.BROWNIAN_SECOND_CALL), atol=1e-6, rtol=0
     )
-    assert second.double().sum().item() == pytest.approx(393.9002, abs=1e-4)
+    assert second.double().sum().item() == pytest.approx(ref.BROWNIAN_SECOND_CALL_SUM, abs=1e-4)
 
 
 def test_brownian_tree_is_query_order_independent_and_antisymmetric() -> None:
@@ -178,7 +143,7 @@ def test_brownian_tree_is_query_order_independent_and_antisymmetric() -> None:
     backwards = ns(STAGE3_SIGMAS[1], STAGE3_SIGMAS[0])
     assert torch.equal(backwards, -later)
     # Python floats are taken as float32, as ComfyUI's torch.as_tensor does.
-    assert torch.equal(ns(0.930881143, 0.915012956), later)
+    assert torch.equal(ns(ref.STAGE3_SIGMAS[0], ref.STAGE3_SIGMAS[1]), later)
 
 
 def test_brownian_tree_follows_x_dtype_and_validates_seed() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
+import comfy_reference as ref
 import pytest
 import torch
 from torch import Tensor
@@ -23,37 +24,10 @@ from zimage_trt.runtime.samplers import (
 
 Callback = Callable[[int, Tensor, Tensor, Tensor, Tensor], None]
 
-STAGE1_SIGMAS = torch.tensor(
-    [1.0, 0.954693854, 0.900359094, 0.833998024, 0.751121104, 0.644686282, 0.50298506,
-     0.305008948, 0.00892857183, 0.0]
-)  # fmt: skip
-STAGE2_SIGMAS = torch.tensor(
-    [0.714571416, 0.666999996, 0.619428575, 0.571857154, 0.524285734, 0.476714283, 0.429142863,
-     0.381571442, 0.333999991, 0.286428571, 0.23885715, 0.191285715, 0.143714279, 0.0961428583,
-     0.0485714301, 0.00100000005, 0.0]
-)  # fmt: skip
-STAGE3_SIGMAS = torch.tensor(
-    [0.930881143, 0.915012956, 0.896854758, 0.875436842, 0.849809885, 0.820474803, 0.785153687,
-     0.742732584, 0.693181872, 0.633455217, 0.564049602, 0.478773564, 0.381561249, 0.273353755,
-     0.162650615, 0.0597722903, 0.0]
-)  # fmt: skip
-STAGE3_MIDPOINTS = torch.tensor(
-    [0.92332256, 0.90632766, 0.88658601, 0.86312729, 0.83566755, 0.80341268, 0.76460385,
-     0.71862036, 0.66397363, 0.59925002, 0.52156872, 0.42948768, 0.32512894, 0.21279573,
-     0.10001045]
-)  # fmt: skip
-# §16 stage-1 Euler-ancestral-RF table (eta 1): sigma_down, α_next/α_down, renoise.
-STAGE1_EA_COEFFICIENTS = [
-    (0.91144035, 0.51158906, 0.83307898),
-    (0.84911670, 0.66038394, 0.70442441),
-    (0.77252810, 0.72976917, 0.61458869),
-    (0.67647991, 0.76928422, 0.54162830),
-    (0.55333341, 0.79547861, 0.47103638),
-    (0.39242959, 0.81803677, 0.38721952),
-    (0.18495670, 0.85270446, 0.26106884),
-    (0.00026137, 0.99133053, 0.00892481),
-]
-STAGE1_SEED = 905124181980574
+STAGE1_SIGMAS = torch.tensor(ref.STAGE1_SIGMAS)
+STAGE2_SIGMAS = torch.tensor(ref.STAGE2_SIGMAS)
+STAGE3_SIGMAS = torch.tensor(ref.STAGE3_SIGMAS)
+STAGE3_MIDPOINTS = torch.tensor(ref.STAGE3_MIDPOINTS)
 SHAPE = (1, 2, 3, 4)
 
 
@@ -118,14 +92,14 @@ def _on_path_checker(eps: Tensor, x0: Tensor, atol: float) -> tuple[list[int], C
 def test_euler_ancestral_coefficients_stage1_table(row: int) -> None:
     got = euler_ancestral_rf_step_coefficients(STAGE1_SIGMAS[row], STAGE1_SIGMAS[row + 1], 1.0)
     torch.testing.assert_close(
-        torch.stack(got), torch.tensor(STAGE1_EA_COEFFICIENTS[row]), atol=1e-6, rtol=0
+        torch.stack(got), torch.tensor(ref.STAGE1_EA_COEFFICIENTS[row]), atol=1e-6, rtol=0
     )
 
 
 def test_euler_ancestral_coefficients_stage2_first_row() -> None:
     got = euler_ancestral_rf_step_coefficients(STAGE2_SIGMAS[0], STAGE2_SIGMAS[1], 1.0)
     torch.testing.assert_close(
-        torch.stack(got), torch.tensor([0.62259556, 0.88234258, 0.37830111]), atol=1e-6, rtol=0
+        torch.stack(got), torch.tensor(ref.STAGE2_FIRST_EA_COEFFICIENTS), atol=1e-6, rtol=0
     )
 
 
@@ -190,10 +164,10 @@ def test_euler_ancestral_one_step_by_hand() -> None:
     x0, x, eps = _randn(1), _randn(2), _randn(3)
     noise = FakeNoise(eps)
     out = sample_euler_ancestral(ConstantDenoiser(x0), x, STAGE1_SIGMAS[:2], noise_sampler=noise)
-    down, ratio, renoise = STAGE1_EA_COEFFICIENTS[0]  # σ = 1, so sigma_down / σ = sigma_down
+    down, ratio, renoise = ref.STAGE1_EA_COEFFICIENTS[0]  # σ = 1, so sigma_down / σ = sigma_down
     expected = ratio * (down * x + (1 - down) * x0) + renoise * eps
     torch.testing.assert_close(out, expected, atol=2e-6, rtol=0)
-    assert noise.calls == [(1.0, pytest.approx(0.954693854))]
+    assert noise.calls == [(1.0, pytest.approx(ref.STAGE1_SIGMAS[1]))]
 
 
 def test_euler_ancestral_s_noise_scales_the_draw() -> None:
@@ -201,7 +175,7 @@ def test_euler_ancestral_s_noise_scales_the_draw() -> None:
     args = (ConstantDenoiser(x0), x, STAGE1_SIGMAS[:2])
     quiet = sample_euler_ancestral(*args, noise_sampler=FakeNoise(eps), s_noise=0.0)
     loud = sample_euler_ancestral(*args, noise_sampler=FakeNoise(eps), s_noise=2.0)
-    renoise = STAGE1_EA_COEFFICIENTS[0][2]
+    renoise = ref.STAGE1_EA_COEFFICIENTS[0][2]
     torch.testing.assert_close(loud - quiet, 2 * renoise * eps, atol=2e-6, rtol=0)
 
 
@@ -217,14 +191,18 @@ def test_euler_ancestral_draw_counts(sigmas: Tensor, draws: int) -> None:
 
 def test_sample_euler_ancestral_uses_comfyui_cpu_noise() -> None:
     x0, x = _randn(1, (1, 16, 28, 22)), _randn(2, (1, 16, 28, 22))
-    out = sample("euler_ancestral", ConstantDenoiser(x0), x, STAGE1_SIGMAS[:2], seed=STAGE1_SEED)
-    eps = ancestral_noise_sampler(x, STAGE1_SEED)(1.0, 0.95)
-    assert eps.flatten()[0].item() == pytest.approx(-0.2646814, abs=1e-6)  # §16 first draw
-    down, ratio, renoise = STAGE1_EA_COEFFICIENTS[0]
+    out = sample(
+        "euler_ancestral", ConstantDenoiser(x0), x, STAGE1_SIGMAS[:2], seed=ref.STAGE1_SEED
+    )
+    eps = ancestral_noise_sampler(x, ref.STAGE1_SEED)(1.0, 0.95)
+    assert eps.flatten()[0].item() == pytest.approx(ref.ANCESTRAL_FIRST_DRAW[0], abs=1e-6)
+    down, ratio, renoise = ref.STAGE1_EA_COEFFICIENTS[0]
     expected = ratio * (down * x + (1 - down) * x0) + renoise * eps
     torch.testing.assert_close(out, expected, atol=2e-6, rtol=0)
     # The seed keyword of the sampler itself gives the same stream.
-    direct = sample_euler_ancestral(ConstantDenoiser(x0), x, STAGE1_SIGMAS[:2], seed=STAGE1_SEED)
+    direct = sample_euler_ancestral(
+        ConstantDenoiser(x0), x, STAGE1_SIGMAS[:2], seed=ref.STAGE1_SEED
+    )
     assert torch.equal(direct, out)
 
 

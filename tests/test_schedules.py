@@ -12,6 +12,13 @@ import re
 import numpy as np
 import pytest
 import torch
+from comfy_reference import (
+    BETA_INDICES_26,
+    STAGE1_SIGMAS,
+    STAGE1_SIGMAS_DYNAMIC,
+    STAGE2_SIGMAS,
+    STAGE3_SIGMAS,
+)
 
 from zimage_trt.runtime.model_sampling import FlowSampling
 from zimage_trt.runtime.schedules import (
@@ -25,18 +32,6 @@ from zimage_trt.runtime.schedules import (
     sigmas_simple,
     truncate_for_denoise,
 )
-
-STAGE1 = [1, 0.954693854, 0.900359094, 0.833998024, 0.751121104, 0.644686282, 0.50298506,
-          0.305008948, 0.00892857183, 0]  # fmt: skip
-STAGE1_DYNAMIC = [1, 0.875125, 0.75025, 0.625375, 0.5005, 0.375625, 0.25075, 0.125875, 0.001, 0]
-STAGE2 = [0.714571416, 0.666999996, 0.619428575, 0.571857154, 0.524285734, 0.476714283,
-          0.429142863, 0.381571442, 0.333999991, 0.286428571, 0.23885715, 0.191285715,
-          0.143714279, 0.0961428583, 0.0485714301, 0.00100000005, 0]  # fmt: skip
-STAGE3 = [0.930881143, 0.915012956, 0.896854758, 0.875436842, 0.849809885, 0.820474803,
-          0.785153687, 0.742732584, 0.693181872, 0.633455217, 0.564049602, 0.478773564,
-          0.381561249, 0.273353755, 0.162650615, 0.0597722903, 0]  # fmt: skip
-BETA_INDICES_26 = [999, 991, 973, 949, 919, 884, 844, 802, 756, 708, 657, 605, 553, 500, 446,
-                   394, 342, 291, 243, 197, 155, 115, 80, 50, 26, 8]  # fmt: skip
 
 
 def f32(values: list[float]) -> torch.Tensor:
@@ -53,13 +48,13 @@ def assert_bitwise(actual: torch.Tensor, expected: list[float]) -> None:
 
 
 def test_stage1_custom_node_default_widgets() -> None:
-    assert_bitwise(sigmas_flow_match_euler(9, shift=3.0), STAGE1)
-    assert_bitwise(calculate_sigmas("flow_match_euler", FlowSampling(3.0), 9), STAGE1)
+    assert_bitwise(sigmas_flow_match_euler(9, shift=3.0), STAGE1_SIGMAS)
+    assert_bitwise(calculate_sigmas("flow_match_euler", FlowSampling(3.0), 9), STAGE1_SIGMAS)
 
 
 def test_stage1_custom_node_dynamic_shifting_is_a_linear_ramp() -> None:
     sigmas = sigmas_flow_match_euler(9, shift=3.0, use_dynamic_shifting=True)
-    assert_bitwise(sigmas, STAGE1_DYNAMIC)
+    assert_bitwise(sigmas, STAGE1_SIGMAS_DYNAMIC)
     # shift and the dynamic-shift widgets other than the switch do not matter with mu = 0
     other = sigmas_flow_match_euler(
         9,
@@ -76,18 +71,20 @@ def test_stage1_custom_node_dynamic_shifting_is_a_linear_ramp() -> None:
 
 def test_static_shift_is_applied_twice_but_dynamic_mu_once() -> None:
     # Static shift 3: the smallest sigma is shift(shift(0.001)) = 0.00892857.
-    assert float(sigmas_flow_match_euler(9)[-2]) == pytest.approx(0.00892857183, abs=1e-10)
+    assert float(sigmas_flow_match_euler(9)[-2]) == pytest.approx(STAGE1_SIGMAS[-2], abs=1e-10)
     # Dynamic exponential with mu = ln 3 is the same map applied once: shift(0.001) = 0.002994012.
     dynamic = sigmas_flow_match_euler(9, use_dynamic_shifting=True, mu=math.log(3.0))
     assert float(dynamic[-2]) == pytest.approx(0.002994012, abs=1e-9)
-    assert float(dynamic[1]) == pytest.approx(3 * 0.875125 / (1 + 2 * 0.875125), abs=1e-7)
+    assert float(dynamic[1]) == pytest.approx(
+        3 * STAGE1_SIGMAS_DYNAMIC[1] / (1 + 2 * STAGE1_SIGMAS_DYNAMIC[1]), abs=1e-7
+    )
 
 
 def test_normal_scheduler_matches_stage1_within_one_ulp() -> None:
     normal = sigmas_normal(FlowSampling(3.0), 9)
     assert normal.shape == (10,)
     assert normal[-1] == 0
-    diff = (normal - f32(STAGE1)).abs().max().item()
+    diff = (normal - f32(STAGE1_SIGMAS)).abs().max().item()
     assert 0 < diff <= 6e-8  # ComfyUI: "matches to <= 6e-8" (1 ulp), not bit-identical
     assert torch.equal(calculate_sigmas("normal", FlowSampling(3.0), 9), normal)
 
@@ -103,17 +100,17 @@ def test_custom_node_slicing() -> None:
 
 def test_custom_node_invert_shift_terminal_and_conversions() -> None:
     inverted = sigmas_flow_match_euler(9, invert_sigmas=True)
-    assert torch.equal(inverted, torch.cat([1.0 - f32(STAGE1[:-1]), f32([1.0])]))
+    assert torch.equal(inverted, torch.cat([1.0 - f32(STAGE1_SIGMAS[:-1]), f32([1.0])]))
 
     stretched = sigmas_flow_match_euler(9, shift_terminal=0.1)
     assert stretched[0] == 1.0
     assert float(stretched[-2]) == pytest.approx(0.1, abs=1e-7)
     assert float(stretched[4]) == pytest.approx(0.773991048, abs=1e-7)
     # shift_terminal 0.0 is off, like None (the node maps its 0.0 widget to None)
-    assert torch.equal(sigmas_flow_match_euler(9, shift_terminal=0.0), f32(STAGE1))
+    assert torch.equal(sigmas_flow_match_euler(9, shift_terminal=0.0), f32(STAGE1_SIGMAS))
 
     # Conversions keep the shifted end points (1.0 and 0.00892857) and respace in between.
-    lo, ramp = 0.00892857183, np.linspace(0, 1, 9)
+    lo, ramp = STAGE1_SIGMAS[-2], np.linspace(0, 1, 9)
     karras = (1 + ramp * (lo ** (1 / 7) - 1)) ** 7
     exponential = np.exp(np.linspace(0.0, math.log(lo), 9))
     for flag, expected in (
@@ -134,12 +131,12 @@ def test_custom_node_invert_shift_terminal_and_conversions() -> None:
 def test_linear_time_shift() -> None:
     # mu = 1: mu / (mu + 1/t − 1) is the identity, exactly as exponential with mu = 0
     linear = sigmas_flow_match_euler(9, use_dynamic_shifting=True, time_shift_type="linear", mu=1.0)
-    assert torch.equal(linear, f32(STAGE1_DYNAMIC))
+    assert torch.equal(linear, f32(STAGE1_SIGMAS_DYNAMIC))
     # mu = 0 makes diffusers divide 0 by 0 at t = 1; refuse rather than return NaN
     with pytest.raises(ValueError, match=r"non-finite sigmas .*'linear' time shift needs mu > 0"):
         sigmas_flow_match_euler(9, use_dynamic_shifting=True, time_shift_type="linear")
     # without dynamic shifting the type is unused
-    assert torch.equal(sigmas_flow_match_euler(9, time_shift_type="linear"), f32(STAGE1))
+    assert torch.equal(sigmas_flow_match_euler(9, time_shift_type="linear"), f32(STAGE1_SIGMAS))
 
 
 # --- stage 2: the KSampler-registered FlowMatchEuler scheduler -------------------------------
@@ -147,11 +144,13 @@ def test_linear_time_shift() -> None:
 
 def test_stage2_flow_match_linear_denoise_07() -> None:
     for shift in (3.0, 7.0):  # the handler ignores the model's sampling object
-        assert_bitwise(calculate_sigmas("flow_match_linear", FlowSampling(shift), 16, 0.7), STAGE2)
+        assert_bitwise(
+            calculate_sigmas("flow_match_linear", FlowSampling(shift), 16, 0.7), STAGE2_SIGMAS
+        )
     full = sigmas_flow_match_linear(22)
     assert full.shape == (23,)
     assert full[0] == 1.0
-    assert torch.equal(full[-17:], f32(STAGE2))
+    assert torch.equal(full[-17:], f32(STAGE2_SIGMAS))
     assert float(full[6]) == pytest.approx(1 - 6 * 0.999 / 21, abs=1e-7)
 
 
@@ -170,7 +169,7 @@ def test_flow_match_linear_is_the_custom_node_with_shift_1_dynamic_mu_0() -> Non
 
 
 def test_stage3_beta_shift7_denoise_06() -> None:
-    assert_bitwise(calculate_sigmas("beta", FlowSampling(7.0), 16, 0.6), STAGE3)
+    assert_bitwise(calculate_sigmas("beta", FlowSampling(7.0), 16, 0.6), STAGE3_SIGMAS)
 
 
 def test_beta_ppf_indices_for_26_steps() -> None:
@@ -179,7 +178,7 @@ def test_beta_ppf_indices_for_26_steps() -> None:
     assert full.shape == (27,)
     assert torch.equal(full[:-1], ms.sigmas[BETA_INDICES_26])
     assert full[-1] == 0
-    assert torch.equal(full[-17:], f32(STAGE3))
+    assert torch.equal(full[-17:], f32(STAGE3_SIGMAS))
 
 
 def test_beta_drops_repeated_indices_and_takes_alpha_beta() -> None:

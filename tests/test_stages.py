@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from comfy_reference import STAGE2_SIGMAS
 from torch import Tensor
 
 from zimage_trt.runtime.guider import Cond
@@ -85,7 +86,7 @@ def test_partial_denoise_mixes_noise_and_process_in_latent() -> None:
         model_dtype=torch.float32,
         callback=lambda i, x, x0, s, sn: starts.append(x) if i == 0 else None,
     )
-    sigma0 = 0.714571416
+    sigma0 = STAGE2_SIGMAS[0]
     expected = sigma0 * initial_noise((1, 16, 6, 8), 7) + (1 - sigma0) * process_in(latent)
     torch.testing.assert_close(starts[0], expected, atol=1e-6, rtol=0)
 

@@ -7,59 +7,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from comfy_reference import (
+    STAGE1_SEED,
+    STAGE1_SIGMAS,
+    STAGE2_EASYCACHE_WINDOW,
+    STAGE2_SEED,
+    STAGE2_SIGMAS,
+    STAGE3_EASYCACHE_WINDOW,
+    STAGE3_SEED,
+    STAGE3_SIGMAS,
+)
 
 from zimage_trt.workflow import Workflow, WorkflowError, load_workflow, preset_names
-
-STAGE1 = [
-    1,
-    0.954693854,
-    0.900359094,
-    0.833998024,
-    0.751121104,
-    0.644686282,
-    0.50298506,
-    0.305008948,
-    0.00892857183,
-    0,
-]
-STAGE2 = [
-    0.714571416,
-    0.666999996,
-    0.619428575,
-    0.571857154,
-    0.524285734,
-    0.476714283,
-    0.429142863,
-    0.381571442,
-    0.333999991,
-    0.286428571,
-    0.23885715,
-    0.191285715,
-    0.143714279,
-    0.0961428583,
-    0.0485714301,
-    0.00100000005,
-    0,
-]
-STAGE3 = [
-    0.930881143,
-    0.915012956,
-    0.896854758,
-    0.875436842,
-    0.849809885,
-    0.820474803,
-    0.785153687,
-    0.742732584,
-    0.693181872,
-    0.633455217,
-    0.564049602,
-    0.478773564,
-    0.381561249,
-    0.273353755,
-    0.162650615,
-    0.0597722903,
-    0,
-]
 
 
 def minimal(**stage: object) -> dict:
@@ -83,7 +42,7 @@ def test_reference_preset_numbers() -> None:
     assert (s1.latent.width, s1.latent.height) == (176, 224)
     assert (s2.latent.method, s2.latent.width, s2.latent.height) == ("nearest-exact", 336, 432)
     assert (s3.latent.method, s3.latent.scale) == ("nearest-exact", 2.0)
-    assert [s.seed for s in wf.stages] == [905124181980574, 182450993364532, 894355038471848]
+    assert [s.seed for s in wf.stages] == [STAGE1_SEED, STAGE2_SEED, STAGE3_SEED]
     assert [s.cfg for s in wf.stages] == [2.0, 1.0, 1.0]
     assert [s.shift for s in wf.stages] == [3.0, 7.0, 7.0]
     assert [s.sampler.name for s in wf.stages] == [
@@ -107,7 +66,9 @@ def test_reference_preset_numbers() -> None:
     assert wf.prompts.positive_text == f"{wf.prompts.trigger}, {wf.prompts.positive}"
 
 
-@pytest.mark.parametrize(("index", "expected"), [(0, STAGE1), (1, STAGE2), (2, STAGE3)])
+@pytest.mark.parametrize(
+    ("index", "expected"), [(0, STAGE1_SIGMAS), (1, STAGE2_SIGMAS), (2, STAGE3_SIGMAS)]
+)
 def test_reference_preset_schedules(index: int, expected: list[float]) -> None:
     sigmas = load_workflow("zimage-121101").stages[index].sigmas()
     assert sigmas.dtype == torch.float32
@@ -117,7 +78,7 @@ def test_reference_preset_schedules(index: int, expected: list[float]) -> None:
 def test_reference_preset_cache_windows() -> None:
     """§9.4: stage 2's EasyCache sees shift 3 (0.785714/0.136364), stage 3's shift 7."""
     s2, s3 = load_workflow("zimage-121101").stages[1:]
-    for stage, start, end in [(s2, 0.785714, 0.136364), (s3, 0.75, 0.269231)]:
+    for stage, (start, end) in [(s2, STAGE2_EASYCACHE_WINDOW), (s3, STAGE3_EASYCACHE_WINDOW)]:
         ms = stage.cache_sampling()
         assert ms is not None and stage.cache is not None
         assert ms.percent_to_sigma(stage.cache.start_percent) == pytest.approx(start, abs=1e-6)
