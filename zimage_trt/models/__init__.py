@@ -1,0 +1,1 @@
+"""The three networks (own compact definitions), checkpoint key maps and tiny models."""
