@@ -167,3 +167,24 @@ def test_non_finite_state_names_sigma(state: tuple[Tensor, Tensor]) -> None:
     assert guider.model_calls == 0 and model.calls == []
     with pytest.raises(ValueError, match="sigma must be 0-d or have 2 entries, got 3"):
         guider(torch.zeros(2, 16, 2, 2), torch.ones(3))
+
+
+def test_equal_padded_shapes_but_different_token_counts_run_separately() -> None:
+    """Caption tokens pad to 32: 40 and 50 encoder tokens both give 64, yet ComfyUI (which
+    compares encoder outputs) runs cond and uncond as two calls — and EasyCache follows that."""
+    names: list[tuple[str, ...]] = []
+
+    def model(
+        x: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor, cond_names: tuple[str, ...]
+    ) -> torch.Tensor:
+        names.append(cond_names)
+        return torch.zeros_like(x)
+
+    ctx = torch.zeros(1, 64, 4)
+    guider = CFGGuider(model, Cond("cond", ctx, tokens=40), Cond("uncond", ctx, tokens=50), 2.0)
+    guider(torch.zeros(1, 16, 2, 2), torch.tensor(0.5))
+    assert names == [("cond",), ("uncond",)]
+    guider = CFGGuider(model, Cond("cond", ctx, tokens=40), Cond("uncond", ctx, tokens=40), 2.0)
+    names.clear()
+    guider(torch.zeros(1, 16, 2, 2), torch.tensor(0.5))
+    assert names == [("uncond", "cond")]

@@ -34,10 +34,20 @@ class ModelFn(Protocol):
 
 @dataclass(frozen=True)
 class Cond:
-    """A named conditioning: the text encoder's hidden states, [1, L, D] (float32)."""
+    """A named conditioning: what the model call gets as ``context``, [1, L, D].
+
+    ``tokens`` is the text encoder's sequence length when ``context`` is derived from it (the
+    caption path pads to multiples of 32): ComfyUI batches cond and uncond only when their
+    encoder outputs have equal lengths, and that choice decides EasyCache's first conditioning.
+    """
 
     name: str
     context: Tensor
+    tokens: int | None = None
+
+    @property
+    def batch_key(self) -> tuple[object, ...]:
+        return (tuple(self.context.shape), self.tokens)
 
 
 class CFGGuider:
@@ -45,7 +55,8 @@ class CFGGuider:
 
     cfg ≈ 1 (``math.isclose``) skips the unconditional pass and returns the cond x0 itself.
     Cond and uncond share one batched call, ordered [uncond, cond], when their contexts have
-    equal shapes (ComfyUI concatenates only then); otherwise they run as two calls, cond first.
+    equal shapes and token counts (ComfyUI concatenates only then); otherwise they run as two
+    calls, cond first.
     ``model_calls`` counts the model calls made so far.
     """
 
@@ -94,7 +105,7 @@ class CFGGuider:
         if not self.use_uncond:
             return self._x0(x, sigma, (self.cond,))[0]
         assert self.uncond is not None
-        if self.cond.context.shape == self.uncond.context.shape:
+        if self.cond.batch_key == self.uncond.batch_key:
             uncond_x0, cond_x0 = self._x0(x, sigma, (self.uncond, self.cond))
         else:
             cond_x0 = self._x0(x, sigma, (self.cond,))[0]
