@@ -167,3 +167,46 @@ def test_workflow_import_unsupported_node(
         "zimage-trt: error: node 2 (class 'UpscaleModelLoader') is not "
         "supported; supported classes: "
     )
+
+
+def test_make_tiny_then_generate(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    model = tmp_path / "tiny"
+    code, out, _ = run(capsys, "make-tiny", str(model))
+    assert code == 0 and out.startswith(
+        f"wrote a tiny Z-Image (real architectures, random "
+        f"weights; its images are noise) to {model}"
+    )
+    wf = tmp_path / "wf.yaml"
+    wf.write_text(
+        "prompts: {positive: 一只猫, negative: 模糊，低清晰度，噪点严重，网红脸，影楼风}\n"
+        "stages:\n"
+        "  - {name: base, latent: {source: empty, width: 64, height: 48}, cfg: 2.0, seed: 5,\n"
+        "     sampler: {name: euler_ancestral}, scheduler: {name: flow_match_euler, steps: 3}}\n"
+        "  - {name: up, latent: {source: upscale, scale: 2.0}, seed: 6, shift: 7.0,\n"
+        "     sampler: {name: dpmpp_sde}, scheduler: {name: beta, steps: 3, denoise: 0.6}}\n"
+        "output: {prefix: smoke}\n",
+        encoding="utf-8",
+    )
+    code, out, err = run(
+        capsys,
+        "generate",
+        "--model",
+        str(model),
+        "-w",
+        str(wf),
+        "-o",
+        str(tmp_path / "out"),
+        "--seed",
+        "7",
+        "-q",
+    )
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0].startswith("base: latent 16×6×8, 6 DiT calls")  # cond + uncond, 3 steps
+    assert lines[1].startswith("up: latent 16×12×16, 5 DiT calls")
+    assert lines[-1] == f"wrote {tmp_path / 'out' / 'smoke_00001_.png'}"
+    from PIL import Image
+
+    with Image.open(tmp_path / "out" / "smoke_00001_.png") as image:
+        assert image.size == (128, 96)
+        assert "seed: 7" in image.info["workflow"]  # --seed replaced the first stage's seed

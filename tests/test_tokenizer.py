@@ -13,7 +13,6 @@ from zimage_trt.runtime.tokenizer import (
     FIRST_SPECIAL_ID,
     SPECIAL_TOKENS,
     QwenTokenizer,
-    _gpt2_byte_decoder,
 )
 
 SAMPLES = [
@@ -79,37 +78,17 @@ def test_vocabulary_and_specials(tok: QwenTokenizer) -> None:
     assert tok.encode("<|endoftext|>") == [FIRST_SPECIAL_ID]
 
 
-def _bpe_split(ranks: dict[bytes, int], token: bytes, max_rank: int) -> list[bytes]:
-    parts = [bytes([b]) for b in token]
-    while True:
-        best = None
-        for i in range(len(parts) - 1):
-            rank = ranks.get(parts[i] + parts[i + 1])
-            if rank is not None and rank < max_rank and (best is None or rank < best[1]):
-                best = (i, rank)
-        if best is None:
-            return parts
-        i = best[0]
-        parts = [*parts[:i], parts[i] + parts[i + 1], *parts[i + 2 :]]
-
-
 @pytest.fixture(scope="module")
 def hf_files(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """vocab.json + merges.txt (ComfyUI's qwen25_tokenizer format) derived from the BPE ranks."""
-    from zimage_trt.runtime.tokenizer import _packaged
+    from zimage_trt.models.tiny import bpe_merges, byte_level, packaged_ranks
 
-    ranks = _packaged()._enc._mergeable_ranks
-    encode = {b: c for c, b in _gpt2_byte_decoder().items()}
-    text = lambda bs: "".join(encode[b] for b in bs)  # noqa: E731
+    ranks = packaged_ranks()
     start = time.perf_counter()
-    merges = []
-    for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
-        if len(token) > 1:
-            left, right = _bpe_split(ranks, token, rank)
-            merges.append(f"{text(left)} {text(right)}")
+    merges = [f"{byte_level(left)} {byte_level(right)}" for left, right in bpe_merges(ranks)]
     assert time.perf_counter() - start < 60
     folder = tmp_path_factory.mktemp("qwen25")
-    (folder / "vocab.json").write_text(json.dumps({text(t): r for t, r in ranks.items()}))
+    (folder / "vocab.json").write_text(json.dumps({byte_level(t): r for t, r in ranks.items()}))
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
     return folder
 
@@ -158,3 +137,30 @@ def test_not_a_bpe_tokenizer_json(tmp_path: Path) -> None:
     with pytest.raises(ValueError) as err:
         QwenTokenizer.from_tokenizer_json(path)
     assert str(err.value) == f"{path}: not a byte-level BPE tokenizer.json (model.type 'Unigram')"
+
+
+def test_added_tokens_match_comfyui_whatever_their_special_flag(tmp_path: Path) -> None:
+    """Qwen3's tokenizer.json marks <tool_call>… as special: false; transformers (and ComfyUI)
+    still match them as single ids. Qwen3's <think> is not in ComfyUI's set: plain text."""
+    from zimage_trt.models.tiny import write_tokenizer
+
+    write_tokenizer(tmp_path)
+    data = json.loads((tmp_path / "tokenizer.json").read_text(encoding="utf-8"))
+    for token in data["added_tokens"]:
+        token["special"] = token["content"] in ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+    data["added_tokens"].append(
+        {
+            "id": 151667,
+            "content": "<think>",
+            "special": False,
+            "single_word": False,
+            "lstrip": False,
+            "rstrip": False,
+            "normalized": False,
+        }
+    )
+    (tmp_path / "tokenizer.json").write_text(json.dumps(data), encoding="utf-8")
+    packaged = QwenTokenizer.from_package()
+    from_json = QwenTokenizer.load(tmp_path)
+    text = "<think> <tool_call>"
+    assert from_json.encode(text) == packaged.encode(text) == [13708, 766, 29, 220, 151657]

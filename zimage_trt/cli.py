@@ -108,6 +108,79 @@ def cmd_workflow_import(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- models and images ---------------------------------------------------------------------------
+def cmd_make_tiny(args: argparse.Namespace) -> int:
+    from zimage_trt.models.tiny import make_tiny
+
+    paths = make_tiny(args.dir)
+    print(
+        f"wrote a tiny Z-Image (real architectures, random weights; its images are noise) to "
+        f"{paths.root}"
+    )
+    return 0
+
+
+def _apply_overrides(wf: Any, args: argparse.Namespace) -> Any:
+    if args.prompt is not None:
+        wf.prompts.positive = args.prompt
+    if args.trigger is not None:
+        wf.prompts.trigger = args.trigger or None
+    if args.negative is not None:
+        wf.prompts.negative, wf.prompts.negative_file = args.negative, None
+    if args.negative_prompt_file is not None:
+        wf.prompts.negative, wf.prompts.negative_file = None, str(args.negative_prompt_file)
+    for stage, seed in zip(wf.stages, args.seed or [], strict=False):
+        stage.seed = seed
+    return wf
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from zimage_trt.runtime.backends import load_torch_pipeline, pick_device, pick_dtype
+    from zimage_trt.workflow import load_workflow
+
+    wf = _apply_overrides(load_workflow(args.workflow), args)
+    device = pick_device(args.device)
+    dtype = pick_dtype(args.dtype, device)
+    search = (
+        (Path(args.workflow).resolve().parent, Path.cwd())
+        if Path(args.workflow).is_file()
+        else (Path.cwd(),)
+    )
+    pipeline = load_torch_pipeline(
+        wf,
+        args.model,
+        device=device,
+        dtype=dtype,
+        search=search,
+        lora_ignore_unmatched=args.lora_ignore_unmatched,
+    )
+
+    def progress(stage: str, step: int, steps: int) -> None:
+        if not args.quiet:
+            print(
+                f"\r{stage}: step {step}/{steps}",
+                end="\n" if step == steps else "",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    generation = pipeline.run(wf, progress=progress)
+    paths = pipeline.save(wf, generation, args.output)
+    for report in generation.stages:
+        skipped = f", {report.calls_skipped} skipped by EasyCache" if report.calls_skipped else ""
+        print(
+            f"{report.name}: latent {'×'.join(map(str, report.latent_shape[1:]))}, "
+            f"{report.model_calls} DiT calls{skipped}, {report.seconds:.2f} s"
+        )
+    print(
+        f"text {generation.seconds['text']:.2f} s, decode {generation.seconds['decode']:.2f} s "
+        f"({pipeline.engines.backend} on {device}, {str(dtype).removeprefix('torch.')})"
+    )
+    for path in paths:
+        print(f"wrote {path}")
+    return 0
+
+
 # ---- the parser ---------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     raw = argparse.RawDescriptionHelpFormatter
@@ -235,6 +308,95 @@ def build_parser() -> argparse.ArgumentParser:
         "-o", "--output", type=Path, default=None, help="write the YAML here (default: print it)"
     )
     q.set_defaults(func=cmd_workflow_import)
+    p = sub.add_parser(
+        "generate",
+        formatter_class=raw,
+        help="run a workflow and write its images",
+        description="Run a workflow (preset or YAML) end to end: prompts, every stage, the VAE; "
+        "writes the image (and stage previews) under the workflow's output folder.",
+        epilog=_examples(
+            "zimage-trt generate --model tiny --workflow zimage-121101   # smoke run: noise",
+            "zimage-trt generate -w zimage-turbo --model Tongyi-MAI/Z-Image-Turbo -p 'a red fox'",
+            "zimage-trt generate -w mine.yaml --seed 1 2 3 --output out/",
+            "zimage-trt generate -w zimage-121101 --negative-prompt-file neg.txt --device cuda",
+        ),
+    )
+    p.add_argument(
+        "-w",
+        "--workflow",
+        default="zimage-turbo",
+        metavar="NAME|FILE",
+        help="preset name or YAML file (default: zimage-turbo)",
+    )
+    p.add_argument(
+        "--model",
+        default=None,
+        metavar="REF",
+        help="model folder, Hugging Face repo id (from the local cache), or 'tiny'; "
+        "default: the workflow's models section",
+    )
+    p.add_argument("-p", "--prompt", default=None, help="replace the positive prompt")
+    p.add_argument(
+        "--trigger",
+        default=None,
+        help="LoRA trigger word, joined as '{trigger}, {prompt}' ('' removes it)",
+    )
+    p.add_argument("-n", "--negative", default=None, help="replace the negative prompt")
+    p.add_argument(
+        "--negative-prompt-file",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="read the negative prompt from a text file",
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        nargs="+",
+        default=None,
+        metavar="N",
+        help="seeds for the first stages, in order",
+    )
+    p.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="output folder (default: the workflow's)",
+    )
+    p.add_argument(
+        "--backend",
+        choices=("torch",),
+        default="torch",
+        help="engine backend (compiled backends arrive with `zimage-trt build`)",
+    )
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1")
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        help="DiT/VAE compute dtype: auto (bf16 on GPU, "
+        "fp32 on CPU), bf16, fp32; fp16 is refused (NaN images with Z-Image)",
+    )
+    p.add_argument(
+        "--lora-ignore-unmatched",
+        action="store_true",
+        help="skip LoRA keys that match no weight instead of failing",
+    )
+    p.add_argument("-q", "--quiet", action="store_true", help="no per-step progress")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser(
+        "make-tiny",
+        formatter_class=raw,
+        help="write a tiny random-weight Z-Image (real architectures) for tests and smoke runs",
+        description="Writes a diffusers-layout folder with the real architectures at tiny sizes "
+        "and deterministic random weights, the real Qwen tokenizer, the same weights as ComfyUI "
+        "single files and a GGUF text encoder, and a tiny LoRA. Its images are noise.",
+        epilog=_examples("zimage-trt make-tiny ./tiny-zimage"),
+    )
+    p.add_argument("dir", type=Path, metavar="DIR")
+    p.set_defaults(func=cmd_make_tiny)
     return parser
 
 

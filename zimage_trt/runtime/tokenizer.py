@@ -74,7 +74,10 @@ def ranks_from_tokenizer_json(path: str | Path) -> tuple[dict[bytes, int], dict[
         )
     decoder = _gpt2_byte_decoder()
     ranks = {bytes(decoder[c] for c in token): rank for token, rank in model["vocab"].items()}
-    specials = {t["content"]: t["id"] for t in data.get("added_tokens", []) if t.get("special")}
+    # Added tokens match as single ids whatever their "special" flag (as in transformers); only
+    # ComfyUI's set (151643–151664) is kept: Qwen3's later <think>… are plain text in ComfyUI.
+    last = FIRST_SPECIAL_ID + len(SPECIAL_TOKENS) - 1
+    specials = {t["content"]: t["id"] for t in data.get("added_tokens", []) if t["id"] <= last}
     return ranks, specials
 
 
