@@ -120,6 +120,9 @@ def test_workflow_validate_reports_errors(
         ["workflow", "validate"],
         ["workflow", "import"],
         ["workflow", "list"],
+        ["generate"],
+        ["reproduce"],
+        ["make-tiny"],
     ],
 )
 def test_every_command_has_help_with_examples(
@@ -169,44 +172,115 @@ def test_workflow_import_unsupported_node(
     )
 
 
-def test_make_tiny_then_generate(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    model = tmp_path / "tiny"
-    code, out, _ = run(capsys, "make-tiny", str(model))
-    assert code == 0 and out.startswith(
-        f"wrote a tiny Z-Image (real architectures, random "
-        f"weights; its images are noise) to {model}"
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from zimage_trt.models.tiny import make_tiny
+
+    return make_tiny(tmp_path_factory.mktemp("tiny") / "model").root
+
+
+SMALL_WORKFLOW = (
+    "prompts: {positive: 一只猫, negative: 模糊，低清晰度，噪点严重，网红脸，影楼风}\n"
+    "stages:\n"
+    "  - {name: base, latent: {source: empty, width: 64, height: 48}, cfg: 2.0, seed: 5,\n"
+    "     sampler: {name: euler_ancestral}, scheduler: {name: flow_match_euler, steps: 3},\n"
+    "     preview: true}\n"
+    "  - {name: up, latent: {source: upscale, scale: 2.0}, seed: 6, shift: 7.0,\n"
+    "     sampler: {name: dpmpp_sde}, scheduler: {name: beta, steps: 3, denoise: 0.6}}\n"
+    "output: {prefix: smoke}\n"
+)
+
+
+def test_make_tiny_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "make-tiny", str(tmp_path / "t"))
+    assert code == 0
+    assert out == (
+        f"wrote a tiny Z-Image (real architectures, random weights; its images are "
+        f"noise) to {tmp_path / 't'}\n"
     )
+    assert (tmp_path / "t" / "transformer" / "config.json").is_file()
+
+
+def test_generate_then_reproduce(
+    tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     wf = tmp_path / "wf.yaml"
-    wf.write_text(
-        "prompts: {positive: 一只猫, negative: 模糊，低清晰度，噪点严重，网红脸，影楼风}\n"
-        "stages:\n"
-        "  - {name: base, latent: {source: empty, width: 64, height: 48}, cfg: 2.0, seed: 5,\n"
-        "     sampler: {name: euler_ancestral}, scheduler: {name: flow_match_euler, steps: 3}}\n"
-        "  - {name: up, latent: {source: upscale, scale: 2.0}, seed: 6, shift: 7.0,\n"
-        "     sampler: {name: dpmpp_sde}, scheduler: {name: beta, steps: 3, denoise: 0.6}}\n"
-        "output: {prefix: smoke}\n",
-        encoding="utf-8",
-    )
+    wf.write_text(SMALL_WORKFLOW, encoding="utf-8")
     code, out, err = run(
         capsys,
         "generate",
         "--model",
-        str(model),
+        str(tiny_model),
         "-w",
         str(wf),
-        "-o",
+        "--out",
         str(tmp_path / "out"),
         "--seed",
         "7",
+        "-p",
+        "a red fox in snow",
         "-q",
     )
     assert code == 0, err
-    lines = out.splitlines()
-    assert lines[0].startswith("base: latent 16×6×8, 6 DiT calls")  # cond + uncond, 3 steps
-    assert lines[1].startswith("up: latent 16×12×16, 5 DiT calls")
-    assert lines[-1] == f"wrote {tmp_path / 'out' / 'smoke_00001_.png'}"
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.strip()}
+    assert rows["part"] == ["part", "latent", "DiT", "calls", "cache", "skips", "seconds"]
+    assert rows["base"][1:4] == ["16×6×8", "6", "0"]  # 3 steps × (cond + uncond)
+    assert rows["up"][1:3] == ["16×12×16", "5"]  # dpmpp_sde: 2 × 2 + the last step
+    assert {"text", "decode", "total"} <= set(rows)
+    image = tmp_path / "out" / "smoke_00001_.png"
+    assert f"wrote {tmp_path / 'out' / 'smoke_base_preview_00001_.png'}" in out
+    assert out.rstrip().endswith(f"wrote {image}")
     from PIL import Image
 
-    with Image.open(tmp_path / "out" / "smoke_00001_.png") as image:
-        assert image.size == (128, 96)
-        assert "seed: 7" in image.info["workflow"]  # --seed replaced the first stage's seed
+    with Image.open(image) as png:
+        assert png.size == (128, 96)
+        assert png.info["zimage-trt.prompt"] == "a red fox in snow"
+        assert png.info["zimage-trt.seeds"] == "7,6"
+
+    code, out, err = run(
+        capsys,
+        "reproduce",
+        str(image),
+        "--model",
+        str(tiny_model),
+        "--out",
+        str(tmp_path / "again"),
+        "-q",
+    )
+    assert code == 0, err
+    assert f"source {image}: workflow from its zimage-trt workflow" in out
+    assert "PSNR inf dB, SSIM 1.0000 against the original" in out
+    assert (tmp_path / "again" / "smoke_00001_.png").read_bytes() != b""
+
+
+def test_prompts_file_batch(
+    tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    wf = tmp_path / "wf.yaml"
+    wf.write_text(SMALL_WORKFLOW.replace("preview: true", "preview: false"), encoding="utf-8")
+    jobs = tmp_path / "prompts.jsonl"
+    jobs.write_text('"a cat"\n\n{"prompt": "a dog", "seed": [1, 2]}\n', encoding="utf-8")
+    code, out, err = run(
+        capsys,
+        "generate",
+        "--model",
+        str(tiny_model),
+        "-w",
+        str(wf),
+        "--out",
+        str(tmp_path),
+        "--prompts-file",
+        str(jobs),
+        "-q",
+    )
+    assert code == 0, err
+    assert [line for line in out.splitlines() if line.startswith("wrote")] == [
+        f"wrote {tmp_path / 'smoke_00001_.png'}",
+        f"wrote {tmp_path / 'smoke_00002_.png'}",
+    ]
+    jobs.write_text('{"prompt": "x", "steps": 3}\n', encoding="utf-8")
+    code, _, err = run(
+        capsys, "generate", "--model", str(tiny_model), "-w", str(wf), "--prompts-file", str(jobs)
+    )
+    assert code == 2
+    assert f"{jobs}:1: expected a string or an object with keys" in err

@@ -90,7 +90,12 @@ def test_two_stage_workflow_end_to_end(pipeline: Pipeline, tmp_path: Path) -> No
     assert [p.name for p in paths] == ["run_base_preview_00001_.png", "run_00001_.png"]
     saved = Image.open(paths[-1])
     assert np.array_equal(np.asarray(saved), gen.image)
-    assert "stages:" in saved.info["workflow"] and saved.info["backend"] == "torch"
+    info = saved.info
+    assert info["software"].endswith("(torch)")
+    assert Workflow.from_yaml(info["zimage-trt.workflow"]).stages == wf.stages
+    assert info["zimage-trt.prompt"] == "tiny, 一只猫"
+    assert info["zimage-trt.negative_prompt"] == "模糊，低清晰度，噪点严重，网红脸"
+    assert info["zimage-trt.seeds"] == "11,12"
 
 
 def test_prompts_and_captions_are_computed_once(pipeline: Pipeline) -> None:
@@ -161,3 +166,47 @@ def test_fp16_is_refused() -> None:
             FluxVAE(VAEConfig.tiny()),
             dtype=torch.float16,
         )
+
+
+def test_nan_names_the_stage_and_step(pipeline: Pipeline) -> None:
+    wf = two_stage(cfg=1.0, preview=False)
+    real_model = pipeline.model
+    calls = [0]
+
+    def poisoned(x, sigma, context, names):  # type: ignore[no-untyped-def]
+        calls[0] += 1
+        v = real_model(x, sigma, context, names)
+        return v * float("nan") if calls[0] == 2 else v
+
+    pipeline.model = poisoned  # type: ignore[method-assign]
+    try:
+        with pytest.raises(FloatingPointError) as err:
+            pipeline.run(wf)
+    finally:
+        del pipeline.model
+    assert str(err.value).startswith(
+        "stage 'base', step 3/4: sampler state x has NaN/Inf values at sigma "
+    )
+
+
+def test_call_api_overrides_prompt_and_seeds(pipeline: Pipeline) -> None:
+    gen = pipeline("a lighthouse", workflow=two_stage(cfg=1.0, preview=False), seed=[3, 4])
+    again = pipeline("a lighthouse", workflow=two_stage(cfg=1.0, preview=False), seed=[3, 4])
+    other = pipeline("a lighthouse", workflow=two_stage(cfg=1.0, preview=False), seed=[5, 4])
+    assert np.array_equal(gen.image, again.image)
+    assert not torch.equal(gen.latent, other.latent)
+    with pytest.raises(ValueError, match="3 seeds given for a workflow of 2 stage"):
+        pipeline(workflow=two_stage(), seed=[1, 2, 3])
+
+
+def test_metadata_inlines_the_negative_prompt_file() -> None:
+    from zimage_trt.runtime.pipeline import png_metadata
+    from zimage_trt.workflow import load_workflow
+
+    wf = load_workflow("zimage-121101")
+    meta = png_metadata(wf, "torch")
+    carried = Workflow.from_yaml(meta["zimage-trt.workflow"])
+    assert carried.prompts.negative_file is None
+    assert carried.prompts.negative == wf.prompts.negative_text()
+    assert carried.stages == wf.stages
+    assert meta["zimage-trt.seeds"] == "905124181980574,182450993364532,894355038471848"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -120,68 +120,167 @@ def cmd_make_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
-def _apply_overrides(wf: Any, args: argparse.Namespace) -> Any:
-    if args.prompt is not None:
-        wf.prompts.positive = args.prompt
-    if args.trigger is not None:
-        wf.prompts.trigger = args.trigger or None
-    if args.negative is not None:
-        wf.prompts.negative, wf.prompts.negative_file = args.negative, None
-    if args.negative_prompt_file is not None:
-        wf.prompts.negative, wf.prompts.negative_file = None, str(args.negative_prompt_file)
-    for stage, seed in zip(wf.stages, args.seed or [], strict=False):
-        stage.seed = seed
-    return wf
+def _progress(quiet: bool) -> Callable[[str, int, int], None]:
+    """One bar per stage on stderr (redrawn in place on a terminal)."""
+    tty = sys.stderr.isatty()
+
+    def show(stage: str, step: int, steps: int) -> None:
+        if quiet or (not tty and step != steps):
+            return
+        filled = round(24 * step / steps)
+        bar = "#" * filled + "." * (24 - filled)
+        end = "\n" if step == steps else ""
+        print(f"\r{stage:<12} [{bar}] {step}/{steps}", end=end, file=sys.stderr, flush=True)
+
+    return show
+
+
+def _summary(generation: Any, engines: Any) -> str:
+    rows = [("part", "latent", "DiT calls", "cache skips", "seconds")]
+    rows.append(("text", "", "", "", f"{generation.seconds['text']:.2f}"))
+    for r in generation.stages:
+        latent = "×".join(map(str, r.latent_shape[1:]))
+        rows.append((r.name, latent, str(r.model_calls), str(r.calls_skipped), f"{r.seconds:.2f}"))
+    rows.append(("decode", "", "", "", f"{generation.seconds['decode']:.2f}"))
+    rows.append(("total", "", "", "", f"{sum(generation.seconds.values()):.2f}"))
+    widths = [max(len(row[i]) for row in rows) for i in range(5)]
+    lines = [
+        "  ".join(
+            c.ljust(w) if i == 0 else c.rjust(w)
+            for i, (c, w) in enumerate(zip(row, widths, strict=True))
+        ).rstrip()
+        for row in rows
+    ]
+    dtype = str(engines.dtype).removeprefix("torch.")
+    return "\n".join([*lines, f"({engines.backend} backend on {engines.device}, {dtype})"])
+
+
+def _parse_lora(text: str) -> tuple[str, float]:
+    path, sep, strength = text.rpartition(":")
+    if sep and path:
+        try:
+            return path, float(strength)
+        except ValueError:
+            pass
+    return text, 1.0
+
+
+def _jobs(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """One job from the command line, or one per line of --prompts-file (JSON Lines: a string or
+    an object with prompt, negative_prompt, trigger_word, seed)."""
+    base = {
+        "prompt": args.prompt,
+        "negative_prompt": args.negative_prompt,
+        "trigger_word": args.trigger_word,
+        "seed": args.seed,
+    }
+    if args.prompts_file is None:
+        return [base]
+    jobs = []
+    allowed = set(base)
+    for n, line in enumerate(args.prompts_file.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{args.prompts_file}:{n}: not JSON ({exc.msg})") from None
+        item = {"prompt": item} if isinstance(item, str) else item
+        if not isinstance(item, dict) or set(item) - allowed:
+            raise ValueError(
+                f"{args.prompts_file}:{n}: expected a string or an object with "
+                f"keys {sorted(allowed)}, got {line.strip()[:80]!r}"
+            )
+        jobs.append({**base, **item})
+    return jobs
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from zimage_trt.runtime.backends import load_torch_pipeline, pick_device, pick_dtype
-    from zimage_trt.workflow import load_workflow
+    from zimage_trt.runtime.pipeline import apply_overrides
+    from zimage_trt.workflow import LoraRef, load_workflow
 
-    wf = _apply_overrides(load_workflow(args.workflow), args)
+    wf = load_workflow(args.workflow)
+    if args.negative_prompt_file is not None:
+        if not args.negative_prompt_file.is_file():
+            raise FileNotFoundError(f"negative prompt file {args.negative_prompt_file} not found")
+        wf.prompts.negative, wf.prompts.negative_file = None, str(args.negative_prompt_file)
+    if args.lora:
+        wf.models.loras = [LoraRef(path=p, strength=w) for p, w in map(_parse_lora, args.lora)]
+    jobs = _jobs(args)
     device = pick_device(args.device)
-    dtype = pick_dtype(args.dtype, device)
-    search = (
-        (Path(args.workflow).resolve().parent, Path.cwd())
-        if Path(args.workflow).is_file()
-        else (Path.cwd(),)
-    )
+    workflow_dir = Path(args.workflow).resolve().parent if Path(args.workflow).is_file() else None
+    search = tuple(p for p in (workflow_dir, Path.cwd()) if p is not None)
     pipeline = load_torch_pipeline(
         wf,
         args.model,
         device=device,
-        dtype=dtype,
+        dtype=pick_dtype(args.dtype, device),
         search=search,
         lora_ignore_unmatched=args.lora_ignore_unmatched,
     )
+    for job in jobs:
+        job_wf = apply_overrides(wf.model_copy(deep=True), **job)
+        generation = pipeline.run(job_wf, progress=_progress(args.quiet))
+        paths = pipeline.save(job_wf, generation, args.out)
+        print(_summary(generation, pipeline.engines))
+        for path in paths:
+            print(f"wrote {path}")
+    return 0
 
-    def progress(stage: str, step: int, steps: int) -> None:
-        if not args.quiet:
-            print(
-                f"\r{stage}: step {step}/{steps}",
-                end="\n" if step == steps else "",
-                file=sys.stderr,
-                flush=True,
-            )
 
-    generation = pipeline.run(wf, progress=progress)
-    paths = pipeline.save(wf, generation, args.output)
-    for report in generation.stages:
-        skipped = f", {report.calls_skipped} skipped by EasyCache" if report.calls_skipped else ""
-        print(
-            f"{report.name}: latent {'×'.join(map(str, report.latent_shape[1:]))}, "
-            f"{report.model_calls} DiT calls{skipped}, {report.seconds:.2f} s"
-        )
-    print(
-        f"text {generation.seconds['text']:.2f} s, decode {generation.seconds['decode']:.2f} s "
-        f"({pipeline.engines.backend} on {device}, {str(dtype).removeprefix('torch.')})"
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    from zimage_trt.reproduce import reproduce
+
+    result = reproduce(
+        args.image,
+        args.model,
+        device=args.device,
+        dtype=args.dtype,
+        out=args.out,
+        progress=_progress(args.quiet),
     )
-    for path in paths:
+    print(_summary(result.generation, result.engines))
+    print(f"source {args.image}: workflow from its {result.source}")
+    print(f"PSNR {result.psnr:.2f} dB, SSIM {result.ssim:.4f} against the original")
+    for path in result.generation.paths:
         print(f"wrote {path}")
     return 0
 
 
 # ---- the parser ---------------------------------------------------------------------------------
+def _model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model",
+        default=None,
+        metavar="PATH|REPO|tiny",
+        help="model folder, Hugging Face repo id (from the local cache), or 'tiny' "
+        "(default: the workflow's models section)",
+    )
+    p.add_argument(
+        "--out",
+        "-o",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="output folder (default: the workflow's)",
+    )
+    p.add_argument(
+        "--backend",
+        choices=("torch",),
+        default="torch",
+        help="engine backend (compiled backends arrive with `zimage-trt build`)",
+    )
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1")
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        help="DiT/VAE compute dtype: auto (bf16 on GPU, "
+        "fp32 on CPU), bf16, fp32; fp16 is refused (NaN images with Z-Image)",
+    )
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+
 def build_parser() -> argparse.ArgumentParser:
     raw = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(
@@ -313,12 +412,15 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=raw,
         help="run a workflow and write its images",
         description="Run a workflow (preset or YAML) end to end: prompts, every stage, the VAE; "
-        "writes the image (and stage previews) under the workflow's output folder.",
+        "writes the image (and stage previews) under the workflow's output folder, with the "
+        "workflow, prompts and seeds in the PNG, and prints a timing table.",
         epilog=_examples(
-            "zimage-trt generate --model tiny --workflow zimage-121101   # smoke run: noise",
-            "zimage-trt generate -w zimage-turbo --model Tongyi-MAI/Z-Image-Turbo -p 'a red fox'",
-            "zimage-trt generate -w mine.yaml --seed 1 2 3 --output out/",
-            "zimage-trt generate -w zimage-121101 --negative-prompt-file neg.txt --device cuda",
+            "zimage-trt generate --model tiny --workflow zimage-121101 --prompt 'a red fox in "
+            "snow' --out out/   # smoke run: its images are noise",
+            "zimage-trt generate --model Tongyi-MAI/Z-Image-Turbo -p 'a red fox' --seed 7",
+            "zimage-trt generate -w zimage-121101 --model ~/models/Z-Image-Turbo --lora "
+            "style.safetensors:0.8 --trigger-word 'zstyle'",
+            "zimage-trt generate -w mine.yaml --prompts-file prompts.jsonl --out batch/",
         ),
     )
     p.add_argument(
@@ -328,26 +430,34 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME|FILE",
         help="preset name or YAML file (default: zimage-turbo)",
     )
-    p.add_argument(
-        "--model",
-        default=None,
-        metavar="REF",
-        help="model folder, Hugging Face repo id (from the local cache), or 'tiny'; "
-        "default: the workflow's models section",
-    )
     p.add_argument("-p", "--prompt", default=None, help="replace the positive prompt")
     p.add_argument(
-        "--trigger",
+        "--trigger-word",
         default=None,
+        metavar="T",
         help="LoRA trigger word, joined as '{trigger}, {prompt}' ('' removes it)",
     )
-    p.add_argument("-n", "--negative", default=None, help="replace the negative prompt")
-    p.add_argument(
+    negative = p.add_mutually_exclusive_group()
+    negative.add_argument(
+        "-n",
+        "--negative-prompt",
+        default=None,
+        metavar="T",
+        help="replace the negative prompt (used where cfg > 1)",
+    )
+    negative.add_argument(
         "--negative-prompt-file",
         type=Path,
         default=None,
-        metavar="FILE",
-        help="read the negative prompt from a text file",
+        metavar="F",
+        help="read the negative prompt from a UTF-8 text file",
+    )
+    p.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="FILE[:STRENGTH]",
+        help="use this LoRA instead of the workflow's (repeatable; strength 1.0)",
     )
     p.add_argument(
         "--seed",
@@ -355,36 +465,38 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         default=None,
         metavar="N",
-        help="seeds for the first stages, in order",
+        help="seeds of the first stages, in order",
     )
     p.add_argument(
-        "-o",
-        "--output",
+        "--prompts-file",
         type=Path,
         default=None,
-        metavar="DIR",
-        help="output folder (default: the workflow's)",
+        metavar="JSONL",
+        help="batch: one prompt per line, a JSON string or an object with prompt, "
+        "negative_prompt, trigger_word, seed",
     )
-    p.add_argument(
-        "--backend",
-        choices=("torch",),
-        default="torch",
-        help="engine backend (compiled backends arrive with `zimage-trt build`)",
-    )
-    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1")
-    p.add_argument(
-        "--dtype",
-        default="auto",
-        help="DiT/VAE compute dtype: auto (bf16 on GPU, "
-        "fp32 on CPU), bf16, fp32; fp16 is refused (NaN images with Z-Image)",
-    )
+    _model_options(p)
     p.add_argument(
         "--lora-ignore-unmatched",
         action="store_true",
         help="skip LoRA keys that match no weight instead of failing",
     )
-    p.add_argument("-q", "--quiet", action="store_true", help="no per-step progress")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser(
+        "reproduce",
+        formatter_class=raw,
+        help="re-render an image from the workflow or ComfyUI graph embedded in it",
+        description="Reads the workflow a zimage-trt PNG carries, or the ComfyUI graph of a "
+        "ComfyUI PNG, renders it again and reports PSNR and SSIM against the original.",
+        epilog=_examples(
+            "zimage-trt reproduce ComfyUI_00042_.png --model ~/models/Z-Image-Turbo",
+            "zimage-trt reproduce out/zimage_00001_.png --model tiny",
+        ),
+    )
+    p.add_argument("image", type=Path, metavar="PNG")
+    _model_options(p)
+    p.set_defaults(func=cmd_reproduce)
 
     p = sub.add_parser(
         "make-tiny",

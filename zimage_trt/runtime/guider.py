@@ -98,7 +98,9 @@ class CFGGuider:
         if sigma.shape[0] != batch:
             raise ValueError(f"sigma must be 0-d or have {batch} entries, got {sigma.shape[0]}")
         if not bool(torch.isfinite(x).all()):
-            raise ValueError(f"sampler state x has NaN/Inf values at sigma {float(sigma[0]):.6g}")
+            raise FloatingPointError(
+                f"sampler state x has NaN/Inf values at sigma {float(sigma[0]):.6g}"
+            )
         if self._begin is not None:
             self._begin()
 

@@ -51,12 +51,72 @@ class Generation:
 
 
 class Pipeline:
+    """Runs Workflows on one set of engines; build it with `from_model` or `from_engines`.
+
+    >>> pipe = Pipeline.from_model("Tongyi-MAI/Z-Image-Turbo")     # or a folder, or "tiny"
+    >>> gen = pipe("a red fox in snow", workflow="zimage-121101", seed=[1, 2, 3])
+    >>> gen.image.shape, gen.seconds                                # uint8 [H, W, 3], timings
+    """
+
     def __init__(self, engines: Engines, tokenizer: QwenTokenizer, cache_size: int = 16) -> None:
         self.engines = engines
         self.prompts = PromptEncoder(tokenizer, self._encode_text, cache_size, engines.device)
         self.cache_size = cache_size
         self._captions: OrderedDict[str, tuple[Tensor, int]] = OrderedDict()
         self.caption_path_calls = 0
+
+    @classmethod
+    def from_engines(
+        cls, engines: Engines, tokenizer: QwenTokenizer, cache_size: int = 16
+    ) -> Pipeline:
+        return cls(engines, tokenizer, cache_size)
+
+    @classmethod
+    def from_model(
+        cls,
+        model: str | Path,
+        *,
+        workflow: Workflow | str = "zimage-turbo",
+        device: str = "auto",
+        dtype: str = "auto",
+        lora_ignore_unmatched: bool = False,
+    ) -> Pipeline:
+        """Load a model (folder, Hugging Face repo id from the local cache, or ``"tiny"``) on the
+        torch backend, with the LoRAs of ``workflow`` fused in."""
+        from zimage_trt.runtime.backends import load_torch_pipeline, pick_device, pick_dtype
+        from zimage_trt.workflow import load_workflow
+
+        wf = load_workflow(workflow) if isinstance(workflow, str) else workflow
+        torch_device = pick_device(device)
+        return load_torch_pipeline(
+            wf,
+            str(model),
+            device=torch_device,
+            dtype=pick_dtype(dtype, torch_device),
+            lora_ignore_unmatched=lora_ignore_unmatched,
+        )
+
+    def __call__(
+        self,
+        prompt: str | None = None,
+        *,
+        workflow: Workflow | str = "zimage-turbo",
+        negative_prompt: str | None = None,
+        trigger_word: str | None = None,
+        seed: int | list[int] | None = None,
+        progress: Progress | None = None,
+    ) -> Generation:
+        """Run ``workflow`` (a preset name, a YAML path or a Workflow) with these overrides."""
+        from zimage_trt.workflow import load_workflow
+
+        if isinstance(workflow, str):
+            wf = load_workflow(workflow)
+        else:
+            wf = workflow.model_copy(deep=True)
+        apply_overrides(
+            wf, prompt=prompt, negative_prompt=negative_prompt, trigger_word=trigger_word, seed=seed
+        )
+        return self.run(wf, progress)
 
     # -- engines behind the runtime's callables ------------------------------------------------
     def _encode_text(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
@@ -123,21 +183,31 @@ class Pipeline:
             latent_in = stage_input_latent(stage, latent, self.encode_image)
             steps = len(stage.sigmas()) - 1
 
-            def step(i: int, *_: object, name: str = name, steps: int = steps) -> None:
+            uncond = None if math.isclose(stage.cfg, 1.0) else negative
+            done = [0]
+
+            def step(
+                i: int, *_: object, name: str = name, steps: int = steps, done: list[int] = done
+            ) -> None:
+                done[0] = i + 1
                 if progress is not None:
                     progress(name, i + 1, steps)
 
-            uncond = None if math.isclose(stage.cfg, 1.0) else negative
-            result = sample_stage(
-                stage,
-                latent_in,
-                self.model,
-                positive,
-                uncond,
-                device=self.engines.device,
-                model_dtype=self.engines.dtype,
-                callback=step,
-            )
+            try:
+                result = sample_stage(
+                    stage,
+                    latent_in,
+                    self.model,
+                    positive,
+                    uncond,
+                    device=self.engines.device,
+                    model_dtype=self.engines.dtype,
+                    callback=step,
+                )
+            except FloatingPointError as exc:
+                raise FloatingPointError(
+                    f"stage {name!r}, step {done[0] + 1}/{steps}: {exc}"
+                ) from None
             latent = result.latent
             skipped = result.cache.calls_skipped if result.cache is not None else 0
             seconds[name] = time.perf_counter() - t0
@@ -158,11 +228,7 @@ class Pipeline:
         out = wf.output
         root = Path(folder if folder is not None else out.folder)
         prefix = out.render_prefix()
-        metadata = {
-            "software": f"zimage-trt {__version__}",
-            "workflow": wf.to_yaml(),
-            "backend": self.engines.backend,
-        }
+        metadata = png_metadata(wf, self.engines.backend)
         paths = []
         for report in generation.stages:
             if report.preview is not None:
@@ -171,3 +237,44 @@ class Pipeline:
         paths.append(save_image(generation.image, next_path(root, prefix, out.format), metadata))
         generation.paths = paths
         return paths
+
+
+def apply_overrides(
+    wf: Workflow,
+    *,
+    prompt: str | None = None,
+    negative_prompt: str | None = None,
+    trigger_word: str | None = None,
+    seed: int | list[int] | None = None,
+) -> Workflow:
+    """Replace prompts and seeds in place (a ``seed`` list sets the first stages' seeds)."""
+    if prompt is not None:
+        wf.prompts.positive = prompt
+    if trigger_word is not None:
+        wf.prompts.trigger = trigger_word or None
+    if negative_prompt is not None:
+        wf.prompts.negative, wf.prompts.negative_file = negative_prompt, None
+    seeds = [seed] if isinstance(seed, int) else list(seed or [])
+    if len(seeds) > len(wf.stages):
+        raise ValueError(f"{len(seeds)} seeds given for a workflow of {len(wf.stages)} stage(s)")
+    for stage, value in zip(wf.stages, seeds, strict=False):
+        stage.seed = value
+    return wf
+
+
+METADATA_WORKFLOW = "zimage-trt.workflow"  # not ComfyUI's "workflow"/"prompt" (JSON graphs)
+
+
+def png_metadata(wf: Workflow, backend: str) -> dict[str, str]:
+    """Text chunks: the whole workflow (negative prompt inlined, so it travels with the image),
+    the prompts and the seeds."""
+    portable = wf.model_copy(deep=True)
+    portable.prompts.negative_file = None
+    portable.prompts.negative = wf.prompts.negative_text() or None
+    return {
+        "software": f"zimage-trt {__version__} ({backend})",
+        METADATA_WORKFLOW: portable.to_yaml(),
+        "zimage-trt.prompt": wf.prompts.positive_text,
+        "zimage-trt.negative_prompt": portable.prompts.negative or "",
+        "zimage-trt.seeds": ",".join(str(stage.seed) for stage in wf.stages),
+    }
