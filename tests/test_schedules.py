@@ -237,8 +237,7 @@ def test_every_scheduler_ends_in_zero_and_decreases() -> None:
         assert sigmas.dtype == torch.float32 and sigmas.ndim == 1, name
         assert sigmas[-1] == 0, name
         assert bool((sigmas[:-1] > sigmas[1:]).all()), name
-        # diffusers_zimage drops the pipeline's no-op σ = 0 → 0 step ("9 steps = 8 forwards").
-        assert len(sigmas) == (8 if name == "diffusers_zimage" else 9), name
+        assert len(sigmas) == 9, name
 
 
 # --- denoise ---------------------------------------------------------------------------------

@@ -86,15 +86,16 @@ def test_reference_preset_cache_windows() -> None:
 
 
 def test_turbo_preset_is_the_diffusers_schedule() -> None:
-    """ZImagePipeline: sigma_min = 0, linspace(1, 0, 9) shifted by 3; its σ=0→0 step is a no-op."""
+    """ZImagePipeline (diffusers 0.42) default: float32 linspace(1, 1/N, N) shifted by 3, then 0."""
     wf = load_workflow("zimage-turbo")
     (stage,) = wf.stages
     assert (stage.latent.width, stage.latent.height, stage.cfg) == (1024, 1024, 1.0)
     assert stage.sampler.name == "euler"
-    t = torch.linspace(1, 0, 9, dtype=torch.float64)
-    expected = (3 * t / (1 + 2 * t)).float()
+    t = torch.linspace(1, 1 / 9, 9)
+    expected = torch.cat([3 * t / (1 + 2 * t), torch.zeros(1)])
     torch.testing.assert_close(stage.sigmas(), expected, atol=1e-7, rtol=0)
-    assert len(stage.sigmas()) - 1 == 8  # "9 steps = 8 DiT forwards"
+    assert len(stage.sigmas()) - 1 == 9
+    assert float(stage.sigmas()[-2]) == pytest.approx(3 / 11, abs=1e-7)  # 1/9 shifted by 3
 
 
 def test_negative_template_ships_and_is_long() -> None:

@@ -19,7 +19,7 @@ import scipy.stats
 import torch
 from torch import Tensor
 
-from zimage_trt.runtime.model_sampling import FlowSampling, time_snr_shift
+from zimage_trt.runtime.model_sampling import FlowSampling
 
 SCHEDULERS: tuple[str, ...] = (
     "simple",
@@ -251,19 +251,18 @@ def sigmas_flow_match_linear(steps: int) -> Tensor:
 
 
 def sigmas_diffusers_zimage(ms: FlowSampling, steps: int) -> Tensor:
-    """The schedule diffusers' ``ZImagePipeline`` runs by default, without its no-op last step.
+    """The schedule diffusers' ``ZImagePipeline`` (0.42) runs by default: float32
+    ``linspace(1, 1/steps, steps)`` shifted once (shift = the model's, 3.0 for Z-Image) in float32,
+    then 0 — ``steps`` DiT calls.
 
-    The pipeline sets the scheduler's ``sigma_min`` to 0, so ``set_timesteps`` spaces
-    linspace(1000, 0, steps)/1000, shifts it once (shift = the model's, 3.0 for Z-Image) and
-    appends 0. Its last timestep is then σ = 0 → 0: a DiT call whose Euler step has length 0
-    (the model card's "9 steps = 8 DiT forwards"). Dropping that step changes no value.
+    diffusers before its "redundant Z-Image terminal timestep" fix spaced linspace(1, 0, steps)
+    instead and spent its last call on a σ = 0 → 0 step (the model card's "9 steps = 8 DiT
+    forwards"); that schedule is this one with ``steps − 1``.
     """
     _check_steps(steps)
-    t = torch.from_numpy(np.linspace(1000.0, 0.0, steps) / 1000.0)  # float64, as numpy's
-    shifted = time_snr_shift(ms.shift, t)
-    assert isinstance(shifted, Tensor)
-    sigmas = _append(shifted.to(torch.float32))
-    return sigmas[:-1] if len(sigmas) > 2 and sigmas[-2] == 0 else sigmas
+    t = torch.linspace(1.0, 1.0 / steps, steps).numpy()  # get_default_z_image_sigmas
+    shifted = ms.shift * t / (1 + (ms.shift - 1) * t)  # set_timesteps, numpy float32
+    return _append(torch.from_numpy(np.asarray(shifted, dtype=np.float32)))
 
 
 # ---------------------------------------------------------------------------------------------
