@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +23,7 @@ from zimage_trt.runtime.engines import Engines
 from zimage_trt.runtime.guider import Cond
 from zimage_trt.runtime.images import next_path, save_image, to_uint8
 from zimage_trt.runtime.stages import sample_stage, stage_input_latent
-from zimage_trt.runtime.text import PromptEncoder
+from zimage_trt.runtime.text import LRUCache, PromptEncoder
 from zimage_trt.runtime.tokenizer import QwenTokenizer
 from zimage_trt.workflow import Workflow
 
@@ -61,8 +60,7 @@ class Pipeline:
     def __init__(self, engines: Engines, tokenizer: QwenTokenizer, cache_size: int = 16) -> None:
         self.engines = engines
         self.prompts = PromptEncoder(tokenizer, self._encode_text, cache_size, engines.device)
-        self.cache_size = cache_size
-        self._captions: OrderedDict[str, tuple[Tensor, int]] = OrderedDict()
+        self._captions: LRUCache[tuple[Tensor, int]] = LRUCache(cache_size)
         self.caption_path_calls = 0
 
     @classmethod
@@ -126,20 +124,15 @@ class Pipeline:
 
     def caption(self, text: str, name: str) -> Cond:
         """The prompt's caption tokens (after the context refiner), cached by text."""
-        hit = self._captions.get(text)
-        if hit is None:
-            hidden = self.prompts(text)
-            mask = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
-            out = self.engines.caption_path(cap_feats=hidden.to(self.engines.dtype), cap_mask=mask)
-            self.caption_path_calls += 1
-            hit = (out["cap_tokens"], hidden.shape[1])
-            if self.cache_size:
-                self._captions[text] = hit
-                while len(self._captions) > self.cache_size:
-                    self._captions.popitem(last=False)
-        else:
-            self._captions.move_to_end(text)
-        return Cond(name, hit[0], tokens=hit[1])
+        tokens, length = self._captions.get_or_make(text, lambda: self._caption_path(text))
+        return Cond(name, tokens, tokens=length)
+
+    def _caption_path(self, text: str) -> tuple[Tensor, int]:
+        hidden = self.prompts(text)
+        mask = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
+        out = self.engines.caption_path(cap_feats=hidden.to(self.engines.dtype), cap_mask=mask)
+        self.caption_path_calls += 1
+        return out["cap_tokens"], hidden.shape[1]
 
     def model(
         self, x: Tensor, sigma: Tensor, context: Tensor, cond_names: tuple[str, ...]

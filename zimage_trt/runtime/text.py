@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable
+from typing import Generic, TypeVar
 
 import torch
 from torch import Tensor
@@ -16,6 +17,31 @@ from torch import Tensor
 from zimage_trt.runtime.tokenizer import PAD_ID, QwenTokenizer
 
 TextEncoderFn = Callable[[Tensor, Tensor], Tensor]
+V = TypeVar("V")
+
+
+class LRUCache(Generic[V]):
+    """Values by prompt text, least recently used evicted first; size 0 caches nothing."""
+
+    def __init__(self, size: int) -> None:
+        if size < 0:
+            raise ValueError(f"cache_size must be >= 0, got {size}")
+        self.size = size
+        self._items: OrderedDict[str, V] = OrderedDict()
+
+    def get_or_make(self, key: str, make: Callable[[], V]) -> V:
+        if key in self._items:
+            self._items.move_to_end(key)
+            return self._items[key]
+        value = make()
+        if self.size:
+            self._items[key] = value
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+        return value
+
+    def clear(self) -> None:
+        self._items.clear()
 
 
 def attention_mask(ids: list[int]) -> list[int]:
@@ -37,32 +63,21 @@ class PromptEncoder:
         cache_size: int = 16,
         device: torch.device | str = "cpu",
     ) -> None:
-        if cache_size < 0:
-            raise ValueError(f"cache_size must be >= 0, got {cache_size}")
         self.tokenizer = tokenizer
         self.encoder = encoder
-        self.cache_size = cache_size
         self.device = device
         self.encoder_calls = 0
-        self._cache: OrderedDict[str, Tensor] = OrderedDict()
+        self.cache: LRUCache[Tensor] = LRUCache(cache_size)
 
     def __call__(self, prompt: str) -> Tensor:
         """Hidden states [1, L, C] of the prompt wrapped in the chat template."""
-        hit = self._cache.get(prompt)
-        if hit is not None:
-            self._cache.move_to_end(prompt)
-            return hit
+        return self.cache.get_or_make(prompt, lambda: self._encode(prompt))
+
+    def _encode(self, prompt: str) -> Tensor:
         ids = self.tokenizer.encode_prompt(prompt)
         input_ids = torch.tensor([ids], dtype=torch.int64, device=self.device)
         mask = torch.tensor([attention_mask(ids)], dtype=torch.int64, device=self.device)
         with torch.inference_mode():
             hidden = self.encoder(input_ids, mask)
         self.encoder_calls += 1
-        if self.cache_size:
-            self._cache[prompt] = hidden
-            while len(self._cache) > self.cache_size:
-                self._cache.popitem(last=False)
         return hidden
-
-    def clear(self) -> None:
-        self._cache.clear()
