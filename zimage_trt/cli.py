@@ -200,7 +200,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from zimage_trt.runtime.pipeline import apply_overrides
     from zimage_trt.workflow import LoraRef, load_workflow
 
-    wf = load_workflow(args.workflow)
+    wf = load_workflow(_generate_workflow(args))
     if args.negative_prompt_file is not None:
         if not args.negative_prompt_file.is_file():
             raise FileNotFoundError(f"negative prompt file {args.negative_prompt_file} not found")
@@ -208,17 +208,26 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.lora:
         wf.models.loras = [LoraRef(path=p, strength=w) for p, w in map(_parse_lora, args.lora)]
     jobs = _jobs(args)
-    device = pick_device(args.device)
-    workflow_dir = Path(args.workflow).resolve().parent if Path(args.workflow).is_file() else None
-    search = tuple(p for p in (workflow_dir, Path.cwd()) if p is not None)
-    pipeline = load_torch_pipeline(
-        wf,
-        args.model,
-        device=device,
-        dtype=pick_dtype(args.dtype, device),
-        search=search,
-        lora_ignore_unmatched=args.lora_ignore_unmatched,
-    )
+    if args.engines is not None:
+        pipeline = _engine_pipeline(args, wf)
+    elif args.backend != "torch":
+        raise ValueError(
+            f"the {args.backend} backend serves a built engine folder: pass --engines DIR "
+            f"(make one with `zimage-trt build --backend {args.backend} --out DIR …`)"
+        )
+    else:
+        device = pick_device(args.device)
+        wf_file = Path(args.workflow) if args.workflow else None
+        workflow_dir = wf_file.resolve().parent if wf_file and wf_file.is_file() else None
+        search = tuple(p for p in (workflow_dir, Path.cwd()) if p is not None)
+        pipeline = load_torch_pipeline(
+            wf,
+            args.model,
+            device=device,
+            dtype=pick_dtype(args.dtype, device),
+            search=search,
+            lora_ignore_unmatched=args.lora_ignore_unmatched,
+        )
     for job in jobs:
         job_wf = apply_overrides(wf.model_copy(deep=True), **job)
         generation = pipeline.run(job_wf, progress=_progress(args.quiet))
@@ -226,6 +235,116 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(_summary(generation, pipeline.engines))
         for path in paths:
             print(f"wrote {path}")
+    return 0
+
+
+def _generate_workflow(args: argparse.Namespace) -> str | Path:
+    """-w, else the workflow an engine folder was built for, else zimage-turbo."""
+    if args.workflow is not None:
+        return str(args.workflow)
+    if args.engines is not None:
+        from zimage_trt.runtime.manifest import read_manifest
+
+        manifest = read_manifest(args.engines)
+        if manifest.workflow_file:
+            return args.engines / manifest.workflow_file
+    return "zimage-turbo"
+
+
+def _engine_pipeline(args: argparse.Namespace, wf: Any) -> Any:
+    """The pipeline of a built folder, refused with the reason if it does not fit."""
+    from zimage_trt.runtime.backends import pick_device
+    from zimage_trt.runtime.engine_folder import check_request, load_engine_folder
+    from zimage_trt.runtime.manifest import read_manifest
+
+    manifest = read_manifest(args.engines)
+    if args.backend not in ("torch", manifest.backend):  # torch: the default, i.e. not chosen
+        raise ValueError(
+            f"--backend {args.backend} asked for, but {args.engines} holds "
+            f"{manifest.backend} engines"
+        )
+    if args.model is not None:
+        raise ValueError("--model and --engines exclude each other: the engines hold the weights")
+    device = None if args.device == "auto" else pick_device(args.device)
+    check_request(manifest, wf, args.engines)
+    pipeline, _ = load_engine_folder(args.engines, device=device, log=_info(args.quiet))
+    pipeline.preflight(wf)
+    return pipeline
+
+
+def _info(quiet: bool) -> Callable[[str], None]:
+    def log(msg: str) -> None:
+        if not quiet:
+            print(msg, file=sys.stderr, flush=True)
+
+    return log
+
+
+def _parse_bytes(text: str) -> int:
+    units = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+    number, unit = text.rstrip("iBb").upper()[:-1], text.rstrip("iBb").upper()[-1:]
+    if unit.isdigit():
+        number, unit = number + unit, ""
+    try:
+        value = int(float(number) * units[unit])
+    except (ValueError, KeyError):
+        raise ValueError(f"memory size {text!r} is not a number with K, M or G (e.g. 8G)") from None
+    if value <= 0:
+        raise ValueError(f"memory size {text!r} must be positive")
+    return value
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from zimage_trt.build_engines.build import BuildOptions, plan_build, run_build
+    from zimage_trt.build_engines.parity import format_parity
+    from zimage_trt.build_engines.profiles import format_profiles, parse_resolutions
+    from zimage_trt.workflow import load_workflow
+
+    if args.workflow is not None and args.resolutions is not None:
+        raise ValueError("give --workflow or --resolutions, not both")
+    resolutions = parse_resolutions(args.resolutions) if args.resolutions else []
+    wf = load_workflow(args.workflow or "zimage-121101") if not resolutions else None
+    precision = args.precision or ("bf16" if args.backend == "tensorrt" else "fp32")
+    options = BuildOptions(
+        backend=args.backend,
+        precision=precision,
+        caption_max=args.caption_max,
+        buckets=list(args.bucket),
+        with_encoder=args.with_encoder,
+        check_parity=not args.no_parity,
+        optimization_level=args.opt_level,
+        memory_pool_limit=_parse_bytes(args.memory_pool_limit) if args.memory_pool_limit else None,
+        refittable=args.refittable,
+        timing_cache=args.timing_cache,
+        lora_ignore_unmatched=args.lora_ignore_unmatched,
+    )
+    log = _info(args.quiet)
+    plan = plan_build(options, model=args.model, workflow=wf, resolutions=resolutions, log=log)
+    print(
+        f"profiles for {plan.source_label} ({precision}, captions up to {plan.caption.max} tokens)"
+    )
+    print(format_profiles(plan.profiles))
+    if args.dry_run:
+        print("(dry run: nothing built)")
+        return 0
+    if args.out is None:
+        raise ValueError("--out DIR is required (the engine folder to write)")
+    result = run_build(plan, options, args.out, log=log)
+    rows = [r for report in result.engines for r in report.parity]
+    print()
+    print("ONNX checks (TensorRT coverage per graph; parity with torch at each shape)")
+    for report in result.engines:
+        if report.reused:
+            print(f"{report.name}: reused (cache key matches, files verified)")
+        elif report.coverage is not None:
+            print(f"{report.name}: {report.coverage.summary()}")
+    if rows:
+        print(format_parity(rows))
+    m = result.manifest
+    print(
+        f"built {len(m.engines)} {m.backend} engines in {m.build_seconds:.1f} s, peak RAM "
+        f"{m.peak_rss_bytes / 2**30:.2f} GiB → {result.folder}"
+    )
     return 0
 
 
@@ -267,9 +386,9 @@ def _model_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--backend",
-        choices=("torch",),
+        choices=("torch", "onnxruntime", "tensorrt"),
         default="torch",
-        help="engine backend (compiled backends arrive with `zimage-trt build`)",
+        help="torch (eager, from --model) or a compiled backend (from --engines)",
     )
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1")
     p.add_argument(
@@ -426,9 +545,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "-w",
         "--workflow",
-        default="zimage-turbo",
+        default=None,
         metavar="NAME|FILE",
-        help="preset name or YAML file (default: zimage-turbo)",
+        help="preset name or YAML file (default: the workflow the --engines were built for, "
+        "else zimage-turbo)",
     )
     p.add_argument("-p", "--prompt", default=None, help="replace the positive prompt")
     p.add_argument(
@@ -477,11 +597,129 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _model_options(p)
     p.add_argument(
+        "--engines",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="run the engines of a folder made by `zimage-trt build` (instead of --model)",
+    )
+    p.add_argument(
         "--lora-ignore-unmatched",
         action="store_true",
         help="skip LoRA keys that match no weight instead of failing",
     )
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser(
+        "build",
+        formatter_class=raw,
+        help="export ONNX and build engines with one optimization profile per stage",
+        description="Exports the text encoder, caption path, denoiser and VAE to ONNX (graph "
+        "from the meta device, weights streamed into one external-data file), checks every "
+        "graph (TensorRT op coverage; parity with torch at several shapes per dynamic axis), "
+        "and builds TensorRT engines (or an ONNX Runtime folder) whose profiles cover every "
+        "stage of the workflow. Engines whose cache key matches are reused.",
+        epilog=_examples(
+            "zimage-trt build --model tiny --workflow zimage-121101 --backend onnxruntime "
+            "--out engines/",
+            "zimage-trt build --model ~/models/Z-Image-Turbo -w zimage-121101 --out engines/  "
+            "# TensorRT, bf16",
+            "zimage-trt build --model ~/models/Z-Image-Turbo --resolutions 1024x1024,768x1344 "
+            "--dry-run",
+        ),
+    )
+    p.add_argument(
+        "--model",
+        default=None,
+        metavar="PATH|REPO|tiny",
+        help="model folder, Hugging Face repo id, or 'tiny' (default: the workflow's)",
+    )
+    p.add_argument(
+        "-w",
+        "--workflow",
+        default=None,
+        metavar="NAME|FILE",
+        help="derive profiles from this workflow (default: zimage-121101)",
+    )
+    p.add_argument(
+        "--resolutions",
+        default=None,
+        metavar="WxH,…",
+        help="derive single-stage profiles from these image sizes instead",
+    )
+    p.add_argument(
+        "--bucket",
+        action="append",
+        default=[],
+        metavar="WxH-WxH",
+        help="add a dynamic profile spanning these sizes (repeatable)",
+    )
+    p.add_argument(
+        "--backend",
+        choices=("tensorrt", "onnxruntime"),
+        default="tensorrt",
+        help="engines to build (default: tensorrt)",
+    )
+    p.add_argument(
+        "--precision",
+        choices=("bf16", "fp32"),
+        default=None,
+        help="graph precision (default: bf16 for tensorrt, fp32 for onnxruntime); "
+        "fp16 is refused (NaN images with Z-Image)",
+    )
+    p.add_argument(
+        "--caption-max",
+        type=int,
+        default=4096,
+        metavar="N",
+        help="longest prompt in tokens the engines serve (default 4096)",
+    )
+    p.add_argument(
+        "--with-encoder",
+        action="store_true",
+        help="also build the VAE encoder for every stage (image inputs)",
+    )
+    p.add_argument(
+        "--out", "-o", type=Path, default=None, metavar="DIR", help="the engine folder to write"
+    )
+    p.add_argument("--dry-run", action="store_true", help="print the profile table and stop")
+    p.add_argument(
+        "--no-parity",
+        action="store_true",
+        help="skip the torch-vs-ONNX parity check (coverage is always checked)",
+    )
+    p.add_argument(
+        "--opt-level",
+        type=int,
+        default=3,
+        metavar="0-5",
+        help="TensorRT builder optimization level (default 3)",
+    )
+    p.add_argument(
+        "--memory-pool-limit",
+        default=None,
+        metavar="SIZE",
+        help="TensorRT workspace limit, e.g. 8G (default: TensorRT's)",
+    )
+    p.add_argument(
+        "--refittable",
+        action="store_true",
+        help="TensorRT: refittable DiT engines (swap LoRAs without a rebuild; slower)",
+    )
+    p.add_argument(
+        "--timing-cache",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="TensorRT timing cache to load and update (keep one per GPU)",
+    )
+    p.add_argument(
+        "--lora-ignore-unmatched",
+        action="store_true",
+        help="skip LoRA keys that match no weight instead of failing",
+    )
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
+    p.set_defaults(func=cmd_build)
 
     p = sub.add_parser(
         "reproduce",
@@ -517,7 +755,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args))
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
         print(f"zimage-trt: error: {exc}", file=sys.stderr)
         return 2
 

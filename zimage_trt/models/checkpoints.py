@@ -543,10 +543,13 @@ def _dit_config_overrides(config: DiTConfig, diffusers_config: Mapping[str, Any]
     return replace(config, **fields)
 
 
-def load_dit(source: str | Path, dtype: torch.dtype = torch.bfloat16) -> ZImageDiT:
+def load_dit(
+    source: str | Path, dtype: torch.dtype = torch.bfloat16, *, meta: bool = False
+) -> ZImageDiT:
     """The Z-Image DiT from a ComfyUI/original single file (fused qkv, any key prefix such as
     ``model.diffusion_model.``), a diffusers ``transformer/`` folder or its (sharded) weights,
-    an fp8 file or a GGUF, with its weights in ``dtype``."""
+    an fp8 file or a GGUF, with its weights in ``dtype``. ``meta``: the same module on the
+    ``meta`` device, without reading any weight (what the exporter traces)."""
     sd, name, _ = _open_weights(source, dtype, "dit")
     keys = list(sd)
     prefix = _find_prefix(keys, DIT_ORIGINAL_MARKERS)
@@ -597,17 +600,22 @@ def load_dit(source: str | Path, dtype: torch.dtype = torch.bfloat16) -> ZImageD
     if layout == "diffusers":
         expected = dit_keys.original_to_diffusers(expected)
     _check_keys(name, what, found, expected)
-    return _build(ZImageDiT, config, to_original(sd))
+    return _build(ZImageDiT, config, to_original(_shapes(sd) if meta else sd))
 
 
 def load_text_encoder_weights(
-    source: str | Path, dtype: torch.dtype = torch.bfloat16, num_hidden_layers: int | None = None
+    source: str | Path,
+    dtype: torch.dtype = torch.bfloat16,
+    num_hidden_layers: int | None = None,
+    *,
+    meta: bool = False,
 ) -> Qwen3TextEncoder:
     """The Qwen3 text encoder (its first ``num_hidden_layers − 1`` blocks) from a transformers
     ``text_encoder/`` folder or its (sharded) weights, a ComfyUI single file, or a GGUF, with its
     weights in ``dtype``. Keys may sit under any prefix; the final norm, the LM head and the last
     block are never read. ``num_hidden_layers`` defaults to the folder's ``config.json``, else to
-    what the file holds (see `text_encoder.config_from_state_dict`)."""
+    what the file holds (see `text_encoder.config_from_state_dict`). ``meta``: on the meta
+    device, no weight read."""
     sd, name, _ = _open_weights(source, dtype, "text_encoder")
     keys = list(sd)
     prefix = _find_prefix(keys, TE_MARKERS)
@@ -637,18 +645,23 @@ def load_text_encoder_weights(
     # the ignored tensors (LM head, final norm, last block) are never read
     skip = set(ignored)
     used = _select(sd, {k: k for k in sd if k not in skip})
-    weights, _ = te_keys.convert_state_dict(used, config)
+    weights, _ = te_keys.convert_state_dict(_shapes(used) if meta else used, config)
     return _build(Qwen3TextEncoder, config, weights)
 
 
 def load_vae_weights(
-    source: str | Path, dtype: torch.dtype = torch.bfloat16, norm_num_groups: int | None = None
+    source: str | Path,
+    dtype: torch.dtype = torch.bfloat16,
+    norm_num_groups: int | None = None,
+    *,
+    meta: bool = False,
 ) -> FluxVAE:
     """The Flux VAE from a diffusers ``vae/`` folder or file, or the BFL/ComfyUI
     ``ae.safetensors`` (any key prefix, e.g. ``first_stage_model.``), with its weights in
     ``dtype``. The GroupNorm group count leaves no trace in the weights: it comes from
     ``norm_num_groups``, else the folder's ``config.json``, else the file's ``norm_num_groups``
-    metadata (the tiny model's), else 32 (the real Flux VAE)."""
+    metadata (the tiny model's), else 32 (the real Flux VAE). ``meta``: on the meta device, no
+    weight read."""
     sd, name, metadata = _open_weights(source, dtype, None)
     keys = list(sd)
     prefix = _find_prefix(keys, VAE_MARKERS)
@@ -673,7 +686,7 @@ def load_vae_weights(
         scaling_factor=float(config_json.get("scaling_factor", config.scaling_factor)),
         shift_factor=float(config_json.get("shift_factor", config.shift_factor)),
     )
-    vae = vae_keys.load_vae(sd, config)
+    vae = vae_keys.load_vae(_shapes(sd) if meta else sd, config)
     vae.requires_grad_(False)
     return vae
 

@@ -17,7 +17,7 @@ multiples of 32 with size arithmetic only, and the per-item ``ceil(n/32)·32`` i
 the constant 32 (the ONNX exporter rejects ``%``/``//`` between a tensor and a symbolic size).
 
 RoPE angles are float64 products rounded to float32 (as the reference tables); a TensorRT graph
-has no float64, so the exporter must keep that product exact some other way (see ``rope_cos_sin``).
+has no float64, so exported graphs gather the same values from fp32 tables (``RopeTables``).
 """
 
 from __future__ import annotations
@@ -113,6 +113,13 @@ class RMSNorm(nn.Module):
         return y * self.weight
 
 
+def _axis_angles(positions: Tensor, dim: int, theta: float) -> Tensor:
+    """fp32 angles [..., dim/2] of one RoPE axis: the float64 product, rounded once."""
+    exponents = torch.arange(0, dim, 2, dtype=torch.float64, device=positions.device) / dim
+    inv_freq = 1.0 / (theta**exponents)
+    return (positions.to(torch.float64).unsqueeze(-1) * inv_freq).float()
+
+
 def rope_cos_sin(
     positions: Tensor, axes_dims: Sequence[int], theta: float
 ) -> tuple[Tensor, Tensor]:
@@ -124,14 +131,44 @@ def rope_cos_sin(
     the angles below position 4096, by up to 2.4e-4 rad. Frequencies are built here rather than
     held as buffers so that a model built on the ``meta`` device still exports them.
     """
-    angles = []
-    for axis, dim in enumerate(axes_dims):
-        exponents = torch.arange(0, dim, 2, dtype=torch.float64, device=positions.device) / dim
-        inv_freq = 1.0 / (theta**exponents)
-        angle = positions[..., axis].to(torch.float64).unsqueeze(-1) * inv_freq
-        angles.append(angle.float())
+    angles = [_axis_angles(positions[..., a], d, theta) for a, d in enumerate(axes_dims)]
     angle = torch.cat(angles, dim=-1)
     return angle.cos(), angle.sin()
+
+
+class RopeTables(nn.Module):
+    """The same cos/sin as ``rope_cos_sin``, looked up per axis in tables made when exporting.
+
+    TensorRT has no float64 (it casts DOUBLE down to FLOAT), so an exported graph cannot form the
+    float64 angle product; it gathers from fp32 tables computed here with exactly that product
+    (bit-equal to ``rope_cos_sin``). The tables are sized from the build's profiles — the
+    longest caption and the largest latent side it serves — so nothing caps what the builder can
+    cover; the runtime refuses shapes outside the profiles before they reach the graph.
+    """
+
+    def __init__(self, cfg: DiTConfig, lengths: Sequence[int]) -> None:
+        super().__init__()
+        if len(lengths) != len(cfg.axes_dims) or min(lengths) < 1:
+            raise ValueError(f"need one table length >= 1 per RoPE axis, got {tuple(lengths)}")
+        self.lengths = tuple(lengths)
+        for axis, (dim, n) in enumerate(zip(cfg.axes_dims, lengths, strict=True)):
+            angles = _axis_angles(torch.arange(n), dim, cfg.rope_theta)
+            # not persistent: tables are derived data, not checkpoint weights
+            self.register_buffer(f"cos{axis}", angles.cos(), persistent=False)
+            self.register_buffer(f"sin{axis}", angles.sin(), persistent=False)
+
+    def forward(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        cos = [F.embedding(positions[..., a], getattr(self, f"cos{a}")) for a in range(3)]
+        sin = [F.embedding(positions[..., a], getattr(self, f"sin{a}")) for a in range(3)]
+        return torch.cat(cos, dim=-1), torch.cat(sin, dim=-1)
+
+
+def rope_table_lengths(
+    max_caption: int, max_latent_h: int, max_latent_w: int, patch: int = 2
+) -> tuple[int, int, int]:
+    """Table sizes covering captions up to ``max_caption`` tokens and latents up to h×w: caption
+    slot k sits at 1 + k (k < the padded length), image tokens at padded length + 1."""
+    return (_round_up(max_caption) + 2, max_latent_h // patch, max_latent_w // patch)
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -252,12 +289,20 @@ def _round_up(length: int) -> int:
     return (length + SEQ_MULTIPLE - 1) // SEQ_MULTIPLE * SEQ_MULTIPLE
 
 
-def _caption_rope(cfg: DiTConfig, length: int, device: torch.device) -> tuple[Tensor, Tensor]:
+def _rope(cfg: DiTConfig, positions: Tensor, tables: RopeTables | None) -> tuple[Tensor, Tensor]:
+    if tables is not None:
+        return tables(positions)
+    return rope_cos_sin(positions, cfg.axes_dims, cfg.rope_theta)
+
+
+def _caption_rope(
+    cfg: DiTConfig, length: int, device: torch.device, tables: RopeTables | None
+) -> tuple[Tensor, Tensor]:
     """Caption slot k sits at (1 + k, 0, 0); pad slots continue the count. → [1, length, Dh/2]."""
     k = torch.arange(length, device=device)
     zeros = torch.zeros_like(k)
     positions = torch.stack([k + 1, zeros, zeros], dim=-1).unsqueeze(0)
-    return rope_cos_sin(positions, cfg.axes_dims, cfg.rope_theta)
+    return _rope(cfg, positions, tables)
 
 
 def caption_tokens(
@@ -267,6 +312,7 @@ def caption_tokens(
     context_refiner: nn.ModuleList,
     cap_feats: Tensor,
     cap_mask: Tensor,
+    rope_tables: RopeTables | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Embed and refine right-padded captions; the shared body of the caption graph.
 
@@ -300,7 +346,7 @@ def caption_tokens(
     x = cap_embedder(feats)
     pad = torch.where(valid[..., None], cap_pad_token, 0.0)
     x = torch.where(real[..., None], x, pad)
-    cos, sin = _caption_rope(cfg, padded, device)
+    cos, sin = _caption_rope(cfg, padded, device, rope_tables)
     for block_module in context_refiner:
         x = block_module(x, cos, sin, valid, None)
     return torch.where(valid[..., None], x, 0.0), valid
@@ -329,6 +375,8 @@ class ZImageDiT(nn.Module):
             TransformerBlock(cfg, modulated=True) for _ in range(cfg.n_layers)
         )
         self.final_layer = FinalLayer(cfg)
+        # set by the exporter (after any dtype cast): graphs without float64 gather RoPE
+        self.rope_tables: RopeTables | None = None
 
     def caption_tokens(self, cap_feats: Tensor, cap_mask: Tensor) -> tuple[Tensor, Tensor]:
         """See the module-level ``caption_tokens``."""
@@ -339,6 +387,7 @@ class ZImageDiT(nn.Module):
             self.context_refiner,
             cap_feats,
             cap_mask,
+            self.rope_tables,
         )
 
     def forward(
@@ -396,7 +445,7 @@ class ZImageDiT(nn.Module):
             [axis0, torch.cat([rows, zeros]).expand(b, -1), torch.cat([cols, zeros]).expand(b, -1)],
             dim=-1,
         )
-        img_cos, img_sin = rope_cos_sin(positions, cfg.axes_dims, cfg.rope_theta)
+        img_cos, img_sin = _rope(cfg, positions, self.rope_tables)
 
         for block_module in self.noise_refiner:
             img = block_module(img, img_cos, img_sin, None, adaln)
@@ -404,7 +453,7 @@ class ZImageDiT(nn.Module):
         # [image | caption]; invalid caption slots are zeroed so no garbage reaches a masked key
         lc = cap_tokens.shape[1]
         cap = torch.where(cap_valid[..., None], cap_tokens.to(dtype), 0.0)
-        cap_cos, cap_sin = _caption_rope(cfg, lc, device)
+        cap_cos, cap_sin = _caption_rope(cfg, lc, device, self.rope_tables)
         x = torch.cat([img, cap], dim=1)
         cos = torch.cat([img_cos, cap_cos.expand(b, -1, -1)], dim=1)
         sin = torch.cat([img_sin, cap_sin.expand(b, -1, -1)], dim=1)
@@ -426,6 +475,7 @@ class CaptionPath(nn.Module):
         self.cap_embedder = dit.cap_embedder
         self.cap_pad_token = dit.cap_pad_token
         self.context_refiner = dit.context_refiner
+        self.rope_tables = dit.rope_tables
 
     def forward(self, cap_feats: Tensor, cap_mask: Tensor) -> tuple[Tensor, Tensor]:
         return caption_tokens(
@@ -435,6 +485,7 @@ class CaptionPath(nn.Module):
             self.context_refiner,
             cap_feats,
             cap_mask,
+            self.rope_tables,
         )
 
 

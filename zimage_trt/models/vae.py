@@ -90,14 +90,18 @@ class Downsample(nn.Module):
 
 
 class Upsample(nn.Module):
-    """Nearest ×2 (an ONNX ``Resize``) followed by a 3×3 conv."""
+    """Nearest ×2 (an ONNX ``Resize``) followed by a 3×3 conv.
+
+    The resize runs in fp32 whatever the dtype (nearest copies values, so this changes no number):
+    TensorRT has no bf16 ``Resize``, and the exported graph then carries the casts around it.
+    """
 
     def __init__(self, channels: int) -> None:
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return self.conv(F.interpolate(x.float(), scale_factor=2.0, mode="nearest").to(x.dtype))
 
 
 class MidAttention(nn.Module):

@@ -9,13 +9,19 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from zimage_trt.runtime.engines import torch_engines
 from zimage_trt.runtime.pipeline import Pipeline
 from zimage_trt.workflow import Workflow
+
+if TYPE_CHECKING:
+    from zimage_trt.models.checkpoints import ModelFiles
+    from zimage_trt.models.dit import ZImageDiT
 
 BACKENDS = ("torch",)
 TINY = "tiny"
@@ -47,6 +53,66 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return choices[dtype]
 
 
+@dataclass(frozen=True)
+class ModelSources:
+    """Where a run's weights come from: the model files and the LoRAs to fuse, each as
+    (file, strength, the workflow's name for it)."""
+
+    files: ModelFiles
+    loras: list[tuple[Path, float, str]]
+
+
+def model_sources(
+    wf: Workflow,
+    model: str | None = None,
+    *,
+    search: tuple[Path, ...] = (),
+    log: Callable[[str], None] = lambda msg: print(msg, file=sys.stderr),
+) -> ModelSources:
+    """The workflow's models (or ``model``: a folder, a repo id or ``tiny``) and its LoRAs."""
+    from zimage_trt.models.checkpoints import model_files, resolve_model
+
+    if model == TINY:
+        from zimage_trt.models.tiny import tiny_model_dir
+
+        root = tiny_model_dir()
+        loras = []
+        if wf.models.loras:
+            log(
+                f"--model tiny: applying the tiny LoRA in place of {len(wf.models.loras)} "
+                "workflow LoRA(s)"
+            )
+            tiny_lora = next((root / "loras").glob("*.safetensors"))
+            loras = [(tiny_lora, lora.strength, lora.path) for lora in wf.models.loras[:1]]
+        return ModelSources(resolve_model(root), loras)
+    loras = [(_find_file(ref.path, search), ref.strength, ref.path) for ref in wf.models.loras]
+    if model is not None:
+        return ModelSources(resolve_model(model), loras)
+    m = wf.models
+    return ModelSources(model_files(m.transformer, m.text_encoder, m.vae, search=search), loras)
+
+
+def load_fused_dit(
+    sources: ModelSources,
+    dtype: torch.dtype,
+    *,
+    lora_ignore_unmatched: bool = False,
+    log: Callable[[str], None] = lambda msg: print(msg, file=sys.stderr),
+) -> ZImageDiT:
+    """The DiT with the sources' LoRAs fused in (in order, at their strengths)."""
+    from zimage_trt.models.checkpoints import load_dit
+    from zimage_trt.models.lora import fuse_loras, load_lora
+
+    log(f"loading the DiT from {sources.files.transformer}")
+    dit = load_dit(sources.files.transformer, dtype)
+    if sources.loras:
+        loras = [(load_lora(path), strength) for path, strength, _ in sources.loras]
+        fused = fuse_loras(dit.state_dict(), loras, ignore_unmatched=lora_ignore_unmatched)
+        dit.load_state_dict(fused, strict=False)
+        log(f"fused {len(loras)} LoRA(s) into {len(fused)} weights")
+    return dit
+
+
 def load_torch_pipeline(
     wf: Workflow,
     model: str | None = None,
@@ -59,44 +125,11 @@ def load_torch_pipeline(
 ) -> Pipeline:
     """Load the workflow's models (or ``model``: a folder, a repo id or ``tiny``) onto ``device``,
     fuse its LoRAs, and wrap them in the eager torch backend."""
-    from zimage_trt.models.checkpoints import (
-        load_dit,
-        load_text_encoder_weights,
-        load_vae_weights,
-        model_files,
-        resolve_model,
-    )
-    from zimage_trt.models.lora import fuse_loras, load_lora
+    from zimage_trt.models.checkpoints import load_text_encoder_weights, load_vae_weights
 
-    if model == TINY:
-        from zimage_trt.models.tiny import tiny_model_dir
-
-        root = tiny_model_dir()
-        files = resolve_model(root)
-        if wf.models.loras:
-            log(
-                f"--model tiny: applying the tiny LoRA in place of {len(wf.models.loras)} "
-                "workflow LoRA(s)"
-            )
-            tiny_lora = next((root / "loras").glob("*.safetensors"))
-            lora_paths = [(tiny_lora, lora.strength) for lora in wf.models.loras[:1]]
-        else:
-            lora_paths = []
-    else:
-        lora_paths = [(_find_file(lora.path, search), lora.strength) for lora in wf.models.loras]
-        if model is not None:
-            files = resolve_model(model)
-        else:
-            models = wf.models
-            files = model_files(models.transformer, models.text_encoder, models.vae, search=search)
-
-    log(f"loading the DiT from {files.transformer}")
-    dit = load_dit(files.transformer, dtype)
-    if lora_paths:
-        loras = [(load_lora(path), strength) for path, strength in lora_paths]
-        fused = fuse_loras(dit.state_dict(), loras, ignore_unmatched=lora_ignore_unmatched)
-        dit.load_state_dict(fused, strict=False)
-        log(f"fused {len(loras)} LoRA(s) into {len(fused)} weights")
+    sources = model_sources(wf, model, search=search, log=log)
+    files = sources.files
+    dit = load_fused_dit(sources, dtype, lora_ignore_unmatched=lora_ignore_unmatched, log=log)
     log(f"loading the text encoder from {files.text_encoder}")
     text_encoder = load_text_encoder_weights(files.text_encoder, torch.float32)
     log(f"loading the VAE from {files.vae}")

@@ -18,11 +18,13 @@ and TensorRT backends implement the same names over compiled graphs.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 import torch
 from torch import Tensor, nn
+
+from zimage_trt.runtime.manifest import Profile
 
 if TYPE_CHECKING:
     from zimage_trt.models.dit import ZImageDiT
@@ -36,6 +38,22 @@ ENGINE_IO: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "vae_decoder": (("latents",), ("image",)),
     "vae_encoder": (("image",), ("latents",)),
 }
+
+# dtype names used in manifests (engine I/O) ↔ torch dtypes
+DTYPE_NAMES = {
+    torch.float32: "float32",
+    torch.bfloat16: "bfloat16",
+    torch.int64: "int64",
+    torch.int32: "int32",
+    torch.bool: "bool",
+}
+
+
+def dtype_from_name(name: str) -> torch.dtype:
+    for dtype, dtype_name in DTYPE_NAMES.items():
+        if dtype_name == name:
+            return dtype
+    raise ValueError(f"unknown dtype {name!r}; known: {', '.join(DTYPE_NAMES.values())}")
 
 
 class Engine(Protocol):
@@ -76,6 +94,8 @@ class Engines:
     backend: str
     device: torch.device
     dtype: torch.dtype  # the DiT's compute dtype (bf16 on GPU; never fp16 for DiT or VAE)
+    # compiled engines serve only the shapes they were built for (engine → profiles)
+    profiles: dict[str, list[Profile]] = field(default_factory=dict)
 
 
 def torch_engines(

@@ -22,6 +22,7 @@ from zimage_trt import __version__
 from zimage_trt.runtime.engines import Engines
 from zimage_trt.runtime.guider import Cond
 from zimage_trt.runtime.images import next_path, save_image, to_uint8
+from zimage_trt.runtime.manifest import ProfileError, select_profile
 from zimage_trt.runtime.stages import sample_stage, stage_input_latent
 from zimage_trt.runtime.text import LRUCache, PromptEncoder
 from zimage_trt.runtime.tokenizer import QwenTokenizer
@@ -160,7 +161,43 @@ class Pipeline:
         return self.engines.vae_encoder(image=image)["latents"].float().cpu()
 
     # -- the workflow ------------------------------------------------------------------------
+    def preflight(self, wf: Workflow) -> None:
+        """Every engine call the workflow will make, checked against the built profiles before
+        any work (compiled engines only; ProfileError names the engine, shape and ranges)."""
+        profiles = self.engines.profiles
+        if not profiles:
+            return
+        needs_uncond = any(not math.isclose(s.cfg, 1.0) for s in wf.stages)
+        texts = [wf.prompts.positive_text] + ([wf.prompts.negative_text()] if needs_uncond else [])
+        tokens = [len(self.prompts.tokenizer.encode_prompt(t)) for t in texts]
+        slots = [-(-n // 32) * 32 for n in tokens]
+        hint = (
+            f"zimage-trt build --model MODEL --workflow {wf.name}.yaml --backend "
+            f"{self.engines.backend} --caption-max {max(max(tokens), 4096)} --out DIR"
+        )
+        calls: list[tuple[str, dict[str, tuple[int, ...]]]] = []
+        for n in tokens:
+            calls += [
+                ("text_encoder", {"input_ids": (1, n)}),
+                ("caption_path", {"cap_mask": (1, n)}),
+            ]
+        for i, (stage, (h, w)) in enumerate(zip(wf.stages, wf.latent_sizes(), strict=True)):
+            uses = slots if not math.isclose(stage.cfg, 1.0) else slots[:1]
+            batched = len(uses) == 2 and uses[0] == uses[1] and tokens[0] == tokens[1]
+            for lc in uses[:1] if batched else uses:
+                b = 2 if batched else 1
+                calls.append(("denoiser", {"latents": (b, 16, h, w), "cap_valid": (b, lc)}))
+            if stage.preview or i == len(wf.stages) - 1:
+                calls.append(("vae_decoder", {"latents": (1, 16, h, w)}))
+            if stage.latent.source == "image":
+                calls.append(("vae_encoder", {"image": (1, 3, 8 * h, 8 * w)}))
+        for engine, shapes in calls:
+            if engine not in profiles:
+                raise ProfileError(f"engine {engine!r} was not built; build it with: {hint}")
+            select_profile(engine, profiles[engine], shapes, hint)
+
     def run(self, wf: Workflow, progress: Progress | None = None) -> Generation:
+        self.preflight(wf)
         seconds: dict[str, float] = {}
         start = time.perf_counter()
         positive = self.caption(wf.prompts.positive_text, "cond")

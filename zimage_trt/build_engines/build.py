@@ -1,0 +1,517 @@
+"""``zimage-trt build``: model (+ fused LoRAs) × workflow → a folder of engines and its manifest.
+
+Phases, per engine: export the ONNX graph (from the meta device, weights streamed), check it
+(TensorRT op/dtype coverage; parity with the torch forward at several shapes), then for the
+``tensorrt`` backend build the plan with one optimization profile per stage. An engine whose
+cache key matches what the folder already holds (files verified by hash) is reused. The
+manifest is written last, atomically: a folder with a manifest is always whole.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import gc
+import resource
+import shutil
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from zimage_trt import __version__
+from zimage_trt.build_engines.coverage import CoverageReport, check_tensorrt_coverage
+from zimage_trt.build_engines.networks import PRECISIONS, Network, ShapePoint, dtype_names, networks
+from zimage_trt.build_engines.onnx_export import OPSET, export_network
+from zimage_trt.build_engines.parity import ParityRow, check_parity, parity_points
+from zimage_trt.build_engines.profiles import (
+    CAPTION_MAX,
+    Span,
+    StageShapes,
+    bucket_stage,
+    caption_span,
+    engine_profiles,
+    limits,
+    resolution_stages,
+    workflow_stages,
+)
+from zimage_trt.models.checkpoints import write_json
+from zimage_trt.models.dit import RopeTables, ZImageDiT, rope_table_lengths
+from zimage_trt.runtime.backends import ModelSources, load_fused_dit, model_sources
+from zimage_trt.runtime.manifest import (
+    MANIFEST,
+    EngineFile,
+    LoraRecord,
+    Manifest,
+    ManifestError,
+    Profile,
+    WeightsRecord,
+    cache_key,
+    file_record,
+    read_manifest,
+    sha256_file,
+    verify_files,
+)
+from zimage_trt.workflow import Workflow
+
+BUILD_BACKENDS = ("onnxruntime", "tensorrt")
+WORKFLOW_FILE = "workflow.yaml"
+Log = Callable[[str], None]
+
+
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+@dataclass
+class BuildOptions:
+    backend: str = "onnxruntime"
+    precision: str = "fp32"
+    caption_max: int = CAPTION_MAX
+    buckets: list[str] = field(default_factory=list)
+    with_encoder: bool = False  # also build the VAE encoder (image inputs) for every stage
+    check_parity: bool = True
+    # TensorRT
+    optimization_level: int = 3
+    memory_pool_limit: int | None = None
+    refittable: bool = False
+    timing_cache: Path | None = None
+    lora_ignore_unmatched: bool = False
+
+    def validate(self) -> None:
+        if self.backend not in BUILD_BACKENDS:
+            raise ValueError(
+                f"backend {self.backend!r} cannot be built; choose one of: "
+                f"{', '.join(BUILD_BACKENDS)} (the torch backend needs no build)"
+            )
+        if self.precision not in PRECISIONS:
+            raise ValueError(
+                f"precision {self.precision!r} is not supported; choose one of: "
+                f"{', '.join(PRECISIONS)} (fp16 gives NaN / black images with Z-Image)"
+            )
+        if self.backend == "onnxruntime" and self.precision == "bf16" and self.check_parity:
+            pass  # bf16 parity runs on ONNX's reference evaluator (tiny models)
+        if not 0 <= self.optimization_level <= 5:
+            raise ValueError(
+                f"optimization level {self.optimization_level} is outside 0–5 (TensorRT's range)"
+            )
+
+
+@dataclass
+class BuildPlan:
+    """Everything a build will make, derived before any weight is read (``--dry-run``)."""
+
+    sources: ModelSources
+    source_label: str  # the workflow name or the resolution list
+    stages: list[StageShapes]
+    caption: Span
+    nets: dict[str, Network]
+    profiles: dict[str, list[Profile]]
+    configs: dict[str, Any]
+    command: str  # a `zimage-trt build` command reproducing this plan (for error hints)
+    workflow: Workflow | None = None  # saved in the folder as generate's default workflow
+
+
+@dataclass
+class EngineReport:
+    name: str
+    reused: bool
+    seconds: float
+    coverage: CoverageReport | None = None
+    parity: list[ParityRow] = field(default_factory=list)
+
+
+@dataclass
+class BuildResult:
+    manifest: Manifest
+    engines: list[EngineReport]
+    folder: Path
+
+
+def plan_build(
+    options: BuildOptions,
+    *,
+    model: str | None,
+    workflow: Workflow | None = None,
+    resolutions: Sequence[tuple[int, int]] = (),
+    command: str = "zimage-trt build",
+    log: Log = _stderr,
+) -> BuildPlan:
+    from zimage_trt.models.checkpoints import (
+        load_dit,
+        load_text_encoder_weights,
+        load_vae_weights,
+    )
+
+    options.validate()
+    if workflow is None and not resolutions:
+        raise ValueError("give a workflow or a list of resolutions to build profiles for")
+    wf = workflow if workflow is not None else Workflow(stages=[_dummy_stage()])
+    sources = model_sources(wf, model, log=log)
+    files = sources.files
+    dtype = PRECISIONS[options.precision]
+    # meta modules give the exact configs without reading a weight
+    dit = load_dit(files.transformer, dtype, meta=True)
+    text = load_text_encoder_weights(files.text_encoder, dtype, meta=True)
+    vae = load_vae_weights(files.vae, dtype, meta=True)
+    configs = {"dit": dit.config, "text_encoder": text.config, "vae": vae.config}
+    nets = networks(options.precision, dit.config, text.config, vae.config)
+
+    if resolutions:
+        stages = resolution_stages(resolutions)
+        label = "resolutions " + ",".join(f"{w}x{h}" for w, h in resolutions)
+    else:
+        stages = workflow_stages(wf)
+        label = f"workflow {wf.name}"
+    stages += [bucket_stage(b, stages) for b in options.buckets]
+    if options.with_encoder:
+        stages = [_with_encoder(s) for s in stages]
+    opt_tokens = _prompt_tokens(files, wf) if workflow is not None else 128
+    caption = caption_span(options.caption_max, opt_tokens)
+    wanted = [n for n in nets if n != "vae_encoder" or any(s.encode for s in stages)]
+    profiles = engine_profiles({n: nets[n] for n in wanted}, stages, caption)
+    return BuildPlan(sources, label, stages, caption, nets, profiles, configs, command, workflow)
+
+
+def _dummy_stage() -> Any:
+    from zimage_trt.workflow import Stage
+
+    return Stage.model_validate(
+        {"latent": {"source": "empty", "width": 64, "height": 64},
+         "sampler": {"name": "euler"}, "scheduler": {"name": "simple", "steps": 1}}
+    )  # fmt: skip
+
+
+def _with_encoder(stage: StageShapes) -> StageShapes:
+    return StageShapes(stage.name, stage.height, stage.width, stage.max_batch, stage.decode, True)
+
+
+def _prompt_tokens(files: Any, wf: Workflow) -> int:
+    """Tokens of the workflow's positive prompt in the chat template: the captions' opt."""
+    return len(files.load_tokenizer().encode_prompt(wf.prompts.positive_text))
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def run_build(
+    plan: BuildPlan,
+    options: BuildOptions,
+    out: Path,
+    *,
+    log: Log = _stderr,
+) -> BuildResult:
+    start = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    previous = _previous_manifest(out, log)
+    weights = _weights_record(plan.sources)
+    versions = _versions(options.backend)
+    machine = _machine(options.backend)
+    entries: dict[str, EngineFile] = {}
+    reports: list[EngineReport] = []
+    names = list(plan.profiles)
+    modules: dict[str, nn.Module] = {}
+    for index, name in enumerate(names, 1):
+        net, profiles = plan.nets[name], plan.profiles[name]
+        key = _engine_key(name, net, profiles, options, weights, versions, machine)
+        old = previous.engines.get(name) if previous else None
+        if old is not None and old.cache_key == key and _verified(out, previous, name):
+            log(f"[{index}/{len(names)}] {name}: up to date (cache key {key[:12]}), reused")
+            entries[name] = old
+            reports.append(EngineReport(name, True, 0.0))
+            continue
+        t0 = time.perf_counter()
+        log(f"[{index}/{len(names)}] {name}: exporting ONNX ({len(profiles)} profile(s))")
+        module = _real_module(name, net, plan, options, modules, log)
+        onnx_path = out / "onnx" / f"{name}.onnx"
+        meta = _meta_module(name, net, plan, options)
+        weights_map = _weights_of(module)
+        result = export_network(
+            net, meta, weights_map, onnx_path, example=_example(limits(profiles, net)),
+            limits=limits(profiles, net), log=log,
+        )  # fmt: skip
+        log(
+            f"[{index}/{len(names)}] {name}: {result.initializers} weights, "
+            f"{result.data_bytes / 2**20:.1f} MiB, exported in {result.seconds:.1f} s; checking"
+        )
+        report = EngineReport(name, False, 0.0)
+        report.coverage = check_tensorrt_coverage(onnx_path)
+        if not report.coverage.ok:
+            raise RuntimeError(
+                f"{name}: the ONNX graph has ops TensorRT cannot parse: {report.coverage.summary()}"
+            )
+        if options.check_parity:
+            report.parity = check_parity(
+                net, onnx_path, module, parity_points(net, profiles), options.precision
+            )
+            bad = [r for r in report.parity if not r.ok]
+            if bad:
+                worst = max(bad, key=lambda r: r.max_abs / r.scale)
+                raise RuntimeError(
+                    f"{name}: ONNX output {worst.output} differs from torch by {worst.max_abs:.3g} "
+                    f"at {worst.point} (limit {worst.tolerance * worst.scale:.3g})"
+                )
+        files = {
+            _rel(out, onnx_path): file_record(onnx_path),
+            _rel(out, result.data): file_record(result.data),
+        }
+        engine_file = _rel(out, onnx_path)
+        refittable = False
+        if options.backend == "tensorrt":
+            from zimage_trt.build_engines.tensorrt_builder import build_tensorrt_engine
+
+            plan_path = out / f"{name}.plan"
+            info = build_tensorrt_engine(
+                onnx_path, plan_path, profiles,
+                optimization_level=options.optimization_level,
+                memory_pool_limit=options.memory_pool_limit,
+                refittable=options.refittable and name in ("denoiser", "caption_path"),
+                timing_cache=options.timing_cache, log=log,
+            )  # fmt: skip
+            files[_rel(out, plan_path)] = file_record(plan_path)
+            engine_file = _rel(out, plan_path)
+            refittable = options.refittable and name in ("denoiser", "caption_path")
+            del info
+        report.seconds = time.perf_counter() - t0
+        entries[name] = EngineFile(
+            file=engine_file,
+            files=files,
+            inputs=dtype_names(net.inputs),
+            outputs=dtype_names(net.outputs),
+            profiles=profiles,
+            cache_key=key,
+            build_seconds=report.seconds,
+            refittable=refittable,
+        )
+        reports.append(report)
+        if name in ("caption_path",) and "denoiser" in names:
+            continue  # the denoiser shares the fused DiT
+        modules.clear()
+        gc.collect()
+
+    tokenizer = _copy_tokenizer(plan.sources, out)
+    if plan.workflow is not None:  # negative prompt inlined: the folder travels as one piece
+        portable = plan.workflow.model_copy(deep=True)
+        portable.prompts.negative = plan.workflow.prompts.negative_text() or None
+        portable.prompts.negative_file = None
+        portable.save(out / WORKFLOW_FILE)
+    manifest = Manifest(
+        backend=options.backend,  # type: ignore[arg-type]
+        precision=options.precision,  # type: ignore[arg-type]
+        created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        build_seconds=round(time.perf_counter() - start, 3),
+        peak_rss_bytes=peak_rss_bytes(),
+        versions=versions,
+        machine=machine,
+        options=_options_record(options),
+        weights=weights,
+        workflow=plan.source_label,
+        caption_max=plan.caption.max,
+        engines=entries,
+        tokenizer=tokenizer,
+        workflow_file=WORKFLOW_FILE if plan.workflow is not None else None,
+    )
+    write_json(out / MANIFEST, manifest.model_dump(mode="json"))
+    return BuildResult(manifest, reports, out)
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident memory of this process (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+def _rel(root: Path, path: Path) -> str:
+    return path.relative_to(root).as_posix()
+
+
+def _example(lim: ShapePoint) -> ShapePoint:
+    """A trace shape inside the limits with no axis of size 1 and distinct sides."""
+    h = max(2, min(lim.height, 12) // 2 * 2)
+    w = max(2, min(lim.width, 10) // 2 * 2)
+    if w == h:
+        w = w - 2 if w > 2 else w
+    if w == h:
+        h = h + 2 if h + 2 <= max(2, lim.height) else h
+    return ShapePoint(2, min(40, max(2, lim.tokens)), h, w)
+
+
+def _previous_manifest(out: Path, log: Log) -> Manifest | None:
+    if not (out / MANIFEST).is_file():
+        return None
+    try:
+        return read_manifest(out)
+    except ManifestError as exc:
+        log(f"ignoring the existing {MANIFEST}: {exc}")
+        return None
+
+
+def _verified(out: Path, manifest: Manifest | None, name: str) -> bool:
+    assert manifest is not None
+    try:
+        verify_files(out, manifest, [name])
+    except ManifestError:
+        return False
+    return True
+
+
+def _weights_record(sources: ModelSources) -> WeightsRecord:
+    per_network = sources.files.weight_files()
+    hashes = {
+        network: cache_key({"files": [sha256_file(p) for p in paths]})
+        for network, paths in per_network.items()
+    }
+    loras = [
+        LoraRecord(name=name, sha256=sha256_file(path), strength=strength)
+        for path, strength, name in sources.loras
+    ]
+    return WeightsRecord(origin=sources.files.origin, sha256=hashes, loras=loras)
+
+
+def _versions(backend: str) -> dict[str, str]:
+    import onnx
+
+    versions = {"zimage_trt": __version__, "torch": torch.__version__, "onnx": onnx.__version__}
+    if backend == "onnxruntime":
+        import onnxruntime
+
+        versions["onnxruntime"] = onnxruntime.__version__
+    else:
+        from zimage_trt.build_engines.tensorrt_builder import tensorrt_version
+
+        versions["tensorrt"] = tensorrt_version()
+    return versions
+
+
+def _machine(backend: str) -> dict[str, str]:
+    if backend == "tensorrt":
+        from zimage_trt.build_engines.tensorrt_builder import gpu_identity
+
+        return gpu_identity()
+    import platform
+
+    return {"cpu": platform.machine(), "system": platform.system()}
+
+
+def _options_record(options: BuildOptions) -> dict[str, Any]:
+    record: dict[str, Any] = {"opset": OPSET, "caption_max": options.caption_max,
+                              "buckets": list(options.buckets)}  # fmt: skip
+    if options.backend == "tensorrt":
+        record.update(
+            optimization_level=options.optimization_level,
+            memory_pool_limit=options.memory_pool_limit,
+            refittable=options.refittable,
+        )
+    return record
+
+
+def _engine_key(
+    name: str,
+    net: Network,
+    profiles: list[Profile],
+    options: BuildOptions,
+    weights: WeightsRecord,
+    versions: dict[str, str],
+    machine: dict[str, str],
+) -> str:
+    """Weights (with LoRAs), precision, profiles, versions, machine and builder options; a
+    refittable TensorRT engine leaves the weights out (they are refit, not rebuilt)."""
+    component = net.component
+    refit = options.backend == "tensorrt" and options.refittable
+    parts: dict[str, Any] = {
+        "engine": name,
+        "precision": options.precision,
+        "profiles": [p.model_dump(mode="json") for p in profiles],
+        "versions": versions,
+        "machine": machine if options.backend == "tensorrt" else {},
+        "options": _options_record(options),
+    }
+    if not refit:
+        parts["weights"] = weights.sha256.get(component)
+        if component == "transformer":
+            parts["loras"] = [lora.model_dump(mode="json") for lora in weights.loras]
+    return cache_key(parts)
+
+
+def _real_module(
+    name: str,
+    net: Network,
+    plan: BuildPlan,
+    options: BuildOptions,
+    cache: dict[str, nn.Module],
+    log: Log,
+) -> nn.Module:
+    """The network with its weights (fp32 on CPU for the parity check, LoRAs fused)."""
+    from zimage_trt.models.checkpoints import load_text_encoder_weights, load_vae_weights
+
+    dtype = PRECISIONS[options.precision]
+    files = plan.sources.files
+    if net.component not in cache:
+        if net.component == "transformer":
+            cache[net.component] = load_fused_dit(
+                plan.sources, dtype, lora_ignore_unmatched=options.lora_ignore_unmatched, log=log
+            )
+        elif net.component == "text_encoder":
+            cache[net.component] = load_text_encoder_weights(files.text_encoder, dtype)
+        else:
+            cache[net.component] = load_vae_weights(files.vae, dtype)
+    model = cache[net.component]
+    if isinstance(model, ZImageDiT):
+        lengths = _rope_lengths(plan, name)
+        if model.rope_tables is None or model.rope_tables.lengths != lengths:
+            model.rope_tables = RopeTables(model.config, lengths)
+    return net.module(
+        model if isinstance(model, ZImageDiT) else None,
+        model if net.component == "text_encoder" else None,  # type: ignore[arg-type]
+        model if net.component == "vae" else None,  # type: ignore[arg-type]
+    )
+
+
+def _rope_lengths(plan: BuildPlan, name: str) -> tuple[int, int, int]:
+    lim = limits(plan.profiles[name], plan.nets[name])
+    return rope_table_lengths(
+        max(lim.tokens, plan.caption.max), max(lim.height, 2), max(lim.width, 2)
+    )
+
+
+def _meta_module(name: str, net: Network, plan: BuildPlan, options: BuildOptions) -> nn.Module:
+    from zimage_trt.models.checkpoints import (
+        load_dit,
+        load_text_encoder_weights,
+        load_vae_weights,
+    )
+
+    dtype = PRECISIONS[options.precision]
+    files = plan.sources.files
+    if net.component == "transformer":
+        dit = load_dit(files.transformer, dtype, meta=True)
+        with torch.device("meta"):
+            dit.rope_tables = RopeTables(dit.config, _rope_lengths(plan, name))
+        return net.module(dit, None, None)
+    if net.component == "text_encoder":
+        return net.module(
+            None, load_text_encoder_weights(files.text_encoder, dtype, meta=True), None
+        )
+    return net.module(None, None, load_vae_weights(files.vae, dtype, meta=True))
+
+
+def _weights_of(module: nn.Module) -> Mapping[str, Tensor]:
+    return {**dict(module.named_parameters()), **dict(module.named_buffers())}
+
+
+def _copy_tokenizer(sources: ModelSources, out: Path) -> str | None:
+    """The tokenizer travels with the engines (``generate --engines`` reads no model folder)."""
+    folder = sources.files.tokenizer
+    if folder is None:
+        return None
+    target = out / "tokenizer"
+    tmp = out / ".tokenizer.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(folder, tmp)
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+    return "tokenizer"

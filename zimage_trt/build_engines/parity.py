@@ -1,0 +1,162 @@
+"""Parity of each exported graph with its torch forward, at several values of every dynamic axis.
+
+A graph that only works at its export shape is the known failure mode of Z-Image exports
+(diffusers#12843), so the points are the min, opt and max corners of every profile, plus a
+point off the profiles when an axis would otherwise be checked at one value only. fp32 graphs
+run on ONNX Runtime; bf16 graphs, which ONNX Runtime's CPU provider cannot run, on ONNX's
+reference evaluator (slow: tiny models only).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from zimage_trt.build_engines.networks import Network, ShapePoint
+from zimage_trt.runtime.manifest import Profile
+
+TOLERANCE = {"fp32": 1e-3, "bf16": 6e-2}  # max |Δ| relative to max(1, max |reference|)
+
+
+@dataclass(frozen=True)
+class ParityRow:
+    engine: str
+    point: ShapePoint
+    output: str
+    max_abs: float
+    scale: float  # max(1, max |reference|)
+    tolerance: float
+    runner: str
+
+    @property
+    def ok(self) -> bool:
+        return bool(np.isfinite(self.max_abs)) and self.max_abs <= self.tolerance * self.scale
+
+
+def point_of(net: Network, shapes: dict[str, tuple[int, ...]]) -> ShapePoint:
+    """The ShapePoint whose shapes for ``net`` are ``shapes`` (unused axes get 2)."""
+    axes = {"B": 1, "L": 2, "H": 2, "W": 2}
+    for spec in net.inputs:
+        for dim, size in zip(spec.dims, shapes[spec.name], strict=True):
+            if dim in ("B", "L", "H", "W"):
+                axes[str(dim)] = size
+            elif dim == "Lc":
+                axes["L"] = size
+            elif dim in ("8H", "8W"):
+                axes[str(dim)[1:]] = size // 8
+    return ShapePoint(axes["B"], axes["L"], axes["H"], axes["W"])
+
+
+def parity_points(net: Network, profiles: Sequence[Profile]) -> list[ShapePoint]:
+    points: list[ShapePoint] = []
+    for profile in profiles:
+        for corner in ("min", "opt", "max"):
+            shapes = {k: getattr(r, corner) for k, r in profile.shapes.items()}
+            point = point_of(net, shapes)
+            if point not in points:
+                points.append(point)
+    # every dynamic axis at two values at least: add a smaller point for single-valued ones
+    dims = {d for spec in net.inputs for d in spec.dims if isinstance(d, str)}
+    base = points[0]
+    extra = base
+    if "H" in dims or "8H" in dims:
+        if len({p.height for p in points}) < 2:
+            extra = ShapePoint(extra.batch, extra.tokens, _other(base.height), extra.width)
+        if len({p.width for p in points}) < 2:
+            extra = ShapePoint(extra.batch, extra.tokens, extra.height, _other(base.width))
+    if ("L" in dims or "Lc" in dims) and len(
+        {net.shapes(p)[_token_input(net)] for p in points}
+    ) < 2:
+        extra = ShapePoint(extra.batch, max(1, base.tokens // 2), extra.height, extra.width)
+    if extra != base:
+        points.append(extra)
+    return points
+
+
+def _other(side: int) -> int:
+    return side - 2 if side > 2 else side + 2
+
+
+def _token_input(net: Network) -> str:
+    return next(s.name for s in net.inputs if "L" in s.dims or "Lc" in s.dims)
+
+
+def check_parity(
+    net: Network,
+    graph: Path,
+    module: nn.Module,
+    points: Sequence[ShapePoint],
+    precision: str,
+    seed: int = 0,
+) -> list[ParityRow]:
+    """Run the graph and the torch module on the same random inputs at each point."""
+    run, runner = _runner(graph, precision)
+    generator = torch.Generator().manual_seed(seed)
+    rows = []
+    for point in points:
+        inputs = net.sample_inputs(point, generator)
+        with torch.inference_mode():
+            ref = module(*inputs.values())
+        refs: tuple[Tensor, ...] = ref if isinstance(ref, tuple) else (ref,)
+        outs = run(inputs)
+        for spec, expected, got in zip(net.outputs, refs, outs, strict=True):
+            exp = expected.float().numpy()
+            got32 = np.asarray(got).astype(np.float32)
+            if got32.shape != exp.shape:
+                raise AssertionError(
+                    f"{net.name} at {point}: output {spec.name} has shape {got32.shape}, "
+                    f"torch gives {exp.shape}"
+                )
+            diff = float(np.abs(got32 - exp).max()) if exp.size else 0.0
+            scale = max(1.0, float(np.abs(exp).max()) if exp.size else 1.0)
+            rows.append(
+                ParityRow(net.name, point, spec.name, diff, scale, TOLERANCE[precision], runner)
+            )
+    return rows
+
+
+def _runner(graph: Path, precision: str):  # type: ignore[no-untyped-def]
+    if precision == "fp32":
+        import onnxruntime as ort
+
+        session = ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
+
+        def run_ort(inputs: dict[str, Tensor]) -> list[np.ndarray]:
+            return list(session.run(None, {k: v.numpy() for k, v in inputs.items()}))
+
+        return run_ort, "onnxruntime"
+    from onnx.reference import ReferenceEvaluator
+
+    evaluator = ReferenceEvaluator(str(graph))
+
+    def run_reference(inputs: dict[str, Tensor]) -> list[np.ndarray]:
+        feeds = {k: _numpy(v) for k, v in inputs.items()}
+        return list(evaluator.run(None, feeds))
+
+    return run_reference, "onnx reference evaluator"
+
+
+def _numpy(tensor: Tensor) -> np.ndarray:
+    if tensor.dtype == torch.bfloat16:
+        import ml_dtypes
+
+        return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return tensor.numpy()
+
+
+def format_parity(rows: Sequence[ParityRow]) -> str:
+    header = ("engine", "B", "tokens", "latent", "output", "max |Δ|", "limit", "runner", "")
+    table = [header]
+    for r in rows:
+        p = r.point
+        table.append((r.engine, str(p.batch), str(p.tokens), f"{p.height}×{p.width}", r.output,
+                      f"{r.max_abs:.2e}", f"{r.tolerance * r.scale:.1e}", r.runner,
+                      "ok" if r.ok else "FAIL"))  # fmt: skip
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+                     for row in table)  # fmt: skip

@@ -1,0 +1,372 @@
+"""Build a strongly typed TensorRT engine from an ONNX file, one optimization profile per stage.
+
+Precision lives in the ONNX dtypes (and Q/DQ nodes), never in builder flags: on TensorRT 10.x
+the network is created STRONGLY_TYPED; on 11.x strong typing is always on and the flag is
+deprecated, so it is not passed. Written against the TensorRT 10.13 Python API (the stubs the
+type check reads); the 11.x branch follows NVIDIA's headers and has not been run here.
+
+TensorRT is imported inside the functions: this module imports on machines without it, and
+says what to run instead when a build is asked for there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from zimage_trt.models.checkpoints import atomic_path
+from zimage_trt.runtime.manifest import Profile
+from zimage_trt.runtime.tensorrt_engines import (
+    dtype_name,
+    require_tensorrt,
+    torch_dtype,
+    version_tuple,
+)
+
+if TYPE_CHECKING:
+    import tensorrt
+
+OPTIMIZATION_LEVELS = range(6)  # TensorRT's builder optimization levels 0…5 (default 3)
+ProgressFn = Callable[[str, int, int], None]  # (phase, steps done, steps in phase)
+
+
+class TensorRTBuildError(RuntimeError):
+    """TensorRT could not parse the ONNX file or build an engine from it."""
+
+
+@dataclass(frozen=True)
+class TensorRTBuildInfo:
+    """What a build produced: the manifest's engine entry is made from this."""
+
+    engine_path: Path
+    engine_bytes: int
+    sha256: str
+    seconds: float
+    tensorrt_version: str
+    device_memory_size: int  # activation bytes (the maximum over the profiles)
+    inputs: dict[str, str]  # name → dtype name as in the manifest ("bfloat16", "int64", …)
+    outputs: dict[str, str]
+    profiles: tuple[str, ...]  # profile names in the plan's profile order
+    refit_weights: tuple[str, ...] = ()  # refittable weight names (refittable builds only)
+    log: tuple[str, ...] = field(default=(), repr=False)  # TensorRT's warnings and errors
+
+
+def _print_log(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+def tensorrt_version() -> str:
+    """The installed TensorRT version (RuntimeError naming the alternative when missing)."""
+    return require_tensorrt()
+
+
+def gpu_identity(device: int = 0) -> dict[str, str]:
+    """The GPU a plan is built for (plans are specific to it): name, compute capability, CUDA."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise RuntimeError(
+            "no CUDA GPU is visible to torch; TensorRT engines are built on the NVIDIA GPU that "
+            "will run them (use `zimage-trt build --backend onnxruntime` elsewhere)"
+        )
+    props = torch.cuda.get_device_properties(device)
+    return {
+        "gpu": props.name,
+        "compute_capability": f"{props.major}.{props.minor}",
+        "cuda": str(torch.version.cuda),
+    }
+
+
+def build_tensorrt_engine(
+    onnx_path: Path,
+    engine_path: Path,
+    profiles: Sequence[Profile],
+    *,
+    optimization_level: int = 3,
+    memory_pool_limit: int | None = None,
+    refittable: bool = False,
+    timing_cache: Path | None = None,
+    progress: ProgressFn | None = None,
+    log: Callable[[str], None] = _print_log,
+) -> TensorRTBuildInfo:
+    """Parse ``onnx_path`` (external data beside it), build one profile per ``Profile`` (in
+    order), write the plan atomically to ``engine_path`` and describe it.
+
+    ``memory_pool_limit`` caps the builder's workspace (bytes); ``timing_cache`` (one file per
+    GPU and TensorRT version, chosen by the caller) is read if present and rewritten after the
+    build; ``progress`` receives (phase, steps done, steps) from TensorRT's progress monitor and
+    may raise to cancel the build; ``log`` receives TensorRT's warnings and errors.
+    """
+    onnx_path, engine_path = Path(onnx_path), Path(engine_path)
+    _check_arguments(onnx_path, profiles, optimization_level, memory_pool_limit)
+    version = require_tensorrt()
+    import tensorrt as trt
+
+    record = _BuildRecord()
+    logger = _logger(log, record)
+    builder = trt.Builder(logger)
+    flags = 0
+    if version_tuple(version) < (11,):
+        # 10.x: strong typing is opt-in; 11.x: always on, the flag deprecated
+        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        raise TensorRTBuildError(
+            f"TensorRT could not parse {onnx_path}:\n" + _parser_errors(parser)
+        )
+    _check_profiles(onnx_path, network, profiles)
+
+    config = builder.create_builder_config()
+    config.builder_optimization_level = optimization_level
+    if memory_pool_limit is not None:
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, memory_pool_limit)
+    if refittable:
+        config.set_flag(trt.BuilderFlag.REFIT)
+    for stage in profiles:
+        profile = builder.create_optimization_profile()
+        for name, shape_range in stage.shapes.items():
+            profile.set_shape(
+                name,
+                trt.Dims(list(shape_range.min)),
+                trt.Dims(list(shape_range.opt)),
+                trt.Dims(list(shape_range.max)),
+            )
+        if config.add_optimization_profile(profile) < 0:
+            raise TensorRTBuildError(f"TensorRT rejected optimization profile {stage.name!r}")
+    if timing_cache is not None:
+        _load_timing_cache(config, timing_cache, log)
+    if progress is not None:
+        config.progress_monitor = _progress_monitor(progress, record)
+
+    start = time.perf_counter()
+    plan = builder.build_serialized_network(network, config)
+    seconds = time.perf_counter() - start
+    if record.progress_error is not None:
+        raise record.progress_error
+    if plan is None:
+        errors = "\n".join(f"  {line}" for line in record.errors[-20:])
+        raise TensorRTBuildError(
+            f"TensorRT could not build {engine_path.name} from {onnx_path}"
+            + (f":\n{errors}\n" if errors else "; ")
+            + "(out of GPU memory is the usual cause: lower the optimization level, set a "
+            "memory-pool limit, or narrow the profiles)"
+        )
+    engine = trt.Runtime(logger).deserialize_cuda_engine(plan)
+    if engine is None:
+        raise TensorRTBuildError(f"TensorRT cannot load the plan it just built for {engine_path}")
+    inputs, outputs = _io_dtypes(engine)
+    device_memory = (
+        engine.device_memory_size_v2
+        if hasattr(engine, "device_memory_size_v2")
+        else engine.device_memory_size
+    )
+    refit_weights = tuple(refit_weight_names(engine)) if refittable else ()
+    del engine
+
+    if timing_cache is not None:
+        with atomic_path(timing_cache) as tmp:
+            tmp.write_bytes(config.get_timing_cache().serialize())
+    digest = hashlib.sha256(plan).hexdigest()
+    with atomic_path(engine_path) as tmp:
+        tmp.write_bytes(plan)
+    return TensorRTBuildInfo(
+        engine_path=engine_path,
+        engine_bytes=memoryview(plan).nbytes,
+        sha256=digest,
+        seconds=seconds,
+        tensorrt_version=version,
+        device_memory_size=int(device_memory),
+        inputs=inputs,
+        outputs=outputs,
+        profiles=tuple(p.name for p in profiles),
+        refit_weights=refit_weights,
+        log=tuple(record.messages),
+    )
+
+
+def refit_weight_names(engine: tensorrt.ICudaEngine) -> list[str]:
+    """The names of every refittable weight of ``engine`` (the map a LoRA refit fills)."""
+    require_tensorrt()
+    import tensorrt as trt
+
+    refitter = trt.Refitter(engine, trt.Logger(trt.Logger.WARNING))
+    return sorted(refitter.get_all_weights())
+
+
+def _check_arguments(
+    onnx_path: Path,
+    profiles: Sequence[Profile],
+    optimization_level: int,
+    memory_pool_limit: int | None,
+) -> None:
+    if isinstance(optimization_level, bool) or optimization_level not in OPTIMIZATION_LEVELS:
+        raise ValueError(
+            f"optimization_level must be an integer from 0 to 5, got {optimization_level!r}"
+        )
+    if memory_pool_limit is not None and (
+        isinstance(memory_pool_limit, bool)
+        or not isinstance(memory_pool_limit, int)
+        or memory_pool_limit <= 0
+    ):
+        raise ValueError(
+            f"memory_pool_limit must be a positive number of bytes (or None for TensorRT's "
+            f"default), got {memory_pool_limit!r}"
+        )
+    if not profiles:
+        raise ValueError("at least one optimization profile is needed, got none")
+    names = [p.name for p in profiles]
+    if len(set(names)) != len(names):
+        raise ValueError(f"profile names must be unique, got {names}")
+    for profile in profiles:
+        for name, r in profile.shapes.items():
+            ordered = all(lo <= mid <= hi for lo, mid, hi in zip(r.min, r.opt, r.max, strict=False))
+            if not (len(r.min) == len(r.opt) == len(r.max)) or not ordered:
+                raise ValueError(
+                    f"profile {profile.name!r}: {name} needs min ≤ opt ≤ max of one rank, got "
+                    f"min {r.min}, opt {r.opt}, max {r.max}"
+                )
+    if not onnx_path.is_file():
+        raise FileNotFoundError(f"ONNX file {onnx_path} does not exist")
+
+
+def _check_profiles(
+    onnx_path: Path, network: tensorrt.INetworkDefinition, profiles: Sequence[Profile]
+) -> None:
+    """Every profile names exactly the network's inputs, with their rank and static dims."""
+    inputs = {}
+    for i in range(network.num_inputs):
+        tensor = network.get_input(i)
+        inputs[tensor.name] = tuple(int(tensor.shape[d]) for d in range(len(tensor.shape)))
+    for profile in profiles:
+        missing = sorted(set(inputs) - set(profile.shapes))
+        unknown = sorted(set(profile.shapes) - set(inputs))
+        if missing or unknown:
+            raise ValueError(
+                f"profile {profile.name!r} must name exactly the inputs of {onnx_path.name} "
+                f"({', '.join(sorted(inputs))})"
+                + (f"; missing {', '.join(missing)}" if missing else "")
+                + (f"; unknown {', '.join(unknown)}" if unknown else "")
+            )
+        for name, dims in inputs.items():
+            r = profile.shapes[name]
+            static_ok = all(
+                d < 0 or lo == hi == d for d, lo, hi in zip(dims, r.min, r.max, strict=False)
+            )
+            if len(r.min) != len(dims) or not static_ok:
+                network_dims = "×".join("?" if d < 0 else str(d) for d in dims)
+                raise ValueError(
+                    f"profile {profile.name!r}: {name} range {r} does not fit the network's "
+                    f"input {network_dims} (rank and static dimensions must match)"
+                )
+
+
+def _parser_errors(parser: tensorrt.OnnxParser) -> str:
+    lines = []
+    for i in range(parser.num_errors):
+        error = parser.get_error(i)
+        where = f"node {error.node()}"
+        if error.node_name():
+            where += f" ({error.node_name()}, {error.node_operator()})"
+        lines.append(f"  {where}: {error.desc()}")
+    return "\n".join(lines) or "  (the parser reported no details)"
+
+
+def _io_dtypes(engine: tensorrt.ICudaEngine) -> tuple[dict[str, str], dict[str, str]]:
+    import tensorrt as trt
+
+    inputs, outputs = {}, {}
+    for i in range(engine.num_io_tensors):
+        name = engine.get_tensor_name(i)
+        dtype = dtype_name(torch_dtype(engine.get_tensor_dtype(name).name))
+        if engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT:
+            inputs[name] = dtype
+        else:
+            outputs[name] = dtype
+    return inputs, outputs
+
+
+def _load_timing_cache(
+    config: tensorrt.IBuilderConfig, path: Path, log: Callable[[str], None]
+) -> None:
+    data = path.read_bytes() if path.is_file() else b""
+    cache = config.create_timing_cache(data)
+    if cache is None or not config.set_timing_cache(cache, ignore_mismatch=False):
+        log(
+            f"timing cache {path} was written for another GPU or TensorRT version, or is "
+            "damaged; starting a new one"
+        )
+        config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
+
+
+@dataclass
+class _BuildRecord:
+    """What the TensorRT callbacks leave for the builder (they run on TensorRT's threads)."""
+
+    messages: list[str] = field(default_factory=list)  # warnings and errors, as logged
+    errors: list[str] = field(default_factory=list)
+    progress_error: BaseException | None = None
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def _logger(log: Callable[[str], None], record: _BuildRecord) -> tensorrt.ILogger:
+    """A TensorRT logger forwarding warnings and errors to ``log`` and into ``record``."""
+    import tensorrt as trt
+
+    class ForwardingLogger(trt.ILogger):
+        def __init__(self) -> None:
+            trt.ILogger.__init__(self)
+
+        def log(self, severity: trt.ILogger.Severity, msg: str) -> None:
+            if severity > trt.ILogger.Severity.WARNING:  # INFO and VERBOSE
+                return
+            line = f"[TensorRT {severity.name}] {msg}"
+            with record.lock:
+                record.messages.append(line)
+                if severity != trt.ILogger.Severity.WARNING:
+                    record.errors.append(msg)
+            log(line)
+
+    return ForwardingLogger()
+
+
+def _progress_monitor(progress: ProgressFn, record: _BuildRecord) -> tensorrt.IProgressMonitor:
+    """Forwards TensorRT's build phases to ``progress``. An exception from ``progress`` cannot
+    cross TensorRT's threads: it cancels the build and the builder raises it afterwards."""
+    import tensorrt as trt
+
+    class Monitor(trt.IProgressMonitor):
+        def __init__(self) -> None:
+            trt.IProgressMonitor.__init__(self)
+            self._steps: dict[str, int] = {}
+
+        def phase_start(self, phase_name: str, parent_phase: str | None, num_steps: int) -> None:
+            with record.lock:
+                self._steps[phase_name] = num_steps
+            self._report(phase_name, 0, num_steps)
+
+        def step_complete(self, phase_name: str, step: int) -> bool:
+            with record.lock:
+                total = self._steps.get(phase_name, step + 1)
+            self._report(phase_name, step + 1, total)  # steps are numbered 0 … num_steps-1
+            return record.progress_error is None
+
+        def phase_finish(self, phase_name: str) -> None:
+            with record.lock:
+                self._steps.pop(phase_name, None)
+
+        def _report(self, phase: str, done: int, total: int) -> None:
+            if record.progress_error is not None:
+                return
+            try:
+                progress(phase, done, total)
+            except BaseException as exc:  # raised again by build_tensorrt_engine
+                record.progress_error = exc
+
+    return Monitor()

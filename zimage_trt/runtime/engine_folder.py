@@ -1,0 +1,128 @@
+"""Serve a built engine folder (``generate --engines DIR``): refuse it with the reason when it
+does not fit the machine or the request, before any work; otherwise wrap its engines.
+
+Checks, in order: the manifest reads; the backend's library is installed; the folder was built
+for this GPU and TensorRT version (plans are not portable); every file matches its hash; the
+request's LoRAs and strengths are the fused ones; every shape the workflow needs lies inside a
+built profile (``Pipeline.preflight``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from zimage_trt.runtime.engines import Engine, Engines
+from zimage_trt.runtime.manifest import Manifest, ManifestError, read_manifest, verify_files
+from zimage_trt.runtime.pipeline import Pipeline
+from zimage_trt.runtime.tokenizer import QwenTokenizer
+from zimage_trt.workflow import Workflow
+
+PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def load_engine_folder(
+    folder: str | Path,
+    *,
+    device: torch.device | None = None,
+    log: Callable[[str], None] = lambda msg: None,
+) -> tuple[Pipeline, Manifest]:
+    root = Path(folder)
+    manifest = read_manifest(root)
+    backend = manifest.backend
+    if device is None:
+        device = torch.device("cuda" if backend == "tensorrt" else "cpu")
+    _check_machine(manifest, device)
+    log(f"verifying {len(manifest.engines)} engines in {root} (sha-256)")
+    verify_files(root, manifest)
+    engines: dict[str, Engine] = {}
+    for name, entry in manifest.engines.items():
+        path = root / entry.file
+        if backend == "onnxruntime":
+            from zimage_trt.runtime.onnxruntime_engines import OnnxRuntimeEngine
+
+            engines[name] = OnnxRuntimeEngine(
+                name, path, entry.inputs, entry.outputs, entry.profiles, device=device
+            )
+        else:
+            engines[name] = _tensorrt_engine(name, path.read_bytes(), manifest, device)
+    missing = [n for n in ("text_encoder", "caption_path", "denoiser", "vae_decoder")
+               if n not in engines]  # fmt: skip
+    if missing:
+        raise ManifestError(f"{root}: the folder lacks the engines {missing}; rebuild it")
+    bundle = Engines(
+        text_encoder=engines["text_encoder"],
+        caption_path=engines["caption_path"],
+        denoiser=engines["denoiser"],
+        vae_decoder=engines["vae_decoder"],
+        vae_encoder=engines.get("vae_encoder"),
+        backend=backend,
+        device=device,
+        dtype=PRECISION_DTYPES[manifest.precision],
+        profiles={n: e.profiles for n, e in manifest.engines.items()},
+    )
+    tokenizer = QwenTokenizer.load(root / manifest.tokenizer if manifest.tokenizer else None)
+    return Pipeline(bundle, tokenizer), manifest
+
+
+def _check_machine(manifest: Manifest, device: torch.device) -> None:
+    if manifest.backend == "onnxruntime":
+        try:
+            import onnxruntime  # noqa: F401
+        except ImportError:
+            raise ManifestError(
+                "this folder holds ONNX Runtime engines, but onnxruntime is not installed "
+                "(pip install 'zimage-trt[onnxruntime]')"
+            ) from None
+        return
+    from zimage_trt.build_engines.tensorrt_builder import gpu_identity, tensorrt_version
+
+    if device.type != "cuda":
+        raise ManifestError(f"TensorRT engines run on a CUDA device, not {device}")
+    installed = tensorrt_version()
+    built = manifest.versions.get("tensorrt")
+    if built != installed:
+        raise ManifestError(
+            f"the engines were built with TensorRT {built}; this machine has TensorRT "
+            f"{installed}: rebuild the folder here"
+        )
+    here = gpu_identity(device.index or 0)
+    for key in ("name", "compute_capability"):
+        if manifest.machine.get(key) != here.get(key):
+            raise ManifestError(
+                f"the engines were built for GPU {manifest.machine.get(key)!r} ({key}); this "
+                f"machine has {here.get(key)!r}: TensorRT plans are specific to the GPU, "
+                "rebuild the folder here"
+            )
+
+
+def _tensorrt_engine(name: str, plan: bytes, manifest: Manifest, device: torch.device) -> Engine:
+    from zimage_trt.runtime.tensorrt_engines import TensorRTEngine
+
+    entry = manifest.engines[name]
+    # outputs that the runtime caches (captions, prompts) are cloned; the denoiser's are not
+    clone = name in ("text_encoder", "caption_path")
+    return TensorRTEngine(
+        name, plan, entry.profiles, device=device, runtime_memory=None, clone_outputs=clone
+    )
+
+
+def check_request(manifest: Manifest, wf: Workflow, folder: str | Path) -> None:
+    """The workflow's LoRAs must be those fused into the engines, at the same strengths."""
+    wanted = [(lora.path, lora.strength) for lora in wf.models.loras]
+    built = [(lora.name, lora.strength) for lora in manifest.weights.loras]
+    same = len(wanted) == len(built) and all(
+        a == c and math.isclose(b, d) for (a, b), (c, d) in zip(wanted, built, strict=True)
+    )
+    if not same:
+
+        def show(items: list[tuple[str, float]]) -> str:
+            return ", ".join(f"{n} at {s:g}" for n, s in items) or "none"
+
+        raise ManifestError(
+            f"the engines in {folder} hold LoRAs {show(built)}; the workflow asks for "
+            f"{show(wanted)}. Rebuild with this workflow (zimage-trt build --workflow …)"
+        )

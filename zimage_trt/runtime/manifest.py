@@ -1,0 +1,219 @@
+"""The contract between the builder and the runtime: an engine folder's ``manifest.json``.
+
+The builder (``zimage_trt.build_engines``) writes it; ``generate --engines DIR`` reads it, checks
+that every file is whole (sha-256), that the folder was built for this machine and for this
+request, and that every shape the request needs lies inside a built optimization profile — all
+before any work. Only json, hashlib and pydantic here: the runtime stays lean.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+Shape = tuple[int, ...]
+
+
+class ManifestError(ValueError):
+    """An engine folder that cannot serve: missing, corrupt, or built for something else."""
+
+
+class ProfileError(ValueError):
+    """A request whose shapes lie outside every optimization profile built for an engine."""
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ShapeRange(_Model):
+    """min/opt/max of one engine input (TensorRT's optimization-profile triple)."""
+
+    min: Shape
+    opt: Shape
+    max: Shape
+
+    def covers(self, shape: Sequence[int]) -> bool:
+        return len(shape) == len(self.min) and all(
+            lo <= s <= hi for lo, s, hi in zip(self.min, shape, self.max, strict=True)
+        )
+
+    def __str__(self) -> str:
+        return f"{_dims(self.min)} … {_dims(self.max)} (opt {_dims(self.opt)})"
+
+
+class Profile(_Model):
+    """One optimization profile: a range for every input of one engine (named after its stage)."""
+
+    name: str
+    shapes: dict[str, ShapeRange]
+
+    def covers(self, shapes: Mapping[str, Sequence[int]]) -> bool:
+        return all(n in self.shapes and self.shapes[n].covers(s) for n, s in shapes.items())
+
+    def distance(self, shapes: Mapping[str, Sequence[int]]) -> int:
+        """How far the request is from this profile's opt (0: the shape it was tuned for)."""
+        return sum(
+            abs(a - b)
+            for name, s in shapes.items()
+            for a, b in zip(self.shapes[name].opt, s, strict=True)
+        )
+
+
+def select_profile(
+    engine: str, profiles: Sequence[Profile], shapes: Mapping[str, Sequence[int]], hint: str = ""
+) -> int:
+    """Index of the profile serving ``shapes`` (the closest opt among those covering them).
+
+    Raises ProfileError naming the engine, the requested shapes, every built range and, if given,
+    the command that would build a covering profile.
+    """
+    covering = [i for i, p in enumerate(profiles) if p.covers(shapes)]
+    if covering:
+        return min(covering, key=lambda i: profiles[i].distance(shapes))
+    requested = ", ".join(f"{name} {_dims(s)}" for name, s in shapes.items())
+    built = "; ".join(
+        f"{p.name}: " + ", ".join(f"{n} {r}" for n, r in p.shapes.items() if n in shapes)
+        for p in profiles
+    )
+    message = f"engine {engine!r} was not built for {requested}; built profiles: {built or 'none'}"
+    raise ProfileError(message + (f". To cover it, build with: {hint}" if hint else ""))
+
+
+class FileRecord(_Model):
+    sha256: str
+    bytes: int
+
+
+class EngineFile(_Model):
+    """One engine of the folder: the file the runtime loads, every file it needs (graph,
+    external data, plan) with its hash, its I/O dtypes, its profiles and its cache key."""
+
+    file: str  # relative to the folder: the ONNX graph (onnxruntime) or the plan (tensorrt)
+    files: dict[str, FileRecord]  # relative path → hash and size, ``file`` included
+    inputs: dict[str, str]  # name → dtype ("float32", "bfloat16", "int64", "bool")
+    outputs: dict[str, str]
+    profiles: list[Profile]
+    cache_key: str
+    build_seconds: float = 0.0
+    refittable: bool = False
+
+
+class LoraRecord(_Model):
+    name: str
+    sha256: str
+    strength: float
+
+
+class WeightsRecord(_Model):
+    """What the engines hold: the checkpoint files' hashes and the LoRAs fused into the DiT."""
+
+    origin: str
+    sha256: dict[str, str]  # network → hash of its weight files
+    loras: list[LoraRecord] = Field(default_factory=list)
+
+
+class Manifest(_Model):
+    format: int = FORMAT_VERSION
+    backend: Literal["onnxruntime", "tensorrt"]
+    precision: Literal["fp32", "bf16"]
+    created: str  # ISO time
+    build_seconds: float
+    peak_rss_bytes: int
+    versions: dict[str, str]  # zimage_trt, torch, onnx, onnxruntime | tensorrt
+    machine: dict[str, str]  # gpu name, compute capability (TensorRT); cpu / providers (ORT)
+    options: dict[str, Any]  # builder options (optimization level, pool limits, refit, opset…)
+    weights: WeightsRecord
+    workflow: str  # the workflow (or resolution list) the profiles came from
+    workflow_file: str | None = None  # that workflow, saved in the folder: generate's default
+    caption_max: int
+    engines: dict[str, EngineFile]
+    tokenizer: str | None = None  # tokenizer folder copied into the engine folder (None: packaged)
+
+    def profiles(self, engine: str) -> list[Profile]:
+        return self.engines[engine].profiles
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def cache_key(parts: Mapping[str, Any]) -> str:
+    """sha-256 of the canonical JSON of ``parts`` (sorted keys; tuples as lists)."""
+    text = json.dumps(parts, sort_keys=True, separators=(",", ":"), default=_jsonable)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def read_manifest(folder: str | Path) -> Manifest:
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        raise ManifestError(
+            f"{folder} is not an engine folder: no {MANIFEST} (build one with `zimage-trt build`)"
+        )
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ManifestError(f"{path} is not valid JSON ({exc}); rebuild the folder") from None
+    if isinstance(data, dict) and data.get("format") != FORMAT_VERSION:
+        raise ManifestError(
+            f"{path} has format {data.get('format')!r}; this zimage-trt reads format "
+            f"{FORMAT_VERSION}: rebuild the folder"
+        )
+    try:
+        return Manifest.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise ManifestError(f"{path}: {where}: {first['msg']}; rebuild the folder") from None
+
+
+def verify_files(folder: str | Path, manifest: Manifest, engines: Iterable[str] = ()) -> None:
+    """Check size and sha-256 of each engine file (and its ONNX): a truncated or corrupt file is
+    reported, never run."""
+    root = Path(folder)
+    for name in engines or manifest.engines:
+        for rel, record in manifest.engines[name].files.items():
+            check_file(root / rel, record, f"engine {name!r}")
+
+
+def check_file(path: Path, record: FileRecord, what: str) -> None:
+    if not path.is_file():
+        raise ManifestError(f"{what}: {path} is missing; rebuild the folder")
+    size = path.stat().st_size
+    if size != record.bytes:
+        raise ManifestError(
+            f"{what}: {path} is {size} bytes, the manifest says {record.bytes} "
+            "(truncated or replaced); rebuild the folder"
+        )
+    if sha256_file(path) != record.sha256:
+        raise ManifestError(
+            f"{what}: {path} does not match its sha-256 in {MANIFEST} (corrupt or replaced); "
+            "rebuild the folder"
+        )
+
+
+def file_record(path: Path) -> FileRecord:
+    return FileRecord(sha256=sha256_file(path), bytes=path.stat().st_size)
+
+
+def _dims(shape: Sequence[int]) -> str:
+    return "×".join(str(s) for s in shape)
+
+
+def _jsonable(value: object) -> object:
+    if isinstance(value, tuple | set):
+        return list(value)
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"cannot hash {type(value).__name__} in a cache key")

@@ -1,0 +1,93 @@
+"""The ONNX Runtime backend: the exported graphs behind the engine interface.
+
+Runs on any CPU (fp32 graphs; ONNX Runtime's CPU provider has no bf16 kernels) and on ORT's CUDA
+provider where installed. Inputs are cast to the dtypes the graph declares and checked against
+the built profiles before they reach the session.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from zimage_trt.runtime.engines import dtype_from_name
+from zimage_trt.runtime.manifest import Profile, select_profile
+
+
+def onnxruntime_providers(device: torch.device) -> list[str]:
+    """CUDA first on a CUDA device when ORT has it; a CUDA request without it is an error."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if device.type == "cuda":
+        if "CUDAExecutionProvider" not in available:
+            raise RuntimeError(
+                "device cuda requested, but this onnxruntime has no CUDAExecutionProvider "
+                f"(it has: {', '.join(available)}); install onnxruntime-gpu or use --device cpu"
+            )
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+class OnnxRuntimeEngine:
+    def __init__(
+        self,
+        name: str,
+        graph: Path,
+        inputs: dict[str, str],
+        outputs: dict[str, str],
+        profiles: Sequence[Profile],
+        *,
+        device: torch.device,
+        hint: str = "",
+    ) -> None:
+        import onnxruntime as ort
+
+        providers = onnxruntime_providers(device)
+        if device.type == "cpu" and "bfloat16" in {*inputs.values(), *outputs.values()}:
+            raise RuntimeError(
+                f"engine {name!r} is a bf16 graph: ONNX Runtime's CPU provider cannot run bf16; "
+                "run it on a GPU (--device cuda with onnxruntime-gpu) or build with "
+                "--precision fp32"
+            )
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        self.name = name
+        self.session = ort.InferenceSession(str(graph), options, providers=providers)
+        self.input_dtypes = {k: dtype_from_name(v) for k, v in inputs.items()}
+        self.output_names = list(outputs)
+        self.profiles = list(profiles)
+        self.device = device
+        self.hint = hint
+
+    def __call__(self, **inputs: Tensor) -> dict[str, Tensor]:
+        missing = [n for n in self.input_dtypes if n not in inputs]
+        if missing:
+            raise ValueError(f"engine {self.name!r} needs inputs {missing}")
+        shapes = {n: tuple(inputs[n].shape) for n in self.input_dtypes}
+        select_profile(self.name, self.profiles, shapes, self.hint)
+        feeds = {n: _to_numpy(inputs[n].to(dtype)) for n, dtype in self.input_dtypes.items()}
+        outs = self.session.run(self.output_names, feeds)
+        return {
+            n: _from_numpy(o).to(self.device) for n, o in zip(self.output_names, outs, strict=True)
+        }
+
+
+def _to_numpy(tensor: Tensor) -> np.ndarray:
+    tensor = tensor.detach().contiguous().cpu()
+    if tensor.dtype == torch.bfloat16:
+        import ml_dtypes
+
+        return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return tensor.numpy()
+
+
+def _from_numpy(array: np.ndarray) -> Tensor:
+    array = np.ascontiguousarray(array)
+    if array.dtype.name == "bfloat16":  # ml_dtypes' bfloat16, which torch cannot wrap directly
+        return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(array)
