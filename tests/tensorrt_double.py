@@ -15,10 +15,11 @@ about TensorRT itself (parsing, tactics, numerics, CUDA graphs). mypy against te
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import types
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -376,21 +377,30 @@ class Context:
         unshaped = [d.name for d, i in self.engine.tensors if i and d.name not in self.input_shapes]
         if unbound or unshaped:
             raise RuntimeError(f"execute_async_v3: unbound {unbound}, unshaped {unshaped}")
+        if trt.capturing is not None:  # a CUDA-graph capture records the launch, runs nothing
+            trt.capturing.append((self, dict(self.addresses), dict(self.input_shapes)))
+            return True
+        self.run(self.addresses, self.input_shapes)
+        return True
+
+    def run(self, addresses: dict[str, int], input_shapes: dict[str, tuple[int, ...]]) -> None:
+        """The engine's arithmetic on host memory: inputs read from, outputs written to the
+        given addresses (what a replayed CUDA graph does with the captured ones)."""
+        trt = self.engine._trt
         inputs = {
-            d.name: _read(self.addresses[d.name], self.input_shapes[d.name], _TORCH[d.dtype])
+            d.name: _read(addresses[d.name], input_shapes[d.name], _TORCH[d.dtype])
             for d, is_input in self.engine.tensors
             if is_input
         }
         outputs = trt.compute(inputs)
+        shapes = trt.output_shapes(dict(input_shapes))
         for desc, is_input in self.engine.tensors:
             if is_input:
                 continue
-            shape = self.get_tensor_shape(desc.name).tuple()
             value = outputs[desc.name].to(_TORCH[desc.dtype]).contiguous()
-            assert tuple(value.shape) == shape, (desc.name, value.shape, shape)
-            ctypes.memmove(self.addresses[desc.name], value.data_ptr(), value.nbytes)
+            assert tuple(value.shape) == tuple(shapes[desc.name]), (desc.name, value.shape)
+            ctypes.memmove(addresses[desc.name], value.data_ptr(), value.nbytes)
         self.executions += 1
-        return True
 
 
 def _read(address: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -412,7 +422,8 @@ class FakeTensorRT(types.ModuleType):
     make parsing fail; ``build_fails``: the builder returns None (after logging an error);
     ``phases``: (name, steps) the build reports to a progress monitor; ``device_memory``: the
     engine's activation bytes; ``refit_weights``: names a refittable engine exposes;
-    ``output_shapes``/``compute``: the engine's shape function and arithmetic at execution.
+    ``output_shapes``/``compute``: the engine's shape function and arithmetic at execution;
+    ``capturing``: see ``FakeCUDAGraph``.
     """
 
     def __init__(self, version: str = "10.13.0.35") -> None:
@@ -434,6 +445,10 @@ class FakeTensorRT(types.ModuleType):
         self.builders: list[Builder] = []
         self.networks: list[Network] = []
         self.engines: list[Engine] = []
+        # set while a (fake) CUDA graph captures: launches recorded as (context, addresses,
+        # input shapes)
+        self.capturing: list[tuple[Context, dict[str, int], dict[str, tuple[int, ...]]]] | None
+        self.capturing = None
 
         self.Dims = Dims
         self.ILogger = ILogger
@@ -621,3 +636,29 @@ class Refitter:
 
     def get_all_weights(self) -> list[str]:
         return list(self.engine.spec["weights"])
+
+
+class FakeCUDAGraph:
+    """Stands in for torch.cuda.CUDAGraph with ``fake_graph_capture`` for torch.cuda.graph:
+    launches inside the capture are recorded by the double, ``replay`` runs them again on the
+    captured addresses — the host-memory analogue of a CUDA graph."""
+
+    trt: FakeTensorRT  # set by the test
+
+    def __init__(self) -> None:
+        self.launches: list[tuple[Context, dict[str, int], dict[str, tuple[int, ...]]]] = []
+        self.replays = 0
+
+    def replay(self) -> None:
+        self.replays += 1
+        for context, addresses, shapes in self.launches:
+            context.run(addresses, shapes)
+
+
+@contextlib.contextmanager
+def fake_graph_capture(graph: FakeCUDAGraph) -> Iterator[None]:
+    graph.trt.capturing = graph.launches
+    try:
+        yield
+    finally:
+        graph.trt.capturing = None

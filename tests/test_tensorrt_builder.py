@@ -367,7 +367,7 @@ def test_gpu_identity(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
     monkeypatch.setattr(torch.version, "cuda", "12.8")
     assert gpu_identity() == {
-        "gpu": "NVIDIA H100 80GB HBM3",
+        "name": "NVIDIA H100 80GB HBM3",
         "compute_capability": "9.0",
         "cuda": "12.8",
     }

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tensorrt_double import FakeTensorRT, TensorDesc
+from tensorrt_double import FakeCUDAGraph, FakeTensorRT, TensorDesc, fake_graph_capture
 
 from zimage_trt.runtime.manifest import Profile, ProfileError, ShapeRange
 from zimage_trt.runtime.tensorrt_engines import (
@@ -72,9 +72,6 @@ def _plan(trt: FakeTensorRT, profiles: list[Profile] = PROFILES, memory: int = 4
 def _engine(trt: FakeTensorRT, **kwargs: object) -> HostTensorRTEngine:
     kwargs.setdefault("device", "cpu")
     return HostTensorRTEngine("vae_decoder", _plan(trt), PROFILES, **kwargs)
-
-
-# --- pure helpers ------------------------------------------------------------------------------
 
 
 def test_dtype_mapping() -> None:
@@ -183,9 +180,6 @@ def test_shared_activations_grow_to_the_largest() -> None:
     assert str(info.value) == "activation size must be ≥ 0 bytes, got -1"
 
 
-# --- the engine through the double -------------------------------------------------------------
-
-
 def test_call_picks_profile_binds_every_tensor_and_computes(trt: FakeTensorRT) -> None:
     engine = _engine(trt)
     latents = torch.randn(1, 16, 6, 7)
@@ -274,6 +268,30 @@ def test_input_errors(trt: FakeTensorRT) -> None:
     torch.testing.assert_close(engine(latents=x)["image"], _vae_image(x), rtol=0, atol=0)
 
 
+def test_cuda_graph_captured_after_one_warm_up_then_replayed(
+    trt: FakeTensorRT, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    FakeCUDAGraph.trt = trt
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", FakeCUDAGraph)
+    monkeypatch.setattr(torch.cuda, "graph", fake_graph_capture)
+    engine = _engine(trt, cuda_graphs=True)
+    xs = [torch.randn(1, 16, 3, 3) for _ in range(4)]
+    outs = [engine(latents=x)["image"].clone() for x in xs]
+    for x, out in zip(xs, outs, strict=True):
+        torch.testing.assert_close(out, _vae_image(x), rtol=0, atol=0)
+    slot = next(iter(engine._slots.values()))
+    assert slot.graph is not None and slot.graph.replays == 2  # calls 3 and 4
+    assert trt.engines[0].contexts[0].executions == 4  # warm-up, eager + capture, 2 replays
+    static, output = slot.static_inputs["latents"], slot.outputs["image"]
+    assert [a for _, a, _ in slot.graph.launches] == [
+        {"latents": static.data_ptr(), "image": output.data_ptr()}
+    ]
+    # the activation block regrows (a larger engine joined): the graph is dropped and recaptured
+    engine.memory.reserve(1 << 20)
+    engine(latents=xs[0])
+    assert slot.graph is None and slot.runs == 1
+
+
 def test_engines_share_one_activation_block(trt: FakeTensorRT) -> None:
     memory = SharedActivations("cpu")
     small = HostTensorRTEngine(
@@ -307,6 +325,18 @@ def test_plan_and_manifest_must_agree(trt: FakeTensorRT) -> None:
         "engine 'vae_decoder': profile 1 (stage2) gives latents min/opt/max [(1, 16, 5, 5), "
         "(1, 16, 6, 6), (2, 16, 9, 9)], the plan was built with [(1, 16, 5, 5), (1, 16, 6, 6), "
         "(2, 16, 8, 8)]; rebuild"
+    )
+    with pytest.raises(ValueError) as info:
+        HostTensorRTEngine(
+            "vae_decoder",
+            _plan(trt),
+            PROFILES,
+            device="cpu",
+            io_dtypes={"latents": "float32", "image": "bfloat16"},
+        )
+    assert str(info.value) == (
+        "engine 'vae_decoder': the manifest gives dtypes {'image': 'bfloat16'}, the plan has "
+        "{'image': 'float32'}; rebuild"
     )
     with pytest.raises(ValueError) as info:
         HostTensorRTEngine("denoiser", _plan(trt), PROFILES, device="cpu")

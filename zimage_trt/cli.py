@@ -267,7 +267,9 @@ def _engine_pipeline(args: argparse.Namespace, wf: Any) -> Any:
         raise ValueError("--model and --engines exclude each other: the engines hold the weights")
     device = None if args.device == "auto" else pick_device(args.device)
     check_request(manifest, wf, args.engines)
-    pipeline, _ = load_engine_folder(args.engines, device=device, log=_info(args.quiet))
+    pipeline, _ = load_engine_folder(
+        args.engines, device=device, cuda_graphs=args.cuda_graphs, log=_info(args.quiet)
+    )
     pipeline.preflight(wf)
     return pipeline
 
@@ -602,6 +604,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="DIR",
         help="run the engines of a folder made by `zimage-trt build` (instead of --model)",
+    )
+    p.add_argument(
+        "--cuda-graphs",
+        action="store_true",
+        help="TensorRT: capture the denoiser per stage shape and replay it",
     )
     p.add_argument(
         "--lora-ignore-unmatched",

@@ -274,8 +274,11 @@ def run_build(
             )  # fmt: skip
             files[_rel(out, plan_path)] = file_record(plan_path)
             engine_file = _rel(out, plan_path)
-            refittable = options.refittable and name in ("denoiser", "caption_path")
-            del info
+            refittable = bool(info.refit_weights)
+            if refittable:  # refit names are the ONNX initializers' = the checkpoint's keys
+                refit_map = out / f"{name}.refit.json"
+                write_json(refit_map, {"weights": list(info.refit_weights)})
+                files[_rel(out, refit_map)] = file_record(refit_map)
         report.seconds = time.perf_counter() - t0
         entries[name] = EngineFile(
             file=engine_file,
@@ -295,10 +298,11 @@ def run_build(
 
     tokenizer = _copy_tokenizer(plan.sources, out)
     if plan.workflow is not None:  # negative prompt inlined: the folder travels as one piece
-        portable = plan.workflow.model_copy(deep=True)
-        portable.prompts.negative = plan.workflow.prompts.negative_text() or None
-        portable.prompts.negative_file = None
-        portable.save(out / WORKFLOW_FILE)
+        prompts = plan.workflow.prompts.model_copy(
+            update={"negative": plan.workflow.prompts.negative_text() or None,
+                    "negative_file": None}
+        )  # fmt: skip
+        plan.workflow.model_copy(update={"prompts": prompts}).save(out / WORKFLOW_FILE)
     manifest = Manifest(
         backend=options.backend,  # type: ignore[arg-type]
         precision=options.precision,  # type: ignore[arg-type]

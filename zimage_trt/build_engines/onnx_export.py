@@ -73,6 +73,13 @@ def export_network(
     exporter would specialise it), ``limits`` the largest shape the graph must serve.
     """
     start = time.perf_counter()
+    names = [n for n, _ in meta_module.named_parameters()]
+    names += [n for n, _ in meta_module.named_buffers()]
+    missing = [n for n in names if n not in weights]
+    if missing:
+        raise ExportError(
+            f"{network.name}: initializer {missing[0]!r} has no weight ({len(missing)} missing)"
+        )
     model = _trace(network, meta_module, example, limits)
     log(f"{network.name}: traced in {time.perf_counter() - start:.1f} s; optimizing the graph")
     _optimize(network.name, model, set(weights))

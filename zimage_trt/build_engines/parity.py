@@ -70,7 +70,7 @@ def parity_points(net: Network, profiles: Sequence[Profile]) -> list[ShapePoint]
         if len({p.width for p in points}) < 2:
             extra = ShapePoint(extra.batch, extra.tokens, extra.height, _other(base.width))
     if ("L" in dims or "Lc" in dims) and len(
-        {net.shapes(p)[_token_input(net)] for p in points}
+        {net.shapes(p)[_token_input(net)][1] for p in points}  # [B, L or Lc, …]
     ) < 2:
         extra = ShapePoint(extra.batch, max(1, base.tokens // 2), extra.height, extra.width)
     if extra != base:
@@ -132,13 +132,49 @@ def _runner(graph: Path, precision: str):  # type: ignore[no-untyped-def]
         return run_ort, "onnxruntime"
     from onnx.reference import ReferenceEvaluator
 
-    evaluator = ReferenceEvaluator(str(graph))
+    evaluator = ReferenceEvaluator(str(graph), new_ops=_fp32_accumulating_ops())
 
     def run_reference(inputs: dict[str, Tensor]) -> list[np.ndarray]:
         feeds = {k: _numpy(v) for k, v in inputs.items()}
         return list(evaluator.run(None, feeds))
 
     return run_reference, "onnx reference evaluator"
+
+
+# numpy reduces bf16 arrays in bf16, which no GPU kernel does (a GroupNorm's variance over a
+# 64×64 map comes out wrong by whole units); these ops read and write bf16 but accumulate in fp32,
+# as TensorRT's and torch's bf16 kernels do.
+ACCUMULATING_OPS = ("Conv", "MatMul", "Gemm", "InstanceNormalization", "LayerNormalization",
+                    "ReduceMean", "ReduceSum", "Softmax")  # fmt: skip
+
+
+def _fp32_accumulating_ops() -> list[type]:
+    import ml_dtypes
+    from onnx.reference.ops import load_op
+
+    def upcast(base: type) -> type:
+        def _run(self: object, *args: object, **kwargs: object) -> tuple[object, ...]:
+            bf16 = any(getattr(a, "dtype", None) == ml_dtypes.bfloat16 for a in args)
+            if bf16:
+                args = tuple(
+                    a.astype(np.float32)
+                    if isinstance(a, np.ndarray) and a.dtype == ml_dtypes.bfloat16
+                    else a
+                    for a in args
+                )
+            outs = base._run(self, *args, **kwargs)  # type: ignore[attr-defined]
+            if not bf16:
+                return tuple(outs)
+            return tuple(
+                o.astype(ml_dtypes.bfloat16)
+                if isinstance(o, np.ndarray) and o.dtype == np.float32
+                else o
+                for o in outs
+            )
+
+        return type(base.__name__, (base,), {"op_domain": "", "_run": _run})
+
+    return [upcast(load_op("", name)) for name in ACCUMULATING_OPS]
 
 
 def _numpy(tensor: Tensor) -> np.ndarray:

@@ -72,7 +72,7 @@ def workflow_stages(wf: Workflow) -> list[StageShapes]:
 def parse_resolutions(text: str) -> list[tuple[int, int]]:
     """``"1024x1024,768x1344"`` → [(1024, 1024), (768, 1344)] (width × height in pixels)."""
     sizes = []
-    for item in text.replace(" ", "").split(","):
+    for item in text.replace(" ", "").split(",") if text.strip() else ():
         match = RESOLUTION.match(item)
         if not match:
             raise ValueError(f"resolution {item!r} is not WIDTHxHEIGHT (e.g. 1024x1024)")

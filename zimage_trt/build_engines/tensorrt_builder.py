@@ -77,7 +77,7 @@ def gpu_identity(device: int = 0) -> dict[str, str]:
         )
     props = torch.cuda.get_device_properties(device)
     return {
-        "gpu": props.name,
+        "name": props.name,
         "compute_capability": f"{props.major}.{props.minor}",
         "cuda": str(torch.version.cuda),
     }
@@ -158,7 +158,8 @@ def build_tensorrt_engine(
             + "(out of GPU memory is the usual cause: lower the optimization level, set a "
             "memory-pool limit, or narrow the profiles)"
         )
-    engine = trt.Runtime(logger).deserialize_cuda_engine(plan)
+    runtime = trt.Runtime(logger)  # held while the engine lives (TensorRT's lifetime rule)
+    engine = runtime.deserialize_cuda_engine(plan)
     if engine is None:
         raise TensorRTBuildError(f"TensorRT cannot load the plan it just built for {engine_path}")
     inputs, outputs = _io_dtypes(engine)
@@ -168,7 +169,7 @@ def build_tensorrt_engine(
         else engine.device_memory_size
     )
     refit_weights = tuple(refit_weight_names(engine)) if refittable else ()
-    del engine
+    del engine, runtime
 
     if timing_cache is not None:
         with atomic_path(timing_cache) as tmp:
@@ -196,7 +197,8 @@ def refit_weight_names(engine: tensorrt.ICudaEngine) -> list[str]:
     require_tensorrt()
     import tensorrt as trt
 
-    refitter = trt.Refitter(engine, trt.Logger(trt.Logger.WARNING))
+    logger = trt.Logger(trt.Logger.WARNING)  # must outlive the refitter
+    refitter = trt.Refitter(engine, logger)
     return sorted(refitter.get_all_weights())
 
 

@@ -28,8 +28,11 @@ def load_engine_folder(
     folder: str | Path,
     *,
     device: torch.device | None = None,
+    cuda_graphs: bool = False,
     log: Callable[[str], None] = lambda msg: None,
 ) -> tuple[Pipeline, Manifest]:
+    """The pipeline over a built folder. ``cuda_graphs``: capture the TensorRT denoiser once per
+    shape and replay it (TensorRT only)."""
     root = Path(folder)
     manifest = read_manifest(root)
     backend = manifest.backend
@@ -38,6 +41,17 @@ def load_engine_folder(
     _check_machine(manifest, device)
     log(f"verifying {len(manifest.engines)} engines in {root} (sha-256)")
     verify_files(root, manifest)
+    if cuda_graphs and backend != "tensorrt":
+        raise ManifestError(f"CUDA graphs need TensorRT engines; {root} holds {backend} engines")
+    hint = (
+        f"zimage-trt build --backend {backend} --precision {manifest.precision} "
+        f"--caption-max {manifest.caption_max} --workflow YOUR_WORKFLOW --out {root}"
+    )
+    shared = None
+    if backend == "tensorrt":  # the engines run in sequence: one activation block for all
+        from zimage_trt.runtime.tensorrt_engines import SharedActivations
+
+        shared = SharedActivations(device)
     engines: dict[str, Engine] = {}
     for name, entry in manifest.engines.items():
         path = root / entry.file
@@ -45,10 +59,23 @@ def load_engine_folder(
             from zimage_trt.runtime.onnxruntime_engines import OnnxRuntimeEngine
 
             engines[name] = OnnxRuntimeEngine(
-                name, path, entry.inputs, entry.outputs, entry.profiles, device=device
+                name, path, entry.inputs, entry.outputs, entry.profiles, device=device, hint=hint
             )
         else:
-            engines[name] = _tensorrt_engine(name, path.read_bytes(), manifest, device)
+            from zimage_trt.runtime.tensorrt_engines import TensorRTEngine
+
+            # outputs the runtime caches (prompts, captions) are cloned; the denoiser's are not
+            engines[name] = TensorRTEngine(
+                name,
+                path.read_bytes(),
+                entry.profiles,
+                device=device,
+                runtime_memory=shared,
+                clone_outputs=name in ("text_encoder", "caption_path"),
+                cuda_graphs=cuda_graphs and name == "denoiser",
+                hint=hint,
+                io_dtypes={**entry.inputs, **entry.outputs},
+            )
     missing = [n for n in ("text_encoder", "caption_path", "denoiser", "vae_decoder")
                if n not in engines]  # fmt: skip
     if missing:
@@ -97,17 +124,6 @@ def _check_machine(manifest: Manifest, device: torch.device) -> None:
                 f"machine has {here.get(key)!r}: TensorRT plans are specific to the GPU, "
                 "rebuild the folder here"
             )
-
-
-def _tensorrt_engine(name: str, plan: bytes, manifest: Manifest, device: torch.device) -> Engine:
-    from zimage_trt.runtime.tensorrt_engines import TensorRTEngine
-
-    entry = manifest.engines[name]
-    # outputs that the runtime caches (captions, prompts) are cloned; the denoiser's are not
-    clone = name in ("text_encoder", "caption_path")
-    return TensorRTEngine(
-        name, plan, entry.profiles, device=device, runtime_memory=None, clone_outputs=clone
-    )
 
 
 def check_request(manifest: Manifest, wf: Workflow, folder: str | Path) -> None:

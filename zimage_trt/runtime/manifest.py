@@ -174,7 +174,7 @@ def read_manifest(folder: str | Path) -> Manifest:
         return Manifest.model_validate(data)
     except ValidationError as exc:
         first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
+        where = ".".join(str(p) for p in first["loc"]) or "top level"
         raise ManifestError(f"{path}: {where}: {first['msg']}; rebuild the folder") from None
 
 

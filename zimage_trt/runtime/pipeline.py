@@ -283,7 +283,7 @@ def apply_overrides(
     if trigger_word is not None:
         wf.prompts.trigger = trigger_word or None
     if negative_prompt is not None:
-        wf.prompts.negative, wf.prompts.negative_file = negative_prompt, None
+        wf.prompts.negative_file, wf.prompts.negative = None, negative_prompt
     seeds = [seed] if isinstance(seed, int) else list(seed or [])
     if len(seeds) > len(wf.stages):
         raise ValueError(f"{len(seeds)} seeds given for a workflow of {len(wf.stages)} stage(s)")

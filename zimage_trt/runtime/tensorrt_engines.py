@@ -248,7 +248,8 @@ class TensorRTEngine:
     overwrites them, so ``clone_outputs=True`` is for engines whose outputs are kept (caption
     path, text encoder). ``cuda_graphs`` captures each shape key on its second call and replays
     it after (inputs are copied into static buffers). ``hint`` is appended to profile errors
-    (the build command that would cover the request).
+    (the build command that would cover the request); ``io_dtypes`` (the manifest's tensor
+    dtype names) are checked against the plan's.
     """
 
     def __init__(
@@ -262,6 +263,7 @@ class TensorRTEngine:
         clone_outputs: bool = False,
         cuda_graphs: bool = False,
         hint: str = "",
+        io_dtypes: Mapping[str, str] | None = None,
     ) -> None:
         if not profiles:
             raise ValueError(f"engine {name!r}: no optimization profiles given")
@@ -287,7 +289,7 @@ class TensorRTEngine:
         self.io = self._read_io()
         self.input_names = tuple(s.name for s in self.io if s.is_input)
         self.output_names = tuple(s.name for s in self.io if not s.is_input)
-        self._check_plan()
+        self._check_plan(io_dtypes or {})
         # Without a shared block the engine still owns one: its contexts share it, instead of
         # each context allocating the maximum over all profiles (TensorRT's STATIC default).
         self.memory = runtime_memory or SharedActivations(self.device)
@@ -296,8 +298,6 @@ class TensorRTEngine:
         self._bound_generation: dict[int, int] = {}
         self._graph_generation = 0
         self._slots: dict[BufferKey, _Slot] = {}
-
-    # --- the engine interface ---------------------------------------------------------------
 
     def __call__(self, **inputs: Tensor) -> dict[str, Tensor]:
         feeds = self._checked_inputs(inputs)
@@ -319,8 +319,6 @@ class TensorRTEngine:
         if self.clone_outputs:
             return {name: t.clone() for name, t in slot.outputs.items()}
         return dict(slot.outputs)
-
-    # --- inputs and buffers ------------------------------------------------------------------
 
     def _checked_inputs(self, inputs: Mapping[str, Tensor]) -> dict[str, Tensor]:
         missing = [n for n in self.input_names if n not in inputs]
@@ -374,8 +372,6 @@ class TensorRTEngine:
         self._slots[key] = slot
         return slot
 
-    # --- execution -----------------------------------------------------------------------
-
     def _bind_and_execute(
         self, context: tensorrt.IExecutionContext, slot: _Slot, feeds: Mapping[str, Tensor]
     ) -> None:
@@ -400,16 +396,14 @@ class TensorRTEngine:
         if slot.graph is not None:
             slot.graph.replay()
             return
-        if slot.runs == 0:  # warm-up: TensorRT finishes its lazy set-up outside the capture
-            self._bind_and_execute(context, slot, slot.static_inputs)
-            return
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):  # captures on a side stream, the current one inside
-            self._bind_and_execute(context, slot, slot.static_inputs)
-        graph.replay()  # capturing ran nothing
-        slot.graph = graph
-
-    # --- TensorRT-touching helpers (small, so the test double can drive them) ------------------
+        # Eager first: this call's result, and any deferred TensorRT set-up (a changed input
+        # shape of the shared context) done outside the capture, which could not hold it.
+        self._bind_and_execute(context, slot, slot.static_inputs)
+        if slot.runs >= 1:  # captured after one warm-up call
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):  # captures on a side stream, current inside
+                self._bind_and_execute(context, slot, slot.static_inputs)
+            slot.graph = graph
 
     def _check_device(self) -> None:
         if self.device.type != "cuda":
@@ -434,9 +428,17 @@ class TensorRTEngine:
             )
         return specs
 
-    def _check_plan(self) -> None:
-        """The plan and the manifest's profiles must agree (a mismatch is never run)."""
+    def _check_plan(self, io_dtypes: Mapping[str, str]) -> None:
+        """The plan and the manifest (profiles, and dtypes when given) must agree: a mismatch
+        is never run."""
         engine = self._engine
+        plan_dtypes = {spec.name: dtype_name(spec.dtype) for spec in self.io}
+        differ = {n: d for n, d in io_dtypes.items() if plan_dtypes.get(n) != d}
+        if differ:
+            raise ValueError(
+                f"engine {self.name!r}: the manifest gives dtypes {differ}, the plan has "
+                f"{ {n: plan_dtypes.get(n) for n in differ} }; rebuild"
+            )
         if self.name in ENGINE_IO:
             want_in, want_out = ENGINE_IO[self.name]
             if set(self.input_names) != set(want_in) or set(self.output_names) != set(want_out):

@@ -1,0 +1,267 @@
+"""The builder end to end on the tiny model: ONNX export, checks, the ONNX Runtime folder, and
+generation from it against the torch backend (reference workflow, fp32)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from zimage_trt.build_engines.build import BuildOptions, BuildResult, plan_build, run_build
+from zimage_trt.build_engines.networks import ShapePoint, networks
+from zimage_trt.build_engines.onnx_export import ExportError, export_network
+from zimage_trt.build_engines.parity import check_parity
+from zimage_trt.cli import main
+from zimage_trt.models.checkpoints import load_vae_weights, resolve_model
+from zimage_trt.models.tiny import tiny_model_dir
+from zimage_trt.runtime.backends import load_torch_pipeline
+from zimage_trt.runtime.engine_folder import check_request, load_engine_folder
+from zimage_trt.runtime.manifest import MANIFEST, ManifestError, read_manifest, sha256_file
+from zimage_trt.workflow import LoraRef, Workflow, load_workflow
+
+PROMPT = "a red fox in snow"
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> BuildResult:
+    out = tmp_path_factory.mktemp("engines")
+    options = BuildOptions(backend="onnxruntime", precision="fp32")
+    plan = plan_build(options, model="tiny", workflow=load_workflow("zimage-121101"))
+    return run_build(plan, options, out, log=lambda msg: None)
+
+
+def test_every_graph_matches_torch_at_several_values_of_every_dynamic_axis(
+    built: BuildResult,
+) -> None:
+    rows = [row for report in built.engines for row in report.parity]
+    assert rows and all(row.ok for row in rows), [r for r in rows if not r.ok]
+    assert max(row.max_abs / row.scale for row in rows) < 1e-4  # fp32 graphs: ~1e-5 measured
+    denoiser = [row.point for row in rows if row.engine == "denoiser"]
+    assert {p.batch for p in denoiser} == {1, 2}
+    assert {p.tokens for p in denoiser} == {32, 4096}  # caption slots: min and the ceiling
+    assert {(p.height, p.width) for p in denoiser} == {(28, 22), (54, 42), (108, 84)}
+    prompts = {row.point.tokens for row in rows if row.engine == "text_encoder"}
+    assert len(prompts) == 3 and {1, 4096} <= prompts
+    assert {row.runner for row in rows} == {"onnxruntime"}
+
+
+def test_every_graph_is_parseable_by_tensorrt(built: BuildResult) -> None:
+    for report in built.engines:
+        assert report.coverage is not None and report.coverage.ok, report.coverage.summary()
+        dtypes = {dtype for _, dtype in report.coverage.pairs}
+        assert "DOUBLE" not in dtypes  # RoPE comes from fp32 tables, not a float64 product
+
+
+def test_manifest_records_files_versions_weights_and_profiles(built: BuildResult) -> None:
+    out = built.folder
+    manifest = read_manifest(out)
+    assert manifest == built.manifest
+    assert list(manifest.engines) == ["text_encoder", "caption_path", "denoiser", "vae_decoder"]
+    assert manifest.backend == "onnxruntime" and manifest.precision == "fp32"
+    assert set(manifest.versions) == {"zimage_trt", "torch", "onnx", "onnxruntime"}
+    assert [(lora.name, lora.strength) for lora in manifest.weights.loras] == [
+        ("zimage_lora.safetensors", 1.0)
+    ]
+    assert set(manifest.weights.sha256) == {"transformer", "text_encoder", "vae"}
+    assert manifest.peak_rss_bytes > 0 and manifest.build_seconds > 0
+    for entry in manifest.engines.values():
+        assert len(entry.files) == 2  # the graph and its one external-data file
+        for rel, record in entry.files.items():
+            assert (out / rel).stat().st_size == record.bytes
+            assert sha256_file(out / rel) == record.sha256
+    denoiser = manifest.engines["denoiser"]
+    assert [p.name for p in denoiser.profiles] == ["base", "refine", "upscale"]
+    assert denoiser.profiles[0].shapes["latents"].max == (2, 16, 28, 22)  # cfg 2: batch 2
+    assert denoiser.inputs == {"latents": "float32", "sigma": "float32",
+                               "cap_tokens": "float32", "cap_valid": "bool"}  # fmt: skip
+    saved = Workflow.load(out / "workflow.yaml")
+    assert saved.prompts.negative == load_workflow("zimage-121101").prompts.negative_text()
+
+
+def test_rebuilding_reuses_every_engine_whose_key_matches(built: BuildResult) -> None:
+    options = BuildOptions(backend="onnxruntime", precision="fp32")
+    plan = plan_build(options, model="tiny", workflow=load_workflow("zimage-121101"))
+    again = run_build(plan, options, built.folder, log=lambda msg: None)
+    assert [r.reused for r in again.engines] == [True, True, True, True]
+    assert again.manifest.engines == built.manifest.engines
+
+
+def test_onnxruntime_matches_the_torch_backend_on_the_reference_workflow(
+    built: BuildResult,
+) -> None:
+    wf = load_workflow("zimage-121101")
+    wf.prompts.positive = PROMPT
+    ort_pipe, _ = load_engine_folder(built.folder)
+    torch_pipe = load_torch_pipeline(
+        wf, "tiny", device=torch.device("cpu"), dtype=torch.float32, log=lambda msg: None
+    )
+    got = ort_pipe.run(wf)
+    ref = torch_pipe.run(wf)
+    assert [(s.model_calls, s.calls_skipped) for s in got.stages] == [
+        (s.model_calls, s.calls_skipped) for s in ref.stages
+    ]
+    assert got.latent.shape == ref.latent.shape == (1, 16, 108, 84)
+    delta = float((got.latent - ref.latent).abs().max())
+    print(f"ONNX Runtime vs torch, final latent max |Δ| = {delta:.3g}")
+    assert delta < 1e-3
+    assert np.abs(got.image.astype(int) - ref.image.astype(int)).max() <= 2
+
+
+def test_generate_from_the_engine_folder_writes_the_image_and_previews(
+    built: BuildResult, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(["generate", "--engines", str(built.folder), "--prompt", PROMPT,
+                 "--out", str(tmp_path), "-q"])  # fmt: skip
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "(onnxruntime backend on cpu, float32)" in out
+    paths = sorted(tmp_path.rglob("*.png"))
+    sizes = sorted(Image.open(p).size for p in paths)
+    assert sizes == [(176, 224), (336, 432), (672, 864)]
+
+
+def test_a_truncated_engine_file_is_reported_not_run(built: BuildResult, tmp_path: Path) -> None:
+    folder = tmp_path / "engines"
+    shutil.copytree(built.folder, folder)
+    data = folder / "onnx" / "denoiser.onnx.data"
+    size = data.stat().st_size
+    with open(data, "r+b") as f:
+        f.truncate(size - 100)
+    with pytest.raises(ManifestError) as err:
+        load_engine_folder(folder)
+    assert str(err.value) == (
+        f"engine 'denoiser': {data} is {size - 100} bytes, the manifest says {size} "
+        "(truncated or replaced); rebuild the folder"
+    )
+    with open(data, "r+b") as f:  # same size, one flipped byte
+        f.truncate(size)
+    with pytest.raises(ManifestError, match="does not match its sha-256"):
+        load_engine_folder(folder)
+
+
+def test_a_request_for_other_loras_is_refused(built: BuildResult) -> None:
+    wf = load_workflow("zimage-121101")
+    wf.models.loras = [LoraRef(path="zimage_lora.safetensors", strength=0.5)]
+    with pytest.raises(ManifestError) as err:
+        check_request(built.manifest, wf, built.folder)
+    assert str(err.value) == (
+        f"the engines in {built.folder} hold LoRAs zimage_lora.safetensors at 1; the workflow "
+        "asks for zimage_lora.safetensors at 0.5. Rebuild with this workflow "
+        "(zimage-trt build --workflow …)"
+    )
+
+
+def test_a_manifest_for_another_backend_or_format_is_refused(
+    built: BuildResult, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = tmp_path / "engines"
+    shutil.copytree(built.folder, folder)
+    code = main(["generate", "--engines", str(folder), "--backend", "tensorrt", "-q"])
+    assert code == 2
+    assert capsys.readouterr().err.strip() == (
+        f"zimage-trt: error: --backend tensorrt asked for, but {folder} holds onnxruntime engines"
+    )
+    manifest = json.loads((folder / MANIFEST).read_text())
+    manifest["format"] = 99
+    (folder / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(ManifestError, match="has format 99; this zimage-trt reads format 1"):
+        load_engine_folder(folder)
+
+
+def test_a_shape_outside_the_profiles_fails_before_any_work(
+    built: BuildResult, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    wf = Workflow.load(built.folder / "workflow.yaml")
+    wf.stages[0].latent.width = wf.stages[0].latent.height = 1024
+    path = tmp_path / "big.yaml"
+    wf.save(path)
+    code = main(["generate", "--engines", str(built.folder), "-w", str(path),
+                 "--out", str(tmp_path / "out"), "-q"])  # fmt: skip
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "engine 'denoiser' was not built for latents 2×16×128×128" not in err
+    assert "engine 'denoiser' was not built for latents 1×16×128×128, cap_valid 1×32" in err
+    assert "base: latents 1×16×28×22 … 2×16×28×22 (opt 1×16×28×22)" in err
+    assert "To cover it, build with: zimage-trt build" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_build_dry_run_prints_the_profile_table(capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["build", "--model", "tiny", "--resolutions", "1024x1024,768x1344",
+                 "--backend", "onnxruntime", "--dry-run", "-q"])  # fmt: skip
+    assert code == 0
+    out = capsys.readouterr().out.splitlines()
+    assert (
+        out[0] == "profiles for resolutions 1024x1024,768x1344 (fp32, captions up to 4096 tokens)"
+    )
+    assert out[1].split() == ["engine", "profile", "input", "min", "opt", "max"]
+    rows = [line.split() for line in out]
+    assert ["denoiser", "1024x1024", "latents", "1×16×128×128", "1×16×128×128",
+            "2×16×128×128"] in rows  # fmt: skip
+    assert ["denoiser", "768x1344", "latents", "1×16×168×96", "1×16×168×96",
+            "2×16×168×96"] in rows  # fmt: skip
+    assert out[-1] == "(dry run: nothing built)"
+
+
+def _tiny_vae_parts(precision: str) -> tuple:  # type: ignore[type-arg]
+    files = resolve_model(tiny_model_dir())
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    vae = load_vae_weights(files.vae, dtype)
+    meta = load_vae_weights(files.vae, dtype, meta=True)
+    net = networks(precision, *_configs(files, vae))["vae_decoder"]
+    return net, vae, meta
+
+
+def _configs(files, vae):  # type: ignore[no-untyped-def]
+    from zimage_trt.models.checkpoints import load_dit, load_text_encoder_weights
+
+    dit = load_dit(files.transformer, torch.float32, meta=True)
+    text = load_text_encoder_weights(files.text_encoder, torch.float32, meta=True)
+    return dit.config, text.config, vae.config
+
+
+def test_bf16_graphs_run_on_the_reference_evaluator(tmp_path: Path) -> None:
+    from zimage_trt.models.vae import VAEDecoder
+
+    net, vae, meta = _tiny_vae_parts("bf16")
+    weights = dict(VAEDecoder(vae).state_dict())
+    result = export_network(
+        net, VAEDecoder(meta), weights, tmp_path / "vae.onnx",
+        example=ShapePoint(2, 2, 6, 4), limits=ShapePoint(1, 1, 16, 16),
+    )  # fmt: skip
+    points = [ShapePoint(1, 1, 8, 6), ShapePoint(1, 1, 12, 16)]
+    rows = check_parity(net, result.graph, VAEDecoder(vae), points, "bf16")
+    assert [row.runner for row in rows] == ["onnx reference evaluator"] * 2
+    assert all(row.ok for row in rows), rows
+    assert max(row.max_abs for row in rows) > 0  # bf16 rounding differs: a real comparison
+
+
+def test_a_failed_export_leaves_no_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from zimage_trt.build_engines import onnx_export
+    from zimage_trt.models.vae import VAEDecoder
+
+    net, vae, meta = _tiny_vae_parts("fp32")
+    weights = dict(VAEDecoder(vae).state_dict())
+    weights.pop("decoder.conv_out.weight")
+    with pytest.raises(
+        ExportError, match=r"initializer 'decoder\.conv_out\.weight' has no weight \(1 missing\)"
+    ):
+        export_network(net, VAEDecoder(meta), weights, tmp_path / "vae.onnx",
+                       example=ShapePoint(2, 2, 6, 4), limits=ShapePoint(1, 1, 16, 16))  # fmt: skip
+    assert list(tmp_path.iterdir()) == []
+
+    def broken_save(model: object, path: Path) -> None:
+        path.write_bytes(b"half a graph")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(onnx_export, "_save_graph", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        export_network(net, VAEDecoder(meta), dict(VAEDecoder(vae).state_dict()),
+                       tmp_path / "vae.onnx", example=ShapePoint(2, 2, 6, 4),
+                       limits=ShapePoint(1, 1, 16, 16))  # fmt: skip
+    assert list(tmp_path.iterdir()) == []
