@@ -265,3 +265,43 @@ def test_a_failed_export_leaves_no_files(tmp_path: Path, monkeypatch: pytest.Mon
                        tmp_path / "vae.onnx", example=ShapePoint(2, 2, 6, 4),
                        limits=ShapePoint(1, 1, 16, 16))  # fmt: skip
     assert list(tmp_path.iterdir()) == []
+
+
+def test_full_size_parity_falls_back_to_a_real_width_slice() -> None:
+    """What a 24 GB machine checks of the 6 B DiT and the 4 B text encoder: one block per stack,
+    exported by the same route, against torch (run here on the tiny model's weights)."""
+    from zimage_trt.build_engines.build import _whole_graph_check, slice_parity
+    from zimage_trt.models.checkpoints import load_dit, load_text_encoder_weights
+
+    options = BuildOptions(backend="onnxruntime", precision="fp32")
+    plan = plan_build(options, model="tiny", workflow=load_workflow("zimage-121101"))
+    files = plan.sources.files
+    dit = load_dit(files.transformer, torch.float32)
+    text = load_text_encoder_weights(files.text_encoder, torch.float32)
+    assert _whole_graph_check(options, dit)  # tiny: the whole graph is checked
+    assert not _whole_graph_check(BuildOptions(parity_mode="slice"), dit)
+    huge = torch.nn.Linear(1, 1)
+    huge.weight = torch.nn.Parameter(torch.empty(60_000_000, 1, device="meta"))
+    assert not _whole_graph_check(BuildOptions(precision="bf16"), huge)
+    for name, full in (("denoiser", dit), ("caption_path", dit), ("text_encoder", text)):
+        rows = slice_parity(name, plan, options, full)
+        assert rows and all(row.ok for row in rows), rows
+        assert {row.runner for row in rows} == {"onnxruntime (real-width slice)"}
+        assert max(row.max_abs for row in rows) < 1e-4
+
+
+def test_the_vae_encoder_exports_with_dynamic_image_sides(tmp_path: Path) -> None:
+    from zimage_trt.models.vae import VAEEncoder
+
+    files = resolve_model(tiny_model_dir())
+    vae = load_vae_weights(files.vae, torch.float32)
+    meta = load_vae_weights(files.vae, torch.float32, meta=True)
+    net = networks("fp32", *_configs(files, vae))["vae_encoder"]
+    result = export_network(
+        net, VAEEncoder(meta), dict(VAEEncoder(vae).state_dict()), tmp_path / "enc.onnx",
+        example=ShapePoint(2, 2, 6, 4), limits=ShapePoint(1, 1, 16, 16),
+    )  # fmt: skip
+    points = [ShapePoint(1, 1, 8, 6), ShapePoint(1, 1, 16, 10)]
+    rows = check_parity(net, result.graph, VAEEncoder(vae), points, "fp32")
+    assert [r.point for r in rows] == points and all(r.ok for r in rows), rows
+    assert max(r.max_abs for r in rows) < 1e-4
