@@ -305,3 +305,69 @@ def test_the_vae_encoder_exports_with_dynamic_image_sides(tmp_path: Path) -> Non
     rows = check_parity(net, result.graph, VAEEncoder(vae), points, "fp32")
     assert [r.point for r in rows] == points and all(r.ok for r in rows), rows
     assert max(r.max_abs for r in rows) < 1e-4
+
+
+def test_a_tensorrt_build_through_the_recording_double(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """build.py's TensorRT branch end to end against the recording double (tests/
+    tensorrt_double.py: it checks our calls, it proves nothing about TensorRT): one plan per
+    engine from the exported ONNX, one optimization profile per stage, the refit map, and a
+    manifest that verifies."""
+    import sys
+
+    import onnx
+    import torch._dynamo  # noqa: F401  # before the double: dynamo probes find_spec("tensorrt")
+
+    from tests.tensorrt_double import FakeTensorRT, OnnxParser, TensorDesc
+    from zimage_trt.build_engines import tensorrt_builder
+
+    trt = FakeTensorRT("10.13.0.35")
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    monkeypatch.setattr(tensorrt_builder, "gpu_identity", lambda device=0: {
+        "name": "Fake GPU", "compute_capability": "9.0", "cuda": "13.0"})  # fmt: skip
+    onnx_types = {1: "FLOAT", 16: "BF16", 7: "INT64", 9: "BOOL"}
+    original = OnnxParser.parse_from_file
+
+    def parse(self: OnnxParser, model: str) -> bool:  # the ONNX's own I/O, as TensorRT reads it
+        graph = onnx.load(model, load_external_data=False).graph
+
+        def descs(values: list) -> list[TensorDesc]:  # type: ignore[type-arg]
+            out = []
+            for v in values:
+                dims = v.type.tensor_type.shape.dim
+                shape = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in dims)
+                out.append(TensorDesc(v.name, onnx_types[v.type.tensor_type.elem_type], shape))
+            return out
+
+        trt.network_inputs, trt.network_outputs = descs(graph.input), descs(graph.output)
+        return original(self, model)
+
+    monkeypatch.setattr(OnnxParser, "parse_from_file", parse)
+    options = BuildOptions(backend="tensorrt", precision="bf16", check_parity=False,
+                           refittable=True, optimization_level=4)  # fmt: skip
+    plan = plan_build(options, model="tiny", resolutions=[(256, 256)], log=lambda m: None)
+    result = run_build(plan, options, tmp_path, log=lambda m: None)
+    manifest = read_manifest(tmp_path)
+    assert manifest.backend == "tensorrt" and manifest.versions["tensorrt"] == "10.13.0.35"
+    assert manifest.machine["compute_capability"] == "9.0"
+    denoiser = manifest.engines["denoiser"]
+    assert denoiser.file == "denoiser.plan" and denoiser.refittable
+    assert set(denoiser.files) == {"onnx/denoiser.onnx", "onnx/denoiser.onnx.data",
+                                   "denoiser.plan", "denoiser.refit.json"}  # fmt: skip
+    assert not manifest.engines["vae_decoder"].refittable  # only DiT engines are refit
+    builds = [e for e in trt.events if e[0] == "build_serialized_network"]
+    assert [e[1] for e in builds] == [4, 4, 4, 4]
+    assert result.manifest.options["refittable"] is True
+    # a refittable engine's cache key leaves the weights out
+    from zimage_trt.build_engines.build import _engine_key
+
+    net, profiles = plan.nets["denoiser"], plan.profiles["denoiser"]
+    other = manifest.weights.model_copy(update={"sha256": {"transformer": "different"}})
+    keys = {_engine_key("denoiser", net, profiles, options, w, manifest.versions,
+                        manifest.machine) for w in (manifest.weights, other)}  # fmt: skip
+    assert len(keys) == 1
+    fixed = BuildOptions(backend="tensorrt", precision="bf16", refittable=False)
+    keys = {_engine_key("denoiser", net, profiles, fixed, w, manifest.versions,
+                        manifest.machine) for w in (manifest.weights, other)}  # fmt: skip
+    assert len(keys) == 2

@@ -285,6 +285,7 @@ def run_build(
                 memory_pool_limit=options.memory_pool_limit,
                 refittable=options.refittable and name in ("denoiser", "caption_path"),
                 timing_cache=options.timing_cache, log=log,
+                progress=_phase_logger(f"[{index}/{len(names)}] {name}", log),
             )  # fmt: skip
             files[_rel(out, plan_path)] = file_record(plan_path)
             engine_file = _rel(out, plan_path)
@@ -413,6 +414,16 @@ def _load_slice(model: M, full: nn.Module, dtype: torch.dtype) -> M:
     state = full.state_dict()
     model.load_state_dict({k: state[k] for k in model.state_dict()}, strict=True)
     return model.to(dtype).eval()
+
+
+def _phase_logger(prefix: str, log: Log) -> Callable[[str, int, int], None]:
+    """TensorRT's build phases as log lines: each phase when it starts and when it is done."""
+
+    def report(phase: str, done: int, total: int) -> None:
+        if done == 0 or done == total:
+            log(f"{prefix}: TensorRT {phase} {done}/{total}")
+
+    return report
 
 
 def peak_rss_bytes() -> int:
