@@ -209,6 +209,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         wf.models.loras = [LoraRef(path=p, strength=w) for p, w in map(_parse_lora, args.lora)]
     jobs = _jobs(args)
     if args.engines is not None:
+        if args.compile:
+            raise ValueError(
+                "--compile serves the torch backend (--model); an engine folder is compiled already"
+            )
         pipeline = _engine_pipeline(args, wf)
     elif args.backend != "torch":
         raise ValueError(
@@ -227,12 +231,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
             dtype=pick_dtype(args.dtype, device),
             search=search,
             lora_ignore_unmatched=args.lora_ignore_unmatched,
+            compile=args.compile,
         )
     for job in jobs:
         job_wf = apply_overrides(wf.model_copy(deep=True), **job)
         generation = pipeline.run(job_wf, progress=_progress(args.quiet))
         paths = pipeline.save(job_wf, generation, args.out)
         print(_summary(generation, pipeline.engines))
+        _print_compile_stats(pipeline.engines)
         for path in paths:
             print(f"wrote {path}")
     return 0
@@ -249,6 +255,18 @@ def _generate_workflow(args: argparse.Namespace) -> str | Path:
         if manifest.workflow_file:
             return args.engines / manifest.workflow_file
     return "zimage-turbo"
+
+
+def _print_compile_stats(engines: Any) -> None:
+    from zimage_trt.runtime.compiled import compile_stats
+
+    stats = compile_stats(engines)
+    if stats is None or not stats.report():
+        return
+    print(stats.table())
+    print(f"compile: {stats.compile_seconds():.2f} s in first calls (included above)")
+    for row in stats.problems():
+        print(f"warning: {row.engine} {row.shapes}: {row.status}", file=sys.stderr)
 
 
 def _engine_pipeline(args: argparse.Namespace, wf: Any) -> Any:
@@ -609,6 +627,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--cuda-graphs",
         action="store_true",
         help="TensorRT: capture the denoiser per stage shape and replay it",
+    )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch backend: torch.compile each engine per stage shape (CUDA graphs on GPU); "
+        "compile time is reported separately",
     )
     p.add_argument(
         "--lora-ignore-unmatched",

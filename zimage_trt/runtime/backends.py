@@ -121,10 +121,12 @@ def load_torch_pipeline(
     dtype: torch.dtype,
     search: tuple[Path, ...] = (),
     lora_ignore_unmatched: bool = False,
+    compile: bool = False,
     log: Callable[[str], None] = lambda msg: print(msg, file=sys.stderr),
 ) -> Pipeline:
     """Load the workflow's models (or ``model``: a folder, a repo id or ``tiny``) onto ``device``,
-    fuse its LoRAs, and wrap them in the eager torch backend."""
+    fuse its LoRAs, and wrap them in the eager torch backend (``compile``: each engine compiled
+    per stage shape, see ``runtime.compiled``)."""
     from zimage_trt.models.checkpoints import load_text_encoder_weights, load_vae_weights
 
     sources = model_sources(wf, model, search=search, log=log)
@@ -135,6 +137,10 @@ def load_torch_pipeline(
     log(f"loading the VAE from {files.vae}")
     vae = load_vae_weights(files.vae, dtype)
     engines = torch_engines(dit, text_encoder, vae, device=device, dtype=dtype)
+    if compile:
+        from zimage_trt.runtime.compiled import compiled_engines
+
+        engines = compiled_engines(engines)
     return Pipeline(engines, files.load_tokenizer())
 
 

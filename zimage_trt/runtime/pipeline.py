@@ -79,9 +79,11 @@ class Pipeline:
         device: str = "auto",
         dtype: str = "auto",
         lora_ignore_unmatched: bool = False,
+        compile: bool = False,
     ) -> Pipeline:
         """Load a model (folder, Hugging Face repo id from the local cache, or ``"tiny"``) on the
-        torch backend, with the LoRAs of ``workflow`` fused in."""
+        torch backend, with the LoRAs of ``workflow`` fused in (``compile``: torch.compile each
+        engine per stage shape)."""
         from zimage_trt.runtime.backends import load_torch_pipeline, pick_device, pick_dtype
         from zimage_trt.workflow import load_workflow
 
@@ -93,6 +95,7 @@ class Pipeline:
             device=torch_device,
             dtype=pick_dtype(dtype, torch_device),
             lora_ignore_unmatched=lora_ignore_unmatched,
+            compile=compile,
         )
 
     def __call__(
