@@ -767,6 +767,10 @@ def build_parser() -> argparse.ArgumentParser:
     _model_options(p)
     p.set_defaults(func=cmd_reproduce)
 
+    from zimage_trt.bench import add_bench_parser
+
+    add_bench_parser(sub)
+
     p = sub.add_parser(
         "make-tiny",
         formatter_class=raw,
