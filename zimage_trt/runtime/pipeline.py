@@ -126,6 +126,12 @@ class Pipeline:
             "hidden"
         ]
 
+    def clear_caches(self) -> None:
+        """Forget every cached prompt encoding and caption path output, so that the next request
+        pays for its text in full (as a first request would); the call counters keep counting."""
+        self.prompts.cache.clear()
+        self._captions.clear()
+
     def caption(self, text: str, name: str) -> Cond:
         """The prompt's caption tokens (after the context refiner), cached by text."""
         tokens, length = self._captions.get_or_make(text, lambda: self._caption_path(text))

@@ -1,0 +1,80 @@
+"""The GPU benchmark's dry run on CPU with tiny configs: the same code path the GPU minutes run,
+so they are not spent on bugs (benchmarks/gpu_bench.py)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_bench.py"
+
+
+def _load_script():  # type: ignore[no-untyped-def]
+    spec = importlib.util.spec_from_file_location("gpu_bench", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["gpu_bench"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_random_init_keeps_activations_finite() -> None:
+    gpu_bench = _load_script()
+    dit, text, _ = gpu_bench.random_models(True, torch.device("cpu"), torch.float32)
+    assert next(dit.parameters()).device.type == "cpu"
+    assert not any(p.requires_grad for p in dit.parameters())
+    ids = torch.randint(0, 1000, (1, 40))
+    hidden = text(ids, torch.ones_like(ids))
+    assert bool(torch.isfinite(hidden).all()) and 0.1 < float(hidden.std()) < 100
+    norms = dit.layers[0].attention_norm1.weight
+    assert 0.3 < float(norms.mean()) < 1.7  # norm scales near 1
+    qkv = dit.layers[0].attention.qkv.weight
+    assert math.isclose(float(qkv.std()), 1 / math.sqrt(qkv.shape[1]), rel_tol=0.1)  # 1/√fan-in
+
+
+def test_the_cpu_dry_run_writes_every_figure(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    gpu_bench = _load_script()
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        code = gpu_bench.main(["--tiny", "--device", "cpu", "--out", str(tmp_path),
+                               "--compile-backend", "eager", "--repeats", "1", "--iters", "1",
+                               "--warmup", "0"])  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0
+    result = json.loads((tmp_path / "gpu_bench-cpu-tiny.json").read_text())
+    meta = result["gpu_bench"]
+    assert meta["size"] == "tiny" and "random weights" in meta["weights"]
+    assert "synthetic" in meta["weights"] and meta["synthetic"]
+    assert meta["tensorrt"].startswith("not run: TensorRT is not installed")
+    assert list(result["backends"]) == ["torch", "torch-compile"]
+    for name, record in result["backends"].items():
+        assert record["status"] == "ok"
+        stages = [p for p in record["end_to_end"]["parts"] if p["kind"] == "stage"]
+        assert [(s["name"], s["model_calls"]) for s in stages] == [
+            ("base", 18),
+            ("refine", 16),
+            ("upscale", 31),
+        ], name
+        seconds = record["end_to_end"]["total_seconds"]["median"]
+        assert math.isfinite(seconds) and seconds > 0
+    compiled = result["backends"]["torch-compile"]["compile"]
+    assert {row["status"] for row in compiled["shapes"]} == {"compiled"}
+    assert {row["engine"] for row in compiled["shapes"]} == {
+        "text_encoder", "caption_path", "denoiser", "vae_decoder"
+    }  # fmt: skip
+    delta = result["agreement"]["torch-compile"]["final_latent_max_abs_delta_vs_torch"]
+    assert delta < 1e-4
+    assert Image.open(tmp_path / "gpu_bench-cpu-tiny.png").size[0] > 0
+    assert "| backend |" in (tmp_path / "gpu_bench-cpu-tiny.md").read_text()
+    assert "wrote " in capsys.readouterr().out
