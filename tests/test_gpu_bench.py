@@ -69,7 +69,8 @@ def test_the_cpu_dry_run_writes_every_figure(
         seconds = record["end_to_end"]["total_seconds"]["median"]
         assert math.isfinite(seconds) and seconds > 0
     compiled = result["backends"]["torch-compile"]["compile"]
-    assert {row["status"] for row in compiled["shapes"]} == {"compiled"}
+    assert all(row["status"].startswith("compiled") for row in compiled["shapes"])
+    assert meta["compile"] == {"scope": "regional", "backend": "eager"}
     assert {row["engine"] for row in compiled["shapes"]} == {
         "text_encoder", "caption_path", "denoiser", "vae_decoder"
     }  # fmt: skip

