@@ -371,3 +371,40 @@ def test_a_tensorrt_build_through_the_recording_double(
     keys = {_engine_key("denoiser", net, profiles, fixed, w, manifest.versions,
                         manifest.machine) for w in (manifest.weights, other)}  # fmt: skip
     assert len(keys) == 2
+
+
+def test_tensorrt_plans_for_another_gpu_or_version_are_refused(
+    built: BuildResult, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Plans are specific to a GPU and a TensorRT version: the folder is refused before any
+    engine is read (with the recording double standing in for TensorRT)."""
+    import sys
+
+    import torch._dynamo  # before the double: dynamo probes find_spec("tensorrt")
+
+    from tests.tensorrt_double import FakeTensorRT
+    from zimage_trt.build_engines import tensorrt_builder
+    from zimage_trt.runtime.engine_folder import _check_machine
+
+    monkeypatch.setitem(sys.modules, "tensorrt", FakeTensorRT("10.13.0.35"))
+    here = {"name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0", "cuda": "13.0"}
+    monkeypatch.setattr(tensorrt_builder, "gpu_identity", lambda device=0: here)
+    manifest = built.manifest.model_copy(update={
+        "backend": "tensorrt", "versions": {**built.manifest.versions, "tensorrt": "10.13.0.35"},
+        "machine": dict(here)})  # fmt: skip
+    cuda = torch.device("cuda")
+    _check_machine(manifest, cuda)  # same GPU, same TensorRT: accepted
+    other_gpu = manifest.model_copy(update={"machine": {**here, "name": "NVIDIA L40S",
+                                                        "compute_capability": "8.9"}})  # fmt: skip
+    with pytest.raises(ManifestError) as err:
+        _check_machine(other_gpu, cuda)
+    assert str(err.value) == (
+        "the engines were built for GPU 'NVIDIA L40S' (name); this machine has "
+        "'NVIDIA H100 80GB HBM3': TensorRT plans are specific to the GPU, rebuild the folder here"
+    )
+    old = manifest.model_copy(update={"versions": {**manifest.versions, "tensorrt": "10.9.0.34"}})
+    with pytest.raises(ManifestError, match=r"built with TensorRT 10\.9\.0\.34; this machine has "
+                       r"TensorRT 10\.13\.0\.35: rebuild the folder here"):  # fmt: skip
+        _check_machine(old, cuda)
+    with pytest.raises(ManifestError, match="TensorRT engines run on a CUDA device, not cpu"):
+        _check_machine(manifest, torch.device("cpu"))
