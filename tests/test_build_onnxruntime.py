@@ -270,7 +270,7 @@ def test_a_failed_export_leaves_no_files(tmp_path: Path, monkeypatch: pytest.Mon
 def test_full_size_parity_falls_back_to_a_real_width_slice() -> None:
     """What a 24 GB machine checks of the 6 B DiT and the 4 B text encoder: one block per stack,
     exported by the same route, against torch (run here on the tiny model's weights)."""
-    from zimage_trt.build_engines.build import _whole_graph_check, slice_parity
+    from zimage_trt.build_engines.slice_parity import slice_parity, whole_graph_fits
     from zimage_trt.models.checkpoints import load_dit, load_text_encoder_weights
 
     options = BuildOptions(backend="onnxruntime", precision="fp32")
@@ -278,13 +278,13 @@ def test_full_size_parity_falls_back_to_a_real_width_slice() -> None:
     files = plan.sources.files
     dit = load_dit(files.transformer, torch.float32)
     text = load_text_encoder_weights(files.text_encoder, torch.float32)
-    assert _whole_graph_check(options, dit)  # tiny: the whole graph is checked
-    assert not _whole_graph_check(BuildOptions(parity_mode="slice"), dit)
+    assert whole_graph_fits("fp32", "auto", dit)  # tiny: the whole graph is checked
+    assert not whole_graph_fits("fp32", "slice", dit)
     huge = torch.nn.Linear(1, 1)
     huge.weight = torch.nn.Parameter(torch.empty(60_000_000, 1, device="meta"))
-    assert not _whole_graph_check(BuildOptions(precision="bf16"), huge)
+    assert not whole_graph_fits("bf16", "auto", huge)
     for name, full in (("denoiser", dit), ("caption_path", dit), ("text_encoder", text)):
-        rows = slice_parity(name, plan, options, full)
+        rows = slice_parity(name, plan.configs, "fp32", full)
         assert rows and all(row.ok for row in rows), rows
         assert {row.runner for row in rows} == {"onnxruntime (real-width slice)"}
         assert max(row.max_abs for row in rows) < 1e-4

@@ -15,18 +15,18 @@ import resource
 import shutil
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from zimage_trt import __version__
 from zimage_trt.build_engines.coverage import CoverageReport, check_tensorrt_coverage
 from zimage_trt.build_engines.networks import PRECISIONS, Network, ShapePoint, dtype_names, networks
-from zimage_trt.build_engines.onnx_export import OPSET, export_network
+from zimage_trt.build_engines.onnx_export import OPSET, export_network, module_weights
 from zimage_trt.build_engines.parity import ParityRow, check_parity, parity_points
 from zimage_trt.build_engines.profiles import (
     CAPTION_MAX,
@@ -39,8 +39,9 @@ from zimage_trt.build_engines.profiles import (
     resolution_stages,
     workflow_stages,
 )
+from zimage_trt.build_engines.slice_parity import slice_parity, whole_graph_fits
 from zimage_trt.models.checkpoints import write_json
-from zimage_trt.models.dit import CaptionPath, RopeTables, ZImageDiT, rope_table_lengths
+from zimage_trt.models.dit import RopeTables, ZImageDiT, rope_table_lengths
 from zimage_trt.runtime.backends import ModelSources, load_fused_dit, model_sources
 from zimage_trt.runtime.manifest import (
     MANIFEST,
@@ -60,7 +61,6 @@ from zimage_trt.workflow import Workflow
 
 BUILD_BACKENDS = ("onnxruntime", "tensorrt")
 WORKFLOW_FILE = "workflow.yaml"
-BF16_WHOLE_GRAPH_MAX = 50_000_000  # parameters: beyond this the reference evaluator takes hours
 Log = Callable[[str], None]
 
 
@@ -227,7 +227,7 @@ def run_build(
         module = _real_module(name, net, plan, options, modules, log)
         onnx_path = out / "onnx" / f"{name}.onnx"
         meta = _meta_module(name, net, plan, options)
-        weights_map = _weights_of(module)
+        weights_map = module_weights(module)
         result = export_network(
             net, meta, weights_map, onnx_path, example=_example(limits(profiles, net)),
             limits=limits(profiles, net), log=log,
@@ -243,7 +243,7 @@ def run_build(
                 f"{name}: the ONNX graph has ops TensorRT cannot parse: {report.coverage.summary()}"
             )
         if options.check_parity:
-            if _whole_graph_check(options, module):
+            if whole_graph_fits(options.precision, options.parity_mode, module):
                 report.parity = check_parity(
                     net, onnx_path, module, parity_points(net, profiles), options.precision
                 )
@@ -257,7 +257,9 @@ def run_build(
                 import onnx
 
                 onnx.checker.check_model(str(onnx_path))
-                report.parity = slice_parity(name, plan, options, modules[net.component])
+                report.parity = slice_parity(
+                    name, plan.configs, options.precision, modules[net.component]
+                )
             bad = [r for r in report.parity if not r.ok]
             if bad:
                 worst = max(bad, key=lambda r: r.max_abs / r.scale)
@@ -332,84 +334,6 @@ def run_build(
     )
     write_json(out / MANIFEST, manifest.model_dump(mode="json"))
     return BuildResult(manifest, reports, out)
-
-
-def _whole_graph_check(options: BuildOptions, module: nn.Module) -> bool:
-    """Whole-graph parity when an fp32 session and the module fit in half the free RAM (and,
-    for bf16, the graph is small enough for ONNX's slow reference evaluator); else a slice."""
-    if options.parity_mode != "auto":
-        return options.parity_mode == "whole"
-    n = sum(p.numel() for p in module.parameters())
-    if options.precision == "bf16" and n > BF16_WHOLE_GRAPH_MAX:
-        return False
-    return 3 * 4 * n < available_ram_bytes() // 2
-
-
-def available_ram_bytes() -> int:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 8 * 2**30  # unknown: assume a small machine
-
-
-def slice_parity(
-    name: str, plan: BuildPlan, options: BuildOptions, full: nn.Module
-) -> list[ParityRow]:
-    """Parity of a real-width slice of ``full`` (the whole DiT or text encoder): one block per
-    stack with the checkpoint's own weights,
-    exported by the same route, at two small shapes: what a 24 GB machine can run of a 6 B DiT
-    or a 4 B text encoder."""
-    import tempfile
-
-    from zimage_trt.models.text_encoder import Qwen3TextEncoder
-
-    dtype = PRECISIONS[options.precision]
-    lim = ShapePoint(2, 64, 16, 16)
-    configs = dict(plan.configs)
-    pair: tuple[nn.Module, nn.Module]
-    if isinstance(full, ZImageDiT):
-        configs["dit"] = cfg = replace(full.config, n_layers=1, n_refiner_layers=1)
-        lengths = rope_table_lengths(lim.tokens, lim.height, lim.width)
-        real = _load_slice(ZImageDiT(cfg), full, dtype)
-        meta = _on_meta(lambda: ZImageDiT(cfg)).to(dtype)
-        # tables after the dtype cast: they stay fp32
-        real.rope_tables = RopeTables(cfg, lengths)
-        meta.rope_tables = _on_meta(lambda: RopeTables(cfg, lengths))
-        pair = (CaptionPath(real), CaptionPath(meta)) if name == "caption_path" else (real, meta)
-    elif isinstance(full, Qwen3TextEncoder):
-        configs["text_encoder"] = cfg_te = replace(full.config, num_hidden_layers=2)
-        pair = (
-            _load_slice(Qwen3TextEncoder(cfg_te), full, dtype),
-            _on_meta(lambda: Qwen3TextEncoder(cfg_te)).to(dtype),
-        )
-    else:
-        raise ValueError(f"{name}: no slice defined for {type(full).__name__}")
-    net = networks(options.precision, configs["dit"], configs["text_encoder"], configs["vae"])[name]
-    with tempfile.TemporaryDirectory(prefix="zimage-trt-slice-") as tmp:
-        graph = Path(tmp) / f"{name}-slice.onnx"
-        export_network(net, pair[1], _weights_of(pair[0]), graph,
-                       example=ShapePoint(2, 40, 12, 10), limits=lim)  # fmt: skip
-        points = [ShapePoint(1, 20, 8, 6), ShapePoint(2, 64, 12, 10)]
-        rows = check_parity(net, graph, pair[0], points, options.precision)
-    return [replace(r, runner=f"{r.runner} (real-width slice)") for r in rows]
-
-
-M = TypeVar("M", bound=nn.Module)
-
-
-def _on_meta(make: Callable[[], M]) -> M:
-    with torch.device("meta"):
-        return make()
-
-
-def _load_slice(model: M, full: nn.Module, dtype: torch.dtype) -> M:
-    """``model`` (fewer blocks) with ``full``'s weights under the same names."""
-    state = full.state_dict()
-    model.load_state_dict({k: state[k] for k in model.state_dict()}, strict=True)
-    return model.to(dtype).eval()
 
 
 def _phase_logger(prefix: str, log: Log) -> Callable[[str, int, int], None]:
@@ -600,10 +524,6 @@ def _meta_module(name: str, net: Network, plan: BuildPlan, options: BuildOptions
             None, load_text_encoder_weights(files.text_encoder, dtype, meta=True), None
         )
     return net.module(None, None, load_vae_weights(files.vae, dtype, meta=True))
-
-
-def _weights_of(module: nn.Module) -> Mapping[str, Tensor]:
-    return {**dict(module.named_parameters()), **dict(module.named_buffers())}
 
 
 def _copy_tokenizer(sources: ModelSources, out: Path) -> str | None:

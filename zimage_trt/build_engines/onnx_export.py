@@ -90,6 +90,11 @@ def export_network(
     return ExportResult(path, data_path, time.perf_counter() - start, count, size)
 
 
+def module_weights(module: nn.Module) -> dict[str, Tensor]:
+    """Every parameter and buffer of ``module`` by name: what ``export_network`` streams."""
+    return {**dict(module.named_parameters()), **dict(module.named_buffers())}
+
+
 def _meta_inputs(network: Network, point: ShapePoint) -> tuple[Tensor, ...]:
     return tuple(
         torch.empty(spec.shape(point), dtype=spec.dtype, device="meta") for spec in network.inputs
