@@ -13,6 +13,7 @@ import numpy as np
 import yaml
 
 from zimage_trt import __version__
+from zimage_trt.text_table import text_table
 
 
 def _examples(*lines: str) -> str:
@@ -143,16 +144,9 @@ def _summary(generation: Any, engines: Any) -> str:
         rows.append((r.name, latent, str(r.model_calls), str(r.calls_skipped), f"{r.seconds:.2f}"))
     rows.append(("decode", "", "", "", f"{generation.seconds['decode']:.2f}"))
     rows.append(("total", "", "", "", f"{sum(generation.seconds.values()):.2f}"))
-    widths = [max(len(row[i]) for row in rows) for i in range(5)]
-    lines = [
-        "  ".join(
-            c.ljust(w) if i == 0 else c.rjust(w)
-            for i, (c, w) in enumerate(zip(row, widths, strict=True))
-        ).rstrip()
-        for row in rows
-    ]
     dtype = str(engines.dtype).removeprefix("torch.")
-    return "\n".join([*lines, f"({engines.backend} backend on {engines.device}, {dtype})"])
+    table = text_table(rows, right=(1, 2, 3, 4))
+    return f"{table}\n({engines.backend} backend on {engines.device}, {dtype})"
 
 
 def _parse_lora(text: str) -> tuple[str, float]:

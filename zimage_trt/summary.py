@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from zimage_trt.runtime.easycache import easycache_window
 from zimage_trt.runtime.latents import VAE_SCALE
 from zimage_trt.runtime.samplers import evaluated_sigmas
+from zimage_trt.text_table import text_table
 from zimage_trt.workflow import Stage, Workflow
 
 PATCH = 2
@@ -95,7 +96,4 @@ def stage_table(wf: Workflow) -> str:
                 window,
             )
         )
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join(
-        "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows
-    )
+    return text_table(rows)

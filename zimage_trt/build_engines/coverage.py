@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import functools
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -34,6 +34,8 @@ from pathlib import Path
 import onnx
 import onnx.inliner
 from onnx import TensorProto, helper
+
+from zimage_trt.text_table import text_table
 
 OPS_FILE = "trt_onnx_ops.txt"
 OPSET_RANGE = (9, 24)  # the ops file's header: TensorRT 10.15 parses these default-domain opsets
@@ -104,15 +106,7 @@ class CoverageReport:
             for (op, dtype), count in sorted(self.pairs.items())
         ]
         header = ("op", "dtype", "count", "status")
-        widths = [max(len(row[i]) for row in (header, *rows)) for i in range(4)]
-
-        def line(cells: Sequence[str]) -> str:
-            op, dtype, count, status = cells
-            return (
-                f"{op:<{widths[0]}}  {dtype:<{widths[1]}}  {count:>{widths[2]}}  {status}"
-            ).rstrip()
-
-        return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
+        return text_table([header, *rows], right=(2,), rule=True)
 
     def summary(self) -> str:
         """One line: the counts when all is well, else the problems (the first few spelled out)."""

@@ -19,6 +19,8 @@ from torch import Tensor, nn
 
 from zimage_trt.build_engines.networks import Network, ShapePoint
 from zimage_trt.runtime.manifest import Profile
+from zimage_trt.runtime.onnxruntime_engines import to_numpy
+from zimage_trt.text_table import text_table
 
 TOLERANCE = {"fp32": 1e-3, "bf16": 6e-2}  # max |Δ| relative to max(1, max |reference|)
 
@@ -135,7 +137,7 @@ def _runner(graph: Path, precision: str):  # type: ignore[no-untyped-def]
     evaluator = ReferenceEvaluator(str(graph), new_ops=_fp32_accumulating_ops())
 
     def run_reference(inputs: dict[str, Tensor]) -> list[np.ndarray]:
-        feeds = {k: _numpy(v) for k, v in inputs.items()}
+        feeds = {k: to_numpy(v) for k, v in inputs.items()}
         return list(evaluator.run(None, feeds))
 
     return run_reference, "onnx reference evaluator"
@@ -177,14 +179,6 @@ def _fp32_accumulating_ops() -> list[type]:
     return [upcast(load_op("", name)) for name in ACCUMULATING_OPS]
 
 
-def _numpy(tensor: Tensor) -> np.ndarray:
-    if tensor.dtype == torch.bfloat16:
-        import ml_dtypes
-
-        return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-    return tensor.numpy()
-
-
 def format_parity(rows: Sequence[ParityRow]) -> str:
     header = ("engine", "B", "tokens", "latent", "output", "max |Δ|", "limit", "runner", "")
     table = [header]
@@ -193,6 +187,4 @@ def format_parity(rows: Sequence[ParityRow]) -> str:
         table.append((r.engine, str(p.batch), str(p.tokens), f"{p.height}×{p.width}", r.output,
                       f"{r.max_abs:.2e}", f"{r.tolerance * r.scale:.1e}", r.runner,
                       "ok" if r.ok else "FAIL"))  # fmt: skip
-    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
-                     for row in table)  # fmt: skip
+    return text_table(table)

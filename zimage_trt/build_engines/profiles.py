@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from zimage_trt.build_engines.networks import Network, ShapePoint
 from zimage_trt.runtime.latents import MAX_SIDE, SIDE_MULTIPLE, VAE_SCALE
 from zimage_trt.runtime.manifest import Profile, ShapeRange
+from zimage_trt.text_table import text_table
 from zimage_trt.workflow import Workflow
 
 CAPTION_MAX = 4096
@@ -215,14 +216,7 @@ def format_profiles(profiles: dict[str, list[Profile]]) -> str:
                         _dims(span.max),
                     )
                 )
-    widths = [max(len(r[i]) for r in rows) for i in range(6)]
-    return "\n".join(
-        "  ".join(
-            cell.ljust(w) if i < 3 else cell.rjust(w)
-            for i, (cell, w) in enumerate(zip(row, widths, strict=True))
-        ).rstrip()
-        for row in rows
-    )
+    return text_table(rows, right=(3, 4, 5))
 
 
 def _dims(shape: Sequence[int]) -> str:

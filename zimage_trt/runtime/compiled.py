@@ -44,6 +44,7 @@ from torch import Tensor, nn
 
 from zimage_trt.models.dit import SEQ_MULTIPLE
 from zimage_trt.runtime.engines import DTYPE_NAMES, ENGINE_IO, Engine, Engines, TorchEngine
+from zimage_trt.text_table import text_table
 
 CAPTION_BUCKET = 256  # caption-length axes are padded up to a multiple of this many tokens
 RECOMPILE_LIMIT = 64  # distinct stage shapes one engine may compile before dynamo refuses
@@ -195,15 +196,7 @@ class CompileStats:
             (r.engine, r.shapes, f"{r.compile_seconds:.2f}", str(r.calls), r.status)
             for r in self._rows.values()
         ]
-        widths = [max(len(row[i]) for row in rows) for i in range(5)]
-        lines = []
-        for row in rows:
-            cells = [
-                c.rjust(w) if i in (2, 3) else c.ljust(w)
-                for i, (c, w) in enumerate(zip(row, widths, strict=True))
-            ]
-            lines.append("  ".join(cells).rstrip())
-        return "\n".join(lines)
+        return text_table(rows, right=(2, 3))
 
 
 def bucket_length(length: int, bucket: int) -> int:

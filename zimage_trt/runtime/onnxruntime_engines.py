@@ -70,14 +70,15 @@ class OnnxRuntimeEngine:
             raise ValueError(f"engine {self.name!r} needs inputs {missing}")
         shapes = {n: tuple(inputs[n].shape) for n in self.input_dtypes}
         select_profile(self.name, self.profiles, shapes, self.hint)
-        feeds = {n: _to_numpy(inputs[n].to(dtype)) for n, dtype in self.input_dtypes.items()}
+        feeds = {n: to_numpy(inputs[n].to(dtype)) for n, dtype in self.input_dtypes.items()}
         outs = self.session.run(self.output_names, feeds)
         return {
             n: _from_numpy(o).to(self.device) for n, o in zip(self.output_names, outs, strict=True)
         }
 
 
-def _to_numpy(tensor: Tensor) -> np.ndarray:
+def to_numpy(tensor: Tensor) -> np.ndarray:
+    """A host array of ``tensor``; bf16 as ml_dtypes' bfloat16 (numpy has none)."""
     tensor = tensor.detach().contiguous().cpu()
     if tensor.dtype == torch.bfloat16:
         import ml_dtypes
