@@ -117,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
         "--budget",
         type=float,
         default=420.0,
-        help="seconds; later sections are skipped (and say so) past it",
+        help="seconds from the start: a backend not started by then is skipped (the JSON says "
+        "so); the JSON is also written after each backend, so a kill keeps what was done",
     )
     args = parser.parse_args(argv)
     return run(args)
@@ -127,14 +128,17 @@ def run(args: argparse.Namespace) -> int:
     from zimage_trt.bench import markdown, run_bench, write_outputs
 
     start = time.perf_counter()
+
+    def log(msg: str) -> None:
+        print(f"[{time.perf_counter() - start:6.1f} s] {msg}", flush=True)
+
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit(
             "gpu_bench: no CUDA device visible (use --tiny --device cpu for the dry run)"
         )
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    print(f"building {'tiny' if args.tiny else 'full-size'} random-weight networks on {device}",
-          flush=True)  # fmt: skip
+    log(f"building {'tiny' if args.tiny else 'full-size'} random-weight networks on {device}")
     dit, text, vae = random_models(args.tiny, device, dtype)
     eager = Pipeline(torch_engines(dit, text, vae, device=device, dtype=dtype),
                      QwenTokenizer.load(None))  # fmt: skip
@@ -145,31 +149,43 @@ def run(args: argparse.Namespace) -> int:
         backends.append("tensorrt")
         engines_dirs.append(args.tensorrt_engines)
     compile_options = {"scope": args.compile_scope, "backend": args.compile_backend}
-    wf = load_workflow("zimage-121101")
-    wf.models.loras = []  # random weights: nothing to fuse a LoRA into
-    result = run_bench(
-        None, wf, backends, engines_dirs, device=str(device),
-        dtype="bf16" if dtype == torch.bfloat16 else "fp32", warmup=args.warmup,
-        iters=args.iters, repeats=args.repeats, skip_baseline=True, eager=eager,
-        compile_options=compile_options, log=lambda msg: print(msg, flush=True),
-    )  # fmt: skip
-    elapsed = time.perf_counter() - start
-    result["gpu_bench"] = {
-        "size": "tiny" if args.tiny else "full",
-        "weights": WEIGHTS_NOTE,
-        "synthetic": ["backends.*.cache_effect", "backends.*.end_to_end calls skipped"],
-        "tensorrt": tensorrt_note or f"engines from {args.tensorrt_engines}",
-        "compile": compile_options,
-        "seconds": round(elapsed, 1),
-        "budget_seconds": args.budget,
-        "over_budget": elapsed > args.budget,
-    }
     name = "cpu" if device.type == "cpu" else torch.cuda.get_device_name(device)
     stem = "gpu_bench-" + "".join(c if c.isalnum() else "_" for c in name).strip("_")
     if args.tiny:
         stem += "-tiny"
     args.out.mkdir(parents=True, exist_ok=True)
     paths = [args.out / f"{stem}.{ext}" for ext in ("json", "md", "png")]
+
+    def stamp(result: dict[str, Any], partial: bool) -> None:
+        elapsed = time.perf_counter() - start
+        result["gpu_bench"] = {
+            "size": "tiny" if args.tiny else "full",
+            "weights": WEIGHTS_NOTE,
+            "synthetic": ["backends.*.cache_effect", "backends.*.end_to_end calls skipped"],
+            "tensorrt": tensorrt_note or f"engines from {args.tensorrt_engines}",
+            "compile": compile_options,
+            "partial": partial,
+            "seconds": round(elapsed, 1),
+            "budget_seconds": args.budget,
+            "over_budget": elapsed > args.budget,
+        }
+
+    def save_partial(result: dict[str, Any]) -> None:
+        stamp(result, partial=True)
+        write_outputs(result, paths[0], None, None)
+        log(f"wrote {paths[0]} (partial: {', '.join(result['backends'])} done)")
+
+    wf = load_workflow("zimage-121101")
+    wf.models.loras = []  # random weights: nothing to fuse a LoRA into
+    result = run_bench(
+        None, wf, backends, engines_dirs, device=str(device),
+        dtype="bf16" if dtype == torch.bfloat16 else "fp32", warmup=args.warmup,
+        iters=args.iters, repeats=args.repeats, skip_baseline=True, eager=eager,
+        compile_options=compile_options, deadline=start + args.budget, on_backend=save_partial,
+        log=log,
+    )  # fmt: skip
+    stamp(result, partial=False)
+    elapsed = result["gpu_bench"]["seconds"]
     write_outputs(result, *paths)
     print(markdown(result))
     for path in paths:

@@ -3,9 +3,11 @@ so they are not spent on bugs (benchmarks/gpu_bench.py)."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import json
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -78,4 +80,50 @@ def test_the_cpu_dry_run_writes_every_figure(
     assert delta < 1e-4
     assert Image.open(tmp_path / "gpu_bench-cpu-tiny.png").size[0] > 0
     assert "| backend |" in (tmp_path / "gpu_bench-cpu-tiny.md").read_text()
-    assert "wrote " in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "wrote " in out and "(partial: torch done)" in out  # written after each backend
+    assert result["gpu_bench"]["partial"] is False
+
+
+def test_a_spent_budget_skips_the_backends_and_says_why(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    gpu_bench = _load_script()
+    assert (
+        gpu_bench.main(["--tiny", "--device", "cpu", "--out", str(tmp_path), "--budget", "0"]) == 0
+    )
+    result = json.loads((tmp_path / "gpu_bench-cpu-tiny.json").read_text())
+    assert list(result["backends"]) == ["torch", "torch-compile"]
+    for record in result["backends"].values():
+        assert record["status"] == "skipped"
+        assert re.fullmatch(r"past the time budget by \d+ s when it was due to start",
+                            record["reason"])  # fmt: skip
+    assert result["gpu_bench"]["over_budget"] is True and result["gpu_bench"]["partial"] is False
+    assert "- torch: skipped, past the time budget by" in capsys.readouterr().out
+
+
+def _device_wheels():  # type: ignore[no-untyped-def]
+    path = SCRIPT.parent.parent / "scripts" / "device_wheels.py"
+    spec = importlib.util.spec_from_file_location("device_wheels", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_device_wheels_cover_every_runtime_dependency() -> None:
+    """A runtime dependency added to pyproject.toml must be on the GPU image or carried to it."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    wheels = _device_wheels()
+    pyproject = tomllib.loads((SCRIPT.parent.parent / "pyproject.toml").read_text())
+    names = {
+        re.split(r"[<>=!~\[; ]", dep, maxsplit=1)[0].lower().replace("_", "-")
+        for dep in pyproject["project"]["dependencies"]
+    }
+    carried = set(wheels.MISSING_ON_DEVICE)
+    assert names - carried - set(wheels.ON_DEVICE) == set()
+    assert not carried & set(wheels.ON_DEVICE)
+    # pinned to what the tests ran with, one version each
+    specs = wheels.pinned()
+    assert [s.split("==")[0] for s in specs] == list(wheels.MISSING_ON_DEVICE)
+    assert f"pydantic=={importlib.metadata.version('pydantic')}" in specs

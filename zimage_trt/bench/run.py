@@ -10,7 +10,7 @@ import os
 import platform
 import re
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -199,6 +199,8 @@ def run_bench(
     engines_root: Path | None = None,
     eager: Pipeline | None = None,
     compile_options: Mapping[str, Any] | None = None,
+    deadline: float | None = None,
+    on_backend: Callable[[dict[str, Any]], None] | None = None,
     log: Log = lambda msg: None,
 ) -> dict[str, Any]:
     """Every figure of one bench run as a JSON-ready dict (see ``benchmarks/README.md``).
@@ -206,6 +208,9 @@ def run_bench(
     ``eager``: an eager torch pipeline already built (e.g. the GPU benchmark's random full-size
     weights) instead of loading ``model``; ``compile_options``: keywords of ``compiled_engines``
     for the torch-compile backend (``scope``, ``backend``: the CPU dry run passes "eager").
+    ``deadline`` (a ``time.perf_counter()`` value): a backend not started by then is recorded as
+    skipped, with the reason, instead of run. ``on_backend``: called with the result so far after
+    each backend (a caller with a hard time limit writes it out, so a kill keeps what was done).
 
     The torch backend is added when the baselines are wanted (this project's eager math is the
     multi-stage baseline). Compiled backends without a folder get one built (or reused by cache
@@ -271,6 +276,11 @@ def run_bench(
     latents: dict[str, Tensor] = {}
     for backend in wanted:
         t0 = time.perf_counter()
+        if deadline is not None and t0 > deadline:
+            reason = f"past the time budget by {t0 - deadline:.0f} s when it was due to start"
+            log(f"[{backend}] skipped: {reason}")
+            result["backends"][backend] = {"status": "skipped", "reason": reason}
+            continue
         record: dict[str, Any] = {"status": "ok"}
         if backend in COMPILED_BACKENDS:
             pipeline, record["build"] = engine_folder_pipeline(
@@ -296,6 +306,8 @@ def run_bench(
         latents[backend] = generation.latent
         del pipeline, generation
         free_memory(torch_device)
+        if on_backend is not None:
+            on_backend(result)
     del eager
     free_memory(torch_device)
 
