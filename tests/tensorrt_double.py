@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import json
+import math
 import types
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -282,6 +283,7 @@ class Engine:
         self.device_memory_size_v2 = spec["device_memory"]
         self.device_memory_size = spec["device_memory"]
         self.refittable = spec["refittable"]
+        self.refitted: dict[str, torch.Tensor] = {}  # weights a Refitter replaced
         self.contexts: list[Context] = []
 
     @property
@@ -421,9 +423,12 @@ class FakeTensorRT(types.ModuleType):
     ``network_inputs``/``network_outputs``: what the "parsed ONNX" holds; ``parser_errors``:
     make parsing fail; ``build_fails``: the builder returns None (after logging an error);
     ``phases``: (name, steps) the build reports to a progress monitor; ``device_memory``: the
-    engine's activation bytes; ``refit_weights``: names a refittable engine exposes;
+    engine's activation bytes; ``refit_weights``: name → (DataType name, element count) of the
+    weights a refittable engine exposes; ``refit_together``: name → names a Refitter reports
+    missing until they are set too (weights TensorRT built into one kernel);
     ``output_shapes``/``compute``: the engine's shape function and arithmetic at execution;
-    ``capturing``: see ``FakeCUDAGraph``.
+    ``capturing``: see ``FakeCUDAGraph``; ``read_onnx``: the parser reads the network's I/O and
+    the refittable weights from the ONNX file it is given.
     """
 
     def __init__(self, version: str = "10.13.0.35") -> None:
@@ -437,7 +442,12 @@ class FakeTensorRT(types.ModuleType):
         self.build_fails = False
         self.phases: list[tuple[str, int]] = [("Building engine", 2)]
         self.device_memory = 4096
-        self.refit_weights = ["blocks.0.qkv.weight", "blocks.0.out.weight"]
+        self.refit_weights: dict[str, tuple[str, int]] = {
+            "blocks.0.qkv.weight": ("FLOAT", 12),
+            "blocks.0.out.weight": ("FLOAT", 4),
+        }
+        self.refit_together: dict[str, list[str]] = {}
+        self.read_onnx = False  # parse_from_file reads I/O and weights from the real ONNX file
         self.output_shapes: Callable[[dict[str, tuple[int, ...]]], dict[str, tuple[int, ...]]]
         self.output_shapes = self._same_as_first_input
         self.compute: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
@@ -495,7 +505,13 @@ class FakeTensorRT(types.ModuleType):
         self.Builder = BoundBuilder
         self.OnnxParser = BoundParser
         self.Runtime = BoundRuntime
-        self.Refitter = Refitter
+        self.Weights = Weights
+
+        class BoundRefitter(Refitter):
+            def __init__(self, engine: Engine, logger: ILogger) -> None:
+                super().__init__(trt, engine, logger)
+
+        self.Refitter = BoundRefitter
 
     @staticmethod
     def _same_as_first_input(shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
@@ -524,7 +540,7 @@ class FakeTensorRT(types.ModuleType):
             ],
             "device_memory": self.device_memory if device_memory is None else device_memory,
             "refittable": refittable,
-            "weights": self.refit_weights if refittable else [],
+            "weights": {n: list(w) for n, w in self.refit_weights.items()} if refittable else {},
         }
         return PLAN_MAGIC + json.dumps(spec).encode()
 
@@ -597,6 +613,8 @@ class OnnxParser:
         self.errors = list(trt.parser_errors)
         if self.errors:
             return False
+        if trt.read_onnx:
+            _read_onnx(trt, model)
         for desc, target in [(d, self.network.inputs) for d in trt.network_inputs] + [
             (d, self.network.outputs) for d in trt.network_outputs
         ]:
@@ -611,6 +629,32 @@ class OnnxParser:
 
     def get_error(self, index: int) -> _Error:
         return _Error(self.errors[index])
+
+
+_ONNX_TYPES = {1: "FLOAT", 16: "BF16", 7: "INT64", 9: "BOOL"}
+
+
+def _read_onnx(trt: FakeTensorRT, model: str) -> None:
+    """What TensorRT's parser takes from a real ONNX file: its I/O, and its initializers as the
+    refittable weights (named after them, in their dtype and element count)."""
+    import onnx
+
+    graph = onnx.load(model, load_external_data=False).graph
+
+    def descs(values: Any) -> list[TensorDesc]:
+        out = []
+        for v in values:
+            dims = v.type.tensor_type.shape.dim
+            shape = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in dims)
+            out.append(TensorDesc(v.name, _ONNX_TYPES[v.type.tensor_type.elem_type], shape))
+        return out
+
+    trt.network_inputs, trt.network_outputs = descs(graph.input), descs(graph.output)
+    trt.refit_weights = {
+        init.name: (_ONNX_TYPES[init.data_type], math.prod(init.dims))
+        for init in graph.initializer
+        if init.data_location == onnx.TensorProto.EXTERNAL  # weights, not the graph's constants
+    }
 
 
 class Runtime:
@@ -628,14 +672,51 @@ class Runtime:
         return engine
 
 
+class Weights:
+    """trt.Weights(type, ptr, count): a view of host memory (the double reads it at refit)."""
+
+    def __init__(self, type: _Member, ptr: int = 0, count: int = 0) -> None:
+        self.dtype, self.ptr, self.size = type, ptr, count
+
+
 class Refitter:
-    def __init__(self, engine: Engine, logger: ILogger) -> None:
+    """trt.Refitter: prototypes from the plan's weight table; ``set_named_weights`` checks
+    dtype and size as TensorRT does and copies the values; ``refit_cuda_engine`` stores them in
+    ``engine.refitted`` (name → tensor) and records the event."""
+
+    def __init__(self, trt: FakeTensorRT, engine: Engine, logger: ILogger) -> None:
         if not engine.refittable:
             raise RuntimeError("Refitter: the engine was not built refittable")
-        self.engine = engine
+        self._trt, self.engine = trt, engine
+        self.pending: dict[str, torch.Tensor] = {}
 
     def get_all_weights(self) -> list[str]:
         return list(self.engine.spec["weights"])
+
+    def get_weights_prototype(self, weights_name: str) -> Weights:
+        if weights_name not in self.engine.spec["weights"]:
+            return Weights(self._trt.DataType.FLOAT, 0, -1)
+        dtype, count = self.engine.spec["weights"][weights_name]
+        return Weights(getattr(self._trt.DataType, dtype), 0, count)
+
+    def set_named_weights(self, name: str, weights: Weights) -> bool:
+        proto = self.get_weights_prototype(name)
+        if proto.size < 0 or weights.dtype != proto.dtype or weights.size != proto.size:
+            return False
+        self.pending[name] = _read(weights.ptr, (weights.size,), _TORCH[weights.dtype.name])
+        return True
+
+    def get_missing_weights(self) -> list[str]:
+        together = self._trt.refit_together
+        wanted = {m for n in self.pending for m in together.get(n, ())}
+        return sorted(wanted - set(self.pending))
+
+    def refit_cuda_engine(self) -> bool:
+        if self.get_missing_weights():
+            return False
+        self.engine.refitted.update(self.pending)
+        self._trt.events.append(("refit_cuda_engine", sorted(self.pending)))
+        return True
 
 
 class FakeCUDAGraph:

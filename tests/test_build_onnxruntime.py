@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from tests.conftest import DoubleBuild
 from zimage_trt.build_engines.build import BuildOptions, BuildResult, plan_build, run_build
 from zimage_trt.build_engines.networks import ShapePoint, networks
 from zimage_trt.build_engines.onnx_export import ExportError, export_network
@@ -20,19 +21,11 @@ from zimage_trt.cli import main
 from zimage_trt.models.checkpoints import load_vae_weights, resolve_model
 from zimage_trt.models.tiny import tiny_model_dir
 from zimage_trt.runtime.backends import load_torch_pipeline
-from zimage_trt.runtime.engine_folder import check_request, load_engine_folder
+from zimage_trt.runtime.engine_folder import load_engine_folder
 from zimage_trt.runtime.manifest import MANIFEST, ManifestError, read_manifest, sha256_file
-from zimage_trt.workflow import LoraRef, Workflow, load_workflow
+from zimage_trt.workflow import Workflow, load_workflow
 
 PROMPT = "a red fox in snow"
-
-
-@pytest.fixture(scope="module")
-def built(tmp_path_factory: pytest.TempPathFactory) -> BuildResult:
-    out = tmp_path_factory.mktemp("engines")
-    options = BuildOptions(backend="onnxruntime", precision="fp32")
-    plan = plan_build(options, model="tiny", workflow=load_workflow("zimage-121101"))
-    return run_build(plan, options, out, log=lambda msg: None)
 
 
 def test_every_graph_matches_torch_at_several_values_of_every_dynamic_axis(
@@ -69,8 +62,11 @@ def test_manifest_records_files_versions_weights_and_profiles(built: BuildResult
     ]
     assert set(manifest.weights.sha256) == {"transformer", "text_encoder", "vae"}
     assert manifest.peak_rss_bytes > 0 and manifest.build_seconds > 0
-    for entry in manifest.engines.values():
-        assert len(entry.files) == 2  # the graph and its one external-data file
+    for name, entry in manifest.engines.items():
+        # the graph and its one external-data file; the DiT engines' refit maps (other LoRAs)
+        refit = {f"{name}.refit.json"} if name in ("caption_path", "denoiser") else set()
+        assert set(entry.files) == {f"onnx/{name}.onnx", f"onnx/{name}.onnx.data"} | refit
+        assert entry.refittable == bool(refit)
         for rel, record in entry.files.items():
             assert (out / rel).stat().st_size == record.bytes
             assert sha256_file(out / rel) == record.sha256
@@ -142,18 +138,6 @@ def test_a_truncated_engine_file_is_reported_not_run(built: BuildResult, tmp_pat
         f.truncate(size)
     with pytest.raises(ManifestError, match="does not match its sha-256"):
         load_engine_folder(folder)
-
-
-def test_a_request_for_other_loras_is_refused(built: BuildResult) -> None:
-    wf = load_workflow("zimage-121101")
-    wf.models.loras = [LoraRef(path="zimage_lora.safetensors", strength=0.5)]
-    with pytest.raises(ManifestError) as err:
-        check_request(built.manifest, wf, built.folder)
-    assert str(err.value) == (
-        f"the engines in {built.folder} hold LoRAs zimage_lora.safetensors at 1; the workflow "
-        "asks for zimage_lora.safetensors at 0.5. Rebuild with this workflow "
-        "(zimage-trt build --workflow …)"
-    )
 
 
 def test_a_manifest_for_another_backend_or_format_is_refused(
@@ -308,46 +292,14 @@ def test_the_vae_encoder_exports_with_dynamic_image_sides(tmp_path: Path) -> Non
 
 
 def test_a_tensorrt_build_through_the_recording_double(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    built_tensorrt_double: DoubleBuild,
 ) -> None:
-    """build.py's TensorRT branch end to end against the recording double (tests/
-    tensorrt_double.py: it checks our calls, it proves nothing about TensorRT): one plan per
-    engine from the exported ONNX, one optimization profile per stage, the refit map, and a
-    manifest that verifies."""
-    import sys
-
-    import onnx
-    import torch._dynamo  # noqa: F401  # before the double: dynamo probes find_spec("tensorrt")
-
-    from tests.tensorrt_double import FakeTensorRT, OnnxParser, TensorDesc
-    from zimage_trt.build_engines import tensorrt_builder
-
-    trt = FakeTensorRT("10.13.0.35")
-    monkeypatch.setitem(sys.modules, "tensorrt", trt)
-    monkeypatch.setattr(tensorrt_builder, "gpu_identity", lambda device=0: {
-        "name": "Fake GPU", "compute_capability": "9.0", "cuda": "13.0"})  # fmt: skip
-    onnx_types = {1: "FLOAT", 16: "BF16", 7: "INT64", 9: "BOOL"}
-    original = OnnxParser.parse_from_file
-
-    def parse(self: OnnxParser, model: str) -> bool:  # the ONNX's own I/O, as TensorRT reads it
-        graph = onnx.load(model, load_external_data=False).graph
-
-        def descs(values: list) -> list[TensorDesc]:  # type: ignore[type-arg]
-            out = []
-            for v in values:
-                dims = v.type.tensor_type.shape.dim
-                shape = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in dims)
-                out.append(TensorDesc(v.name, onnx_types[v.type.tensor_type.elem_type], shape))
-            return out
-
-        trt.network_inputs, trt.network_outputs = descs(graph.input), descs(graph.output)
-        return original(self, model)
-
-    monkeypatch.setattr(OnnxParser, "parse_from_file", parse)
-    options = BuildOptions(backend="tensorrt", precision="bf16", check_parity=False,
-                           refittable=True, optimization_level=4)  # fmt: skip
-    plan = plan_build(options, model="tiny", resolutions=[(256, 256)], log=lambda m: None)
-    result = run_build(plan, options, tmp_path, log=lambda m: None)
+    """build.py's TensorRT branch end to end against the recording double (see conftest): one
+    plan per engine from the exported ONNX, one optimization profile per stage, the refit map,
+    and a manifest that verifies."""
+    result, trt = built_tensorrt_double.result, built_tensorrt_double.trt
+    options, plan = built_tensorrt_double.options, built_tensorrt_double.plan
+    tmp_path = result.folder
     manifest = read_manifest(tmp_path)
     assert manifest.backend == "tensorrt" and manifest.versions["tensorrt"] == "10.13.0.35"
     assert manifest.machine["compute_capability"] == "9.0"

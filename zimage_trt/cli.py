@@ -215,15 +215,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
         )
     else:
         device = pick_device(args.device)
-        wf_file = Path(args.workflow) if args.workflow else None
-        workflow_dir = wf_file.resolve().parent if wf_file and wf_file.is_file() else None
-        search = tuple(p for p in (workflow_dir, Path.cwd()) if p is not None)
         pipeline = load_torch_pipeline(
             wf,
             args.model,
             device=device,
             dtype=pick_dtype(args.dtype, device),
-            search=search,
+            search=_search(args),
             lora_ignore_unmatched=args.lora_ignore_unmatched,
             compile=args.compile,
             compile_scope=args.compile_scope,
@@ -264,6 +261,13 @@ def _print_compile_stats(engines: Any) -> None:
         print(f"warning: {row.engine} {row.shapes}: {row.status}", file=sys.stderr)
 
 
+def _search(args: argparse.Namespace) -> tuple[Path, ...]:
+    """Where relative LoRA paths are looked for: the workflow file's folder, then here."""
+    wf_file = Path(args.workflow) if args.workflow else None
+    workflow_dir = wf_file.resolve().parent if wf_file and wf_file.is_file() else None
+    return tuple(p for p in (workflow_dir, Path.cwd()) if p is not None)
+
+
 def _engine_pipeline(args: argparse.Namespace, wf: Any) -> Any:
     """The pipeline of a built folder, refused with the reason if it does not fit."""
     from zimage_trt.runtime.backends import pick_device
@@ -276,13 +280,24 @@ def _engine_pipeline(args: argparse.Namespace, wf: Any) -> Any:
             f"--backend {args.backend} asked for, but {args.engines} holds "
             f"{manifest.backend} engines"
         )
-    if args.model is not None:
-        raise ValueError("--model and --engines exclude each other: the engines hold the weights")
     device = None if args.device == "auto" else pick_device(args.device)
-    check_request(manifest, wf, args.engines)
+    swap = None
+    if check_request(manifest, wf, args.engines):  # other LoRAs: refit from the base DiT
+        from zimage_trt.runtime.refit import plan_lora_swap
+
+        swap = plan_lora_swap(
+            manifest, args.engines, wf, model=args.model, search=_search(args),
+            lora_ignore_unmatched=args.lora_ignore_unmatched, log=_info(args.quiet),
+        )  # fmt: skip
+    elif args.model is not None:
+        raise ValueError(
+            "--model with --engines names the base DiT for swapping LoRAs; the engines already "
+            "hold the workflow's LoRAs, so it is not needed"
+        )
     pipeline, _ = load_engine_folder(
-        args.engines, device=device, cuda_graphs=args.cuda_graphs, log=_info(args.quiet)
-    )
+        args.engines, device=device, cuda_graphs=args.cuda_graphs, swap=swap,
+        log=_info(args.quiet),
+    )  # fmt: skip
     pipeline.preflight(wf)
     return pipeline
 
@@ -616,7 +631,9 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         default=None,
         metavar="DIR",
-        help="run the engines of a folder made by `zimage-trt build` (instead of --model)",
+        help="run the engines of a folder made by `zimage-trt build`; with other LoRAs than "
+        "the folder's, refittable engines take them from the base DiT (the workflow's, or "
+        "--model)",
     )
     p.add_argument(
         "--cuda-graphs",

@@ -111,6 +111,7 @@ def engine_folder_pipeline(
     """A compiled backend's pipeline: the given folder, or one built (or reused by cache key)
     under ``engines_root``; build seconds are recorded apart from every run time."""
     from zimage_trt.runtime.engine_folder import check_request, load_engine_folder
+    from zimage_trt.runtime.manifest import read_manifest
 
     build: dict[str, Any] = {"folder": str(folder) if folder else None, "built_here": False}
     if folder is None:
@@ -133,8 +134,13 @@ def engine_folder_pipeline(
             engines_built=[r.name for r in result.engines if not r.reused],
         )
     t0 = time.perf_counter()
-    pipeline, manifest = load_engine_folder(folder, device=device, log=log)
-    check_request(manifest, wf, folder)
+    swap = None
+    if check_request(read_manifest(folder), wf, folder):  # other LoRAs: refit from the base DiT
+        from zimage_trt.runtime.refit import plan_lora_swap
+
+        swap = plan_lora_swap(read_manifest(folder), folder, wf, model=model, log=log)
+        build["lora_swap"] = swap.describe()
+    pipeline, manifest = load_engine_folder(folder, device=device, swap=swap, log=log)
     pipeline.preflight(wf)
     build.update(load_seconds=time.perf_counter() - t0, precision=manifest.precision,
                  manifest_versions=manifest.versions)  # fmt: skip

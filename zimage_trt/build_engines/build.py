@@ -42,9 +42,15 @@ from zimage_trt.build_engines.profiles import (
 from zimage_trt.build_engines.slice_parity import slice_parity, whole_graph_fits
 from zimage_trt.models.checkpoints import write_json
 from zimage_trt.models.dit import RopeTables, ZImageDiT, rope_table_lengths
-from zimage_trt.runtime.backends import ModelSources, load_fused_dit, model_sources
+from zimage_trt.runtime.backends import (
+    ModelSources,
+    load_fused_dit,
+    lora_target_keys,
+    model_sources,
+)
 from zimage_trt.runtime.manifest import (
     MANIFEST,
+    REFIT_SUFFIX,
     EngineFile,
     LoraRecord,
     Manifest,
@@ -56,6 +62,7 @@ from zimage_trt.runtime.manifest import (
     read_manifest,
     sha256_file,
     verify_files,
+    weights_sha256,
 )
 from zimage_trt.workflow import Workflow
 
@@ -206,7 +213,7 @@ def run_build(
     start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     previous = _previous_manifest(out, log)
-    weights = _weights_record(plan.sources)
+    weights = _weights_record(plan.sources, options.lora_ignore_unmatched)
     versions = _versions(options.backend)
     machine = _machine(options.backend)
     entries: dict[str, EngineFile] = {}
@@ -272,7 +279,9 @@ def run_build(
             _rel(out, result.data): file_record(result.data),
         }
         engine_file = _rel(out, onnx_path)
-        refittable = False
+        refit_names: Sequence[str] = ()
+        if net.component == "transformer" and options.backend == "onnxruntime":
+            refit_names = result.weight_names  # ONNX Runtime overrides initializers by name
         if options.backend == "tensorrt":
             from zimage_trt.build_engines.tensorrt_builder import build_tensorrt_engine
 
@@ -287,11 +296,11 @@ def run_build(
             )  # fmt: skip
             files[_rel(out, plan_path)] = file_record(plan_path)
             engine_file = _rel(out, plan_path)
-            refittable = bool(info.refit_weights)
-            if refittable:  # refit names are the ONNX initializers' = the checkpoint's keys
-                refit_map = out / f"{name}.refit.json"
-                write_json(refit_map, {"weights": list(info.refit_weights)})
-                files[_rel(out, refit_map)] = file_record(refit_map)
+            refit_names = info.refit_weights
+        if refit_names:  # the ONNX initializers' names = the DiT's state-dict keys
+            refit_map = out / f"{name}{REFIT_SUFFIX}"
+            write_json(refit_map, {"weights": list(refit_names)})
+            files[_rel(out, refit_map)] = file_record(refit_map)
         report.seconds = time.perf_counter() - t0
         entries[name] = EngineFile(
             file=engine_file,
@@ -301,7 +310,7 @@ def run_build(
             profiles=profiles,
             cache_key=key,
             build_seconds=report.seconds,
-            refittable=refittable,
+            refittable=bool(refit_names),
         )
         reports.append(report)
         if name in ("caption_path",) and "denoiser" in names:
@@ -386,17 +395,15 @@ def _verified(out: Path, manifest: Manifest | None, name: str) -> bool:
     return True
 
 
-def _weights_record(sources: ModelSources) -> WeightsRecord:
+def _weights_record(sources: ModelSources, lora_ignore_unmatched: bool) -> WeightsRecord:
     per_network = sources.files.weight_files()
-    hashes = {
-        network: cache_key({"files": [sha256_file(p) for p in paths]})
-        for network, paths in per_network.items()
-    }
+    hashes = {network: weights_sha256(paths) for network, paths in per_network.items()}
     loras = [
         LoraRecord(name=name, sha256=sha256_file(path), strength=strength)
         for path, strength, name in sources.loras
     ]
-    return WeightsRecord(origin=sources.files.origin, sha256=hashes, loras=loras)
+    keys = lora_target_keys(sources, ignore_unmatched=lora_ignore_unmatched) if loras else []
+    return WeightsRecord(origin=sources.files.origin, sha256=hashes, loras=loras, lora_keys=keys)
 
 
 def _versions(backend: str) -> dict[str, str]:

@@ -54,6 +54,7 @@ class ExportResult:
     seconds: float
     initializers: int
     data_bytes: int
+    weight_names: tuple[str, ...] = ()  # the initializers streamed from ``weights``
 
 
 def export_network(
@@ -85,9 +86,10 @@ def export_network(
     _optimize(network.name, model, set(weights))
     data_path = path.with_name(path.name + DATA_SUFFIX)
     with _atomic_pair(path, data_path) as (tmp_graph, tmp_data):
-        count, size = _stream_weights(network.name, model, weights, tmp_data, data_path.name)
+        streamed, size = _stream_weights(network.name, model, weights, tmp_data, data_path.name)
         _save_graph(model, tmp_graph)
-    return ExportResult(path, data_path, time.perf_counter() - start, count, size)
+    seconds = time.perf_counter() - start
+    return ExportResult(path, data_path, seconds, len(streamed), size, tuple(streamed))
 
 
 def module_weights(module: nn.Module) -> dict[str, Tensor]:
@@ -149,13 +151,14 @@ def _optimize(name: str, model: ir.Model, weight_names: set[str]) -> None:
 
 def _stream_weights(
     name: str, model: ir.Model, weights: Mapping[str, Tensor], data_file: Path, location: str
-) -> tuple[int, int]:
-    """Write every weight initializer into one aligned file; returns (count, bytes). The graph's
-    own constants stay inline: TensorRT and ONNX Runtime read shape and axes inputs from them."""
+) -> tuple[list[str], int]:
+    """Write every weight initializer into one aligned file; returns (their names, bytes). The
+    graph's own constants stay inline: TensorRT and ONNX Runtime read shape and axes inputs from
+    them."""
     import onnx_ir as ir
 
     graph = model.graph
-    offset, count = 0, 0
+    offset, streamed = 0, []
     base_dir = str(data_file.parent)
     with open(data_file, "wb") as f:
         for init_name, value in list(graph.initializers.items()):
@@ -182,8 +185,8 @@ def _stream_weights(
                 base_dir=base_dir,
             )  # fmt: skip
             offset += raw.numel()
-            count += 1
-    return count, offset
+            streamed.append(init_name)
+    return streamed, offset
 
 
 def _save_graph(model: ir.Model, path: Path) -> None:

@@ -113,6 +113,17 @@ def load_fused_dit(
     return dit
 
 
+def lora_target_keys(sources: ModelSources, *, ignore_unmatched: bool = False) -> list[str]:
+    """The DiT weights the sources' LoRAs change, found on the meta device (no weight is read;
+    the LoRA files are)."""
+    from zimage_trt.models.checkpoints import load_dit
+    from zimage_trt.models.lora import fuse_loras, load_lora
+
+    dit = load_dit(sources.files.transformer, torch.float32, meta=True)
+    loras = [(load_lora(path), strength) for path, strength, _ in sources.loras]
+    return sorted(fuse_loras(dit.state_dict(), loras, ignore_unmatched=ignore_unmatched))
+
+
 def load_torch_pipeline(
     wf: Workflow,
     model: str | None = None,

@@ -3,13 +3,13 @@ does not fit the machine or the request, before any work; otherwise wrap its eng
 
 Checks, in order: the manifest reads; the backend's library is installed; the folder was built
 for this GPU and TensorRT version (plans are not portable); every file matches its hash; the
-request's LoRAs and strengths are the fused ones; every shape the workflow needs lies inside a
-built profile (``Pipeline.preflight``).
+request's LoRAs and strengths are the fused ones, or the DiT engines are refittable and take the
+request's (``runtime.refit``); every shape the workflow needs lies inside a built profile
+(``Pipeline.preflight``).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,6 +18,7 @@ import torch
 from zimage_trt.runtime.engines import Engine, Engines
 from zimage_trt.runtime.manifest import Manifest, ManifestError, read_manifest, verify_files
 from zimage_trt.runtime.pipeline import Pipeline
+from zimage_trt.runtime.refit import LoraSwap, same_loras, show_loras, swap_refusal
 from zimage_trt.runtime.tokenizer import QwenTokenizer
 from zimage_trt.workflow import Workflow
 
@@ -29,10 +30,12 @@ def load_engine_folder(
     *,
     device: torch.device | None = None,
     cuda_graphs: bool = False,
+    swap: LoraSwap | None = None,
     log: Callable[[str], None] = lambda msg: None,
 ) -> tuple[Pipeline, Manifest]:
     """The pipeline over a built folder. ``cuda_graphs``: capture the TensorRT denoiser once per
-    shape and replay it (TensorRT only)."""
+    shape and replay it (TensorRT only). ``swap``: new DiT weights (other LoRAs) for the
+    refittable engines, from ``runtime.refit.plan_lora_swap``."""
     root = Path(folder)
     manifest = read_manifest(root)
     backend = manifest.backend
@@ -53,14 +56,18 @@ def load_engine_folder(
 
         shared = SharedActivations(device)
     engines: dict[str, Engine] = {}
+    if swap is not None:
+        log(swap.describe())
     for name, entry in manifest.engines.items():
         path = root / entry.file
+        weights = swap.weights.get(name) if swap is not None else None
         if backend == "onnxruntime":
             from zimage_trt.runtime.onnxruntime_engines import OnnxRuntimeEngine
 
             engines[name] = OnnxRuntimeEngine(
-                name, path, entry.inputs, entry.outputs, entry.profiles, device=device, hint=hint
-            )
+                name, path, entry.inputs, entry.outputs, entry.profiles, device=device, hint=hint,
+                weights=weights,
+            )  # fmt: skip
         else:
             from zimage_trt.runtime.tensorrt_engines import TensorRTEngine
 
@@ -75,6 +82,8 @@ def load_engine_folder(
                 cuda_graphs=cuda_graphs and name == "denoiser",
                 hint=hint,
                 io_dtypes={**entry.inputs, **entry.outputs},
+                weights=weights,
+                more_weights=swap.source if swap is not None else None,
             )
     missing = [n for n in ("text_encoder", "caption_path", "denoiser", "vae_decoder")
                if n not in engines]  # fmt: skip
@@ -126,19 +135,20 @@ def _check_machine(manifest: Manifest, device: torch.device) -> None:
             )
 
 
-def check_request(manifest: Manifest, wf: Workflow, folder: str | Path) -> None:
-    """The workflow's LoRAs must be those fused into the engines, at the same strengths."""
+def check_request(manifest: Manifest, wf: Workflow, folder: str | Path) -> bool:
+    """False when the workflow's LoRAs are those fused into the engines, at the same strengths;
+    True when they are not but the DiT engines can take them (``runtime.refit``); otherwise a
+    ``ManifestError`` that says why and what to do."""
+    if same_loras(manifest, wf):
+        return False
+    refusal = swap_refusal(manifest, folder)
+    if refusal is None:
+        return True
     wanted = [(lora.path, lora.strength) for lora in wf.models.loras]
     built = [(lora.name, lora.strength) for lora in manifest.weights.loras]
-    same = len(wanted) == len(built) and all(
-        a == c and math.isclose(b, d) for (a, b), (c, d) in zip(wanted, built, strict=True)
+    raise ManifestError(
+        f"the engines in {folder} hold LoRAs {show_loras(built)}; the workflow asks for "
+        f"{show_loras(wanted)}, and {refusal}. Rebuild with this workflow "
+        "(zimage-trt build --workflow …)"
+        + (", with --refittable to swap LoRAs later" if manifest.backend == "tensorrt" else "")
     )
-    if not same:
-
-        def show(items: list[tuple[str, float]]) -> str:
-            return ", ".join(f"{n} at {s:g}" for n, s in items) or "none"
-
-        raise ManifestError(
-            f"the engines in {folder} hold LoRAs {show(built)}; the workflow asks for "
-            f"{show(wanted)}. Rebuild with this workflow (zimage-trt build --workflow …)"
-        )

@@ -17,6 +17,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 MANIFEST = "manifest.json"
+REFIT_SUFFIX = ".refit.json"  # <engine>.refit.json: the weight names a refittable engine takes
 FORMAT_VERSION = 1
 Shape = tuple[int, ...]
 
@@ -103,6 +104,9 @@ class EngineFile(_Model):
     profiles: list[Profile]
     cache_key: str
     build_seconds: float = 0.0
+    # its DiT weights can be replaced when the folder is loaded (another LoRA or strength):
+    # ``<engine>.refit.json`` lists the names that take them (TensorRT: built --refittable;
+    # ONNX Runtime: always, as initializer overrides)
     refittable: bool = False
 
 
@@ -118,6 +122,8 @@ class WeightsRecord(_Model):
     origin: str
     sha256: dict[str, str]  # network → hash of its weight files
     loras: list[LoraRecord] = Field(default_factory=list)
+    # the DiT weights those LoRAs changed (a swap restores them); None: not recorded
+    lora_keys: list[str] | None = None
 
 
 class Manifest(_Model):
@@ -147,6 +153,11 @@ def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
         while block := f.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+def weights_sha256(paths: Iterable[str | Path]) -> str:
+    """One hash for a network's weight files (the manifest's ``weights.sha256`` entries)."""
+    return cache_key({"files": [sha256_file(p) for p in paths]})
 
 
 def cache_key(parts: Mapping[str, Any]) -> str:

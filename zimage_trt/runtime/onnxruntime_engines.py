@@ -7,8 +7,9 @@ the built profiles before they reach the session.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -44,7 +45,9 @@ class OnnxRuntimeEngine:
         *,
         device: torch.device,
         hint: str = "",
+        weights: Mapping[str, Tensor] | None = None,
     ) -> None:
+        """``weights``: initializers to replace by name (other LoRAs, ``runtime.refit``)."""
         import onnxruntime as ort
 
         providers = onnxruntime_providers(device)
@@ -56,6 +59,12 @@ class OnnxRuntimeEngine:
             )
         options = ort.SessionOptions()
         options.log_severity_level = 3
+        if weights:
+            # in place of the external data, before graph optimization (add_initializer comes
+            # after constant folding: a folded Transpose(weight) would keep the old value); ORT
+            # reads the values in place, so they must outlive the session
+            self._overrides = [_ort_value(t) for t in weights.values()]
+            options.add_external_initializers(list(weights), self._overrides)
         self.name = name
         self.session = ort.InferenceSession(str(graph), options, providers=providers)
         self.input_dtypes = {k: dtype_from_name(v) for k, v in inputs.items()}
@@ -85,6 +94,15 @@ def to_numpy(tensor: Tensor) -> np.ndarray:
 
         return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
     return tensor.numpy()
+
+
+def _ort_value(tensor: Tensor) -> Any:
+    import onnxruntime as ort
+
+    array = np.ascontiguousarray(to_numpy(tensor))
+    if array.dtype.name == "bfloat16":  # ORT takes bf16 as raw 16-bit words + the ONNX type
+        return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(array.view(np.uint16), 16)
+    return ort.OrtValue.ortvalue_from_numpy(array)
 
 
 def _from_numpy(array: np.ndarray) -> Tensor:

@@ -249,7 +249,9 @@ class TensorRTEngine:
     path, text encoder). ``cuda_graphs`` captures each shape key on its second call and replays
     it after (inputs are copied into static buffers). ``hint`` is appended to profile errors
     (the build command that would cover the request); ``io_dtypes`` (the manifest's tensor
-    dtype names) are checked against the plan's.
+    dtype names) are checked against the plan's. ``weights``: new values for refittable weights
+    (other LoRAs, ``runtime.refit``), refit into the plan before first use; ``more_weights``: where
+    to take any further weight TensorRT asks for to refit them (weights it built together).
     """
 
     def __init__(
@@ -264,6 +266,8 @@ class TensorRTEngine:
         cuda_graphs: bool = False,
         hint: str = "",
         io_dtypes: Mapping[str, str] | None = None,
+        weights: Mapping[str, Tensor] | None = None,
+        more_weights: Mapping[str, Tensor] | None = None,
     ) -> None:
         if not profiles:
             raise ValueError(f"engine {name!r}: no optimization profiles given")
@@ -286,6 +290,8 @@ class TensorRTEngine:
                 "(built by another TensorRT version or for another GPU, or corrupt); rebuild it"
             )
         self._engine = engine
+        if weights:
+            self._refit(weights, more_weights or {})
         self.io = self._read_io()
         self.input_names = tuple(s.name for s in self.io if s.is_input)
         self.output_names = tuple(s.name for s in self.io if not s.is_input)
@@ -404,6 +410,46 @@ class TensorRTEngine:
             with torch.cuda.graph(graph):  # captures on a side stream, current inside
                 self._bind_and_execute(context, slot, slot.static_inputs)
             slot.graph = graph
+
+    def _refit(self, weights: Mapping[str, Tensor], more: Mapping[str, Tensor]) -> None:
+        """Push new weight values into the plan: each in the dtype and size it was built with,
+        plus whatever else TensorRT reports missing, then refit."""
+        import tensorrt as trt
+
+        refitter = trt.Refitter(self._engine, self._logger)
+        held: list[Tensor] = []  # TensorRT reads the host copies until the refit returns
+
+        def push(weight_name: str, tensor: Tensor) -> None:
+            proto = refitter.get_weights_prototype(weight_name)
+            if proto.size < 0:
+                raise RuntimeError(
+                    f"engine {self.name!r}: {weight_name!r} is not a refittable weight of the plan"
+                )
+            host = tensor.detach().to("cpu", torch_dtype(proto.dtype.name)).contiguous()
+            if host.numel() != proto.size:
+                raise RuntimeError(
+                    f"engine {self.name!r}: weight {weight_name!r} has {host.numel()} values, "
+                    f"the plan's has {proto.size}"
+                )
+            held.append(host)
+            if not refitter.set_named_weights(
+                weight_name, trt.Weights(proto.dtype, host.data_ptr(), host.numel())
+            ):
+                raise RuntimeError(f"engine {self.name!r}: TensorRT refused weight {weight_name!r}")
+
+        for weight_name, tensor in weights.items():
+            push(weight_name, tensor)
+        missing = sorted(refitter.get_missing_weights())
+        unknown = [n for n in missing if n not in more]
+        if unknown:
+            raise RuntimeError(
+                f"engine {self.name!r}: TensorRT needs {len(unknown)} more weight(s) to refit, "
+                f"not given: {', '.join(unknown[:5])}"
+            )
+        for weight_name in missing:
+            push(weight_name, more[weight_name])
+        if not refitter.refit_cuda_engine():
+            raise RuntimeError(f"engine {self.name!r}: TensorRT could not refit the plan")
 
     def _check_device(self) -> None:
         if self.device.type != "cuda":

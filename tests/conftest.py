@@ -1,0 +1,53 @@
+"""Engine folders of the tiny model, built once per session and shared by the test modules."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+import pytest
+
+from zimage_trt.build_engines.build import BuildOptions, BuildResult, plan_build, run_build
+from zimage_trt.workflow import load_workflow
+
+
+@pytest.fixture(scope="session")
+def built(tmp_path_factory: pytest.TempPathFactory) -> BuildResult:
+    """The reference workflow's ONNX Runtime folder (fp32, the tiny LoRA fused at 1.0)."""
+    out = tmp_path_factory.mktemp("engines")
+    options = BuildOptions(backend="onnxruntime", precision="fp32")
+    plan = plan_build(options, model="tiny", workflow=load_workflow("zimage-121101"))
+    return run_build(plan, options, out, log=lambda msg: None)
+
+
+@dataclass
+class DoubleBuild:
+    result: BuildResult
+    trt: object  # the tests.tensorrt_double.FakeTensorRT that built it
+    options: BuildOptions
+    plan: object
+
+
+@pytest.fixture(scope="session")
+def built_tensorrt_double(tmp_path_factory: pytest.TempPathFactory) -> DoubleBuild:
+    """A refittable bf16 TensorRT folder for 256×256 (no LoRA) made by build.py's TensorRT
+    branch against the recording double (tests/tensorrt_double.py: it checks our calls, it
+    proves nothing about TensorRT), its parser reading each real ONNX file. The double is
+    installed only while building: a test that loads the plans installs ``trt`` again."""
+    import torch._dynamo  # noqa: F401  # before the double: dynamo probes find_spec("tensorrt")
+
+    from tests.tensorrt_double import FakeTensorRT
+    from zimage_trt.build_engines import tensorrt_builder
+
+    trt = FakeTensorRT("10.13.0.35")
+    trt.read_onnx = True
+    out = tmp_path_factory.mktemp("tensorrt-engines")
+    options = BuildOptions(backend="tensorrt", precision="bf16", check_parity=False,
+                           refittable=True, optimization_level=4)  # fmt: skip
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(sys.modules, "tensorrt", trt)
+        mp.setattr(tensorrt_builder, "gpu_identity", lambda device=0: {
+            "name": "Fake GPU", "compute_capability": "9.0", "cuda": "13.0"})  # fmt: skip
+        plan = plan_build(options, model="tiny", resolutions=[(256, 256)], log=lambda m: None)
+        result = run_build(plan, options, out, log=lambda m: None)
+    return DoubleBuild(result, trt, options, plan)
