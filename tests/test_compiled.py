@@ -227,3 +227,38 @@ def test_regional_compilation_compiles_each_stack_once_and_matches_eager() -> No
     assert rows[0].first_graphs >= 1 and rows[0].graphs == rows[0].first_graphs
     with pytest.raises(ValueError, match="compile scope 'partial' is not one of: whole, regional"):
         compiled_engines(eager.engines, scope="partial")
+
+
+def test_regional_cuda_graphs_stay_on_the_denoisers_own_blocks(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """On CUDA the denoiser compiles with CUDA graphs, whose outputs the next replay overwrites.
+    The denoiser module also holds the caption path's refiner blocks: those must be compiled
+    once, with the caption path's options, or the cached caption features would live in the
+    denoiser's graph pool. (Recorded here with the CUDA defaults forced: nothing is run.)"""
+    from zimage_trt.runtime import compiled
+
+    wf = load_workflow("zimage-121101")
+    eager = load_torch_pipeline(wf, "tiny", device=torch.device("cpu"), dtype=torch.float32,
+                                log=lambda msg: None)  # fmt: skip
+    dit = eager.engines.denoiser.module  # type: ignore[attr-defined]
+    names = {id(b): f"{stack}.{i}" for stack in ("noise_refiner", "context_refiner", "layers")
+             for i, b in enumerate(getattr(dit, stack))}  # fmt: skip
+    calls: list[tuple[str, str | None]] = []
+
+    def record(self: torch.nn.Module, *args: object, **kwargs: object) -> None:
+        if id(self) in names:
+            calls.append((names[id(self)], kwargs.get("mode")))  # type: ignore[arg-type]
+
+    monkeypatch.setattr(torch.nn.Module, "compile", record)
+
+    def cuda_default(engine: str, device: torch.device) -> str | None:
+        return "reduce-overhead" if engine == "denoiser" else None
+
+    monkeypatch.setattr(compiled, "default_mode", cuda_default)
+    compiled_engines(eager.engines, scope="regional", backend="inductor")
+    assert sorted(calls) == [
+        ("context_refiner.0", None), ("context_refiner.1", None),
+        ("layers.0", "reduce-overhead"), ("layers.1", "reduce-overhead"),
+        ("noise_refiner.0", "reduce-overhead"), ("noise_refiner.1", "reduce-overhead"),
+    ]  # fmt: skip
