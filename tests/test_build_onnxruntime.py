@@ -336,7 +336,7 @@ def test_tensorrt_plans_for_another_gpu_or_version_are_refused(
 
     from tests.tensorrt_double import FakeTensorRT
     from zimage_trt.build_engines import tensorrt_builder
-    from zimage_trt.runtime.engine_folder import _check_machine
+    from zimage_trt.runtime.engine_folder import check_machine
 
     monkeypatch.setitem(sys.modules, "tensorrt", FakeTensorRT("10.13.0.35"))
     here = {"name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0", "cuda": "13.0"}
@@ -345,11 +345,11 @@ def test_tensorrt_plans_for_another_gpu_or_version_are_refused(
         "backend": "tensorrt", "versions": {**built.manifest.versions, "tensorrt": "10.13.0.35"},
         "machine": dict(here)})  # fmt: skip
     cuda = torch.device("cuda")
-    _check_machine(manifest, cuda)  # same GPU, same TensorRT: accepted
+    check_machine(manifest, cuda)  # same GPU, same TensorRT: accepted
     other_gpu = manifest.model_copy(update={"machine": {**here, "name": "NVIDIA L40S",
                                                         "compute_capability": "8.9"}})  # fmt: skip
     with pytest.raises(ManifestError) as err:
-        _check_machine(other_gpu, cuda)
+        check_machine(other_gpu, cuda)
     assert str(err.value) == (
         "the engines were built for GPU 'NVIDIA L40S' (name); this machine has "
         "'NVIDIA H100 80GB HBM3': TensorRT plans are specific to the GPU, rebuild the folder here"
@@ -357,6 +357,44 @@ def test_tensorrt_plans_for_another_gpu_or_version_are_refused(
     old = manifest.model_copy(update={"versions": {**manifest.versions, "tensorrt": "10.9.0.34"}})
     with pytest.raises(ManifestError, match=r"built with TensorRT 10\.9\.0\.34; this machine has "
                        r"TensorRT 10\.13\.0\.35: rebuild the folder here"):  # fmt: skip
-        _check_machine(old, cuda)
+        check_machine(old, cuda)
     with pytest.raises(ManifestError, match="TensorRT engines run on a CUDA device, not cpu"):
-        _check_machine(manifest, torch.device("cpu"))
+        check_machine(manifest, torch.device("cpu"))
+
+
+def test_inspect_describes_a_folder_and_checks_it_against_this_machine(
+    built: BuildResult, built_tensorrt_double: DoubleBuild, tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    folder = built.folder
+    assert main(["inspect", str(folder), "--verify"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith(f"{folder}: 4 onnxruntime engines, fp32, built ")
+    assert lines[3] == f"weights: {built.manifest.weights.origin}"
+    assert lines[4] == (
+        "LoRAs: zimage_lora.safetensors at 1; other LoRAs or strengths: swapped in when the "
+        "folder loads"
+    )
+    assert (
+        lines[5]
+        == "profiles from: workflow zimage-121101 (workflow.yaml); captions up to 4096 tokens"
+    )
+    rows = [line.split() for line in lines]
+    assert rows[8][:2] == ["text_encoder", "onnx/text_encoder.onnx"] and rows[8][3:] == ["1", "no"]
+    assert rows[10][:2] == ["denoiser", "onnx/denoiser.onnx"] and rows[10][3:] == ["3", "yes"]
+    assert ["denoiser", "base", "latents", "1×16×28×22", "1×16×28×22", "2×16×28×22"] in rows
+    assert lines[-2:] == ["files: 10 verified (size and sha-256)",
+                          "serves here: yes (onnxruntime on cpu)"]  # fmt: skip
+
+    trt_folder = built_tensorrt_double.result.folder  # TensorRT plans; no TensorRT here
+    assert main(["inspect", str(trt_folder)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[2] == "built on: name Fake GPU, compute_capability 9.0, cuda 13.0"
+    assert lines[4] == "LoRAs: none; other LoRAs or strengths: swapped in when the folder loads"
+    assert lines[-1].startswith("serves here: no: TensorRT is not installed")
+
+    copy = tmp_path / "engines"
+    shutil.copytree(folder, copy)
+    (copy / "denoiser.refit.json").write_text("{}")
+    assert main(["inspect", str(copy), "--verify"]) == 2
+    assert "denoiser.refit.json is 2 bytes, the manifest says" in capsys.readouterr().err

@@ -17,7 +17,6 @@ from zimage_trt.build_engines.profiles import (
     bucket_stage,
     caption_span,
     engine_profiles,
-    format_profiles,
     limits,
     parse_resolutions,
     resolution_stages,
@@ -26,7 +25,7 @@ from zimage_trt.build_engines.profiles import (
 from zimage_trt.models.dit import DiTConfig
 from zimage_trt.models.text_encoder import Qwen3Config
 from zimage_trt.models.vae import VAEConfig
-from zimage_trt.runtime.manifest import Profile, ShapeRange
+from zimage_trt.runtime.manifest import Profile, ShapeRange, format_profiles
 from zimage_trt.workflow import load_workflow
 
 NETS = networks("bf16", DiTConfig(), Qwen3Config(), VAEConfig())

@@ -324,10 +324,18 @@ def _parse_bytes(text: str) -> int:
     return value
 
 
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from zimage_trt.runtime.engine_folder import describe_folder
+
+    print(describe_folder(args.dir, verify=args.verify))
+    return 0
+
+
 def cmd_build(args: argparse.Namespace) -> int:
     from zimage_trt.build_engines.build import BuildOptions, plan_build, run_build
     from zimage_trt.build_engines.parity import format_parity
-    from zimage_trt.build_engines.profiles import format_profiles, parse_resolutions
+    from zimage_trt.build_engines.profiles import parse_resolutions
+    from zimage_trt.runtime.manifest import format_profiles
     from zimage_trt.workflow import load_workflow
 
     if args.workflow is not None and args.resolutions is not None:
@@ -789,6 +797,19 @@ def build_parser() -> argparse.ArgumentParser:
     from zimage_trt.bench import add_bench_parser
 
     add_bench_parser(sub)
+
+    p = sub.add_parser(
+        "inspect",
+        formatter_class=raw,
+        help="show what a built engine folder holds and whether it serves on this machine",
+        description="Prints an engine folder's backend, precision, versions, GPU, weights and "
+        "LoRAs (and whether other LoRAs can be swapped in), each engine's files and the profile "
+        "table, then checks the folder against this machine. Reads no weights.",
+        epilog=_examples("zimage-trt inspect engines/", "zimage-trt inspect engines/ --verify"),
+    )
+    p.add_argument("dir", type=Path, metavar="DIR")
+    p.add_argument("--verify", action="store_true", help="also check every file's sha-256")
+    p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser(
         "make-tiny",

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from zimage_trt.build_engines.networks import Network, ShapePoint
 from zimage_trt.runtime.latents import MAX_SIDE, SIDE_MULTIPLE, VAE_SCALE
 from zimage_trt.runtime.manifest import Profile, ShapeRange
-from zimage_trt.text_table import text_table
 from zimage_trt.workflow import Workflow
 
 CAPTION_MAX = 4096
@@ -198,26 +197,3 @@ def limits(profiles: Sequence[Profile], net: Network) -> ShapePoint:
                     value = size // VAE_SCALE if dim in ("8H", "8W") else size
                     axes[key] = max(axes[key], value)
     return ShapePoint(axes["B"], axes["L"], axes["H"], axes["W"])
-
-
-def format_profiles(profiles: dict[str, list[Profile]]) -> str:
-    """The dry-run table: engine, profile, input, min, opt, max."""
-    rows = [("engine", "profile", "input", "min", "opt", "max")]
-    for engine, items in profiles.items():
-        for profile in items:
-            for i, (name, span) in enumerate(profile.shapes.items()):
-                rows.append(
-                    (
-                        engine if i == 0 else "",
-                        profile.name if i == 0 else "",
-                        name,
-                        _dims(span.min),
-                        _dims(span.opt),
-                        _dims(span.max),
-                    )
-                )
-    return text_table(rows, right=(3, 4, 5))
-
-
-def _dims(shape: Sequence[int]) -> str:
-    return "×".join(str(s) for s in shape)

@@ -16,10 +16,17 @@ from pathlib import Path
 import torch
 
 from zimage_trt.runtime.engines import Engine, Engines
-from zimage_trt.runtime.manifest import Manifest, ManifestError, read_manifest, verify_files
+from zimage_trt.runtime.manifest import (
+    Manifest,
+    ManifestError,
+    format_profiles,
+    read_manifest,
+    verify_files,
+)
 from zimage_trt.runtime.pipeline import Pipeline
 from zimage_trt.runtime.refit import LoraSwap, same_loras, show_loras, swap_refusal
 from zimage_trt.runtime.tokenizer import QwenTokenizer
+from zimage_trt.text_table import text_table
 from zimage_trt.workflow import Workflow
 
 PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -41,7 +48,7 @@ def load_engine_folder(
     backend = manifest.backend
     if device is None:
         device = torch.device("cuda" if backend == "tensorrt" else "cpu")
-    _check_machine(manifest, device)
+    check_machine(manifest, device)
     log(f"verifying {len(manifest.engines)} engines in {root} (sha-256)")
     verify_files(root, manifest)
     if cuda_graphs and backend != "tensorrt":
@@ -98,13 +105,54 @@ def load_engine_folder(
         backend=backend,
         device=device,
         dtype=PRECISION_DTYPES[manifest.precision],
-        profiles={n: e.profiles for n, e in manifest.engines.items()},
+        profiles=manifest.profiles_by_engine(),
     )
     tokenizer = QwenTokenizer.load(root / manifest.tokenizer if manifest.tokenizer else None)
     return Pipeline(bundle, tokenizer), manifest
 
 
-def _check_machine(manifest: Manifest, device: torch.device) -> None:
+def describe_folder(folder: str | Path, *, verify: bool = False) -> str:
+    """What a built folder holds and whether it serves on this machine (``zimage-trt inspect``):
+    backend, precision, versions, GPU, weights and LoRAs (and whether other LoRAs can be swapped
+    in), each engine's files, and the profile table. ``verify``: check every file's sha-256
+    (a bad file raises ``ManifestError``)."""
+    root = Path(folder)
+    m = read_manifest(root)
+    gib = 2**30
+    lines = [
+        f"{root}: {len(m.engines)} {m.backend} engines, {m.precision}, built {m.created} in "
+        f"{m.build_seconds:.1f} s (peak RAM {m.peak_rss_bytes / gib:.2f} GiB)",
+        "versions: " + ", ".join(f"{k} {v}" for k, v in m.versions.items()),
+    ]
+    if m.machine:
+        lines.append("built on: " + ", ".join(f"{k} {v}" for k, v in m.machine.items()))
+    lines.append(f"weights: {m.weights.origin}")
+    loras = show_loras([(r.name, r.strength) for r in m.weights.loras])
+    refusal = swap_refusal(m, root)
+    other = "swapped in when the folder loads" if refusal is None else f"a rebuild ({refusal})"
+    lines.append(f"LoRAs: {loras}; other LoRAs or strengths: {other}")
+    workflow = f" ({m.workflow_file})" if m.workflow_file else ""
+    lines.append(f"profiles from: {m.workflow}{workflow}; captions up to {m.caption_max} tokens")
+    rows = [("engine", "file", "MiB", "profiles", "refittable")]
+    for name, entry in m.engines.items():
+        size = sum(r.bytes for r in entry.files.values()) / 2**20
+        rows.append((name, entry.file, f"{size:.1f}", str(len(entry.profiles)),
+                     "yes" if entry.refittable else "no"))  # fmt: skip
+    lines += ["", text_table(rows, right=(2, 3)), "", format_profiles(m.profiles_by_engine()), ""]
+    if verify:
+        verify_files(root, m)
+        count = sum(len(e.files) for e in m.engines.values())
+        lines.append(f"files: {count} verified (size and sha-256)")
+    device = torch.device("cuda" if m.backend == "tensorrt" else "cpu")
+    try:
+        check_machine(m, device)
+        lines.append(f"serves here: yes ({m.backend} on {device})")
+    except (ManifestError, RuntimeError) as exc:  # RuntimeError: TensorRT missing or too old
+        lines.append(f"serves here: no: {exc}")
+    return "\n".join(lines)
+
+
+def check_machine(manifest: Manifest, device: torch.device) -> None:
     if manifest.backend == "onnxruntime":
         try:
             import onnxruntime  # noqa: F401

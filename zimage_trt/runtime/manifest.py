@@ -3,7 +3,8 @@
 The builder (``zimage_trt.build_engines``) writes it; ``generate --engines DIR`` reads it, checks
 that every file is whole (sha-256), that the folder was built for this machine and for this
 request, and that every shape the request needs lies inside a built optimization profile — all
-before any work. Only json, hashlib and pydantic here: the runtime stays lean.
+before any work. Only json, hashlib, pydantic and the table formatter here: the runtime stays
+lean.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from zimage_trt.text_table import text_table
 
 MANIFEST = "manifest.json"
 REFIT_SUFFIX = ".refit.json"  # <engine>.refit.json: the weight names a refittable engine takes
@@ -146,6 +149,9 @@ class Manifest(_Model):
     def profiles(self, engine: str) -> list[Profile]:
         return self.engines[engine].profiles
 
+    def profiles_by_engine(self) -> dict[str, list[Profile]]:
+        return {name: entry.profiles for name, entry in self.engines.items()}
+
 
 def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
     digest = hashlib.sha256()
@@ -216,6 +222,25 @@ def check_file(path: Path, record: FileRecord, what: str) -> None:
 
 def file_record(path: Path) -> FileRecord:
     return FileRecord(sha256=sha256_file(path), bytes=path.stat().st_size)
+
+
+def format_profiles(profiles: dict[str, list[Profile]]) -> str:
+    """The dry-run table: engine, profile, input, min, opt, max."""
+    rows = [("engine", "profile", "input", "min", "opt", "max")]
+    for engine, items in profiles.items():
+        for profile in items:
+            for i, (name, span) in enumerate(profile.shapes.items()):
+                rows.append(
+                    (
+                        engine if i == 0 else "",
+                        profile.name if i == 0 else "",
+                        name,
+                        _dims(span.min),
+                        _dims(span.opt),
+                        _dims(span.max),
+                    )
+                )
+    return text_table(rows, right=(3, 4, 5))
 
 
 def _dims(shape: Sequence[int]) -> str:
