@@ -225,3 +225,25 @@ def test_onnxruntime_overrides_keep_the_weights_dtype() -> None:
     fp32 = _ort_value(torch.arange(6, dtype=torch.float32).reshape(2, 3))
     assert (fp32.data_type(), fp32.shape()) == ("tensor(float)", [2, 3])
     assert fp32.numpy().tolist() == [[0, 1, 2], [3, 4, 5]]
+
+
+def test_a_swap_without_the_base_dit_says_to_pass_it(
+    built: BuildResult,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from zimage_trt.models.tiny import tiny_model_dir
+
+    lora = next((tiny_model_dir() / "loras").glob("*.safetensors"))
+    monkeypatch.chdir(tmp_path)  # the workflow's DiT file is nowhere to be found
+    code = main(["generate", "--engines", str(built.folder), "--lora", f"{lora}:0.5", "-q",
+                 "--out", str(tmp_path / "out")])  # fmt: skip
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("zimage-trt: error: DiT 'z_image_turbo_bf16.safetensors' not found")
+    assert err.endswith(
+        f"; swapping LoRAs on {built.folder} reads the LoRA files and the base DiT the engines "
+        f"were built from ({built.manifest.weights.origin}): pass the DiT with --model"
+    )
+    assert not (tmp_path / "out").exists()

@@ -102,7 +102,13 @@ def plan_lora_swap(
     refusal = swap_refusal(manifest, folder)
     if refusal is not None:
         raise ManifestError(f"{folder}: cannot swap LoRAs: {refusal}")
-    sources = model_sources(wf, model, search=search, log=log)
+    try:
+        sources = model_sources(wf, model, search=search, log=log)
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(
+            f"{exc}; swapping LoRAs on {folder} reads the LoRA files and the base DiT the "
+            f"engines were built from ({manifest.weights.origin}): pass the DiT with --model"
+        ) from None
     files = sources.files.weight_files()["transformer"]
     log(f"checking the base DiT ({', '.join(str(f) for f in files)}) against {folder}")
     if weights_sha256(files) != manifest.weights.sha256.get("transformer"):
