@@ -369,7 +369,9 @@ def test_inspect_describes_a_folder_and_checks_it_against_this_machine(
     folder = built.folder
     assert main(["inspect", str(folder), "--verify"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].startswith(f"{folder}: 4 onnxruntime engines, fp32, built ")
+    assert lines[0].startswith(f"{folder}: 4 onnxruntime engines, fp32, written 20")
+    seconds = sum(e.build_seconds for e in built.manifest.engines.values())
+    assert f"; {seconds:.1f} s of engine builds, peak RAM " in lines[0]
     assert lines[3] == f"weights: {built.manifest.weights.origin}"
     assert lines[4] == (
         "LoRAs: zimage_lora.safetensors at 1; other LoRAs or strengths: swapped in when the "

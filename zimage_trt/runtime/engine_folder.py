@@ -120,8 +120,9 @@ def describe_folder(folder: str | Path, *, verify: bool = False) -> str:
     m = read_manifest(root)
     gib = 2**30
     lines = [
-        f"{root}: {len(m.engines)} {m.backend} engines, {m.precision}, built {m.created} in "
-        f"{m.build_seconds:.1f} s (peak RAM {m.peak_rss_bytes / gib:.2f} GiB)",
+        f"{root}: {len(m.engines)} {m.backend} engines, {m.precision}, written {m.created}; "
+        f"{sum(e.build_seconds for e in m.engines.values()):.1f} s of engine builds, peak RAM "
+        f"{m.peak_rss_bytes / gib:.2f} GiB",
         "versions: " + ", ".join(f"{k} {v}" for k, v in m.versions.items()),
     ]
     if m.machine:
