@@ -118,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
         type=float,
         default=420.0,
         help="seconds from the start: a backend not started by then is skipped (the JSON says "
-        "so); the JSON is also written after each backend, so a kill keeps what was done",
+        "so); the JSON is also written after each part of each backend, so a kill keeps what was "
+        "done",
     )
     args = parser.parse_args(argv)
     return run(args)
@@ -173,7 +174,8 @@ def run(args: argparse.Namespace) -> int:
     def save_partial(result: dict[str, Any]) -> None:
         stamp(result, partial=True)
         write_outputs(result, paths[0], None, None)
-        log(f"wrote {paths[0]} (partial: {', '.join(result['backends'])} done)")
+        states = ", ".join(f"{b} {r['status']}" for b, r in result["backends"].items())
+        log(f"wrote {paths[0]} (so far: {states})")
 
     wf = load_workflow("zimage-121101")
     wf.models.loras = []  # random weights: nothing to fuse a LoRA into

@@ -4,7 +4,8 @@
 #   device tool:  run(command="bash benchmarks/gpu_run.sh", carry=[".whl"], timeout_s=600)
 # It writes gpu_bench-<GPU>.json/.md/.png, the log and nvidia-smi's view of the card into $OUT
 # (5 files; the tool brings them back); commit them under benchmarks/results/. Extra arguments go
-# to gpu_bench.py. The JSON is also written after each backend, so a kill keeps what was done.
+# to gpu_bench.py. The JSON is also written after each part of each backend, so a kill keeps what
+# was done.
 set -uo pipefail
 out=${OUT:-/tmp/gpu_bench}
 mkdir -p "$out"

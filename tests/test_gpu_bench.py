@@ -81,7 +81,9 @@ def test_the_cpu_dry_run_writes_every_figure(
     assert Image.open(tmp_path / "gpu_bench-cpu-tiny.png").size[0] > 0
     assert "| backend |" in (tmp_path / "gpu_bench-cpu-tiny.md").read_text()
     out = capsys.readouterr().out
-    assert "wrote " in out and "(partial: torch done)" in out  # written after each backend
+    # written after each part of each backend
+    assert "(so far: torch incomplete)" in out and "(so far: torch ok)" in out
+    assert "(so far: torch ok, torch-compile incomplete)" in out
     assert result["gpu_bench"]["partial"] is False
 
 

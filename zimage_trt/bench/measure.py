@@ -423,14 +423,21 @@ def bench_pipeline(
     iters: int,
     repeats: int,
     dit_config: DiTConfig | None = None,
+    on_part: Callable[[dict[str, Any]], None] = lambda record: None,
     log: Log = lambda msg: None,
 ) -> tuple[dict[str, Any], Generation]:
     """Components, end to end and cache effect of one pipeline (a backend's record in the JSON),
-    and the last end-to-end Generation."""
-    components = bench_components(pipeline, wf, warmup, iters, dit_config=dit_config, log=log)
-    end_to_end, generation = bench_end_to_end(
+    and the last end-to-end Generation. ``on_part``: called with the record so far after each
+    of the three parts."""
+    record: dict[str, Any] = {}
+    record["components"] = bench_components(
+        pipeline, wf, warmup, iters, dit_config=dit_config, log=log
+    )
+    on_part(record)
+    record["end_to_end"], generation = bench_end_to_end(
         pipeline, wf, repeats, warmup=warmup, dit_config=dit_config, log=log
     )
-    cache = bench_cache_effect(pipeline, wf, cached=generation, log=log)
-    record = {"components": components, "end_to_end": end_to_end, "cache_effect": cache}
+    on_part(record)
+    record["cache_effect"] = bench_cache_effect(pipeline, wf, cached=generation, log=log)
+    on_part(record)
     return record, generation

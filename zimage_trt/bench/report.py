@@ -157,7 +157,7 @@ def markdown(result: Mapping[str, Any]) -> str:
     ok = {b: r for b, r in result["backends"].items() if r.get("status") == "ok"}
     for b, r in result["backends"].items():
         if r.get("status") != "ok":
-            lines += [f"- {b}: skipped, {r.get('reason')}", ""]
+            lines += [f"- {b}: {r.get('status')}, {r.get('reason')}", ""]
     lines += _md_components(ok) + _md_end_to_end(ok, result) + _md_baselines(result)
     lines += _md_cache(ok)
     if "roofline" in result:

@@ -216,7 +216,9 @@ def run_bench(
     for the torch-compile backend (``scope``, ``backend``: the CPU dry run passes "eager").
     ``deadline`` (a ``time.perf_counter()`` value): a backend not started by then is recorded as
     skipped, with the reason, instead of run. ``on_backend``: called with the result so far after
-    each backend (a caller with a hard time limit writes it out, so a kill keeps what was done).
+    each part of each backend (components, end to end, cache effect; until the last, the
+    backend's status is "incomplete"): a caller with a hard time limit writes it out, so a kill
+    keeps what was done.
 
     The torch backend is added when the baselines are wanted (this project's eager math is the
     multi-stage baseline). Compiled backends without a folder get one built (or reused by cache
@@ -302,18 +304,27 @@ def run_bench(
                 pipeline = _compiled_pipeline(eager, compile_options or {})
                 record["note"] = "compilation happens in the first calls: see first_run_seconds"
             record["load_seconds"] = time.perf_counter() - t0
-        measured, generation = bench_pipeline(
+
+        def part_done(measured: dict[str, Any], backend: str = backend, record: dict = record,
+                      pipeline: Pipeline = pipeline) -> None:  # fmt: skip
+            """The backend's record so far, for a caller that saves as it goes."""
+            if backend == "torch-compile":
+                record["compile"] = _compile_record(pipeline)
+            done = ", ".join(measured)
+            result["backends"][backend] = {**record, **measured, "status": "ok"}
+            if len(measured) < 3:  # until the last part, the record says where it stands
+                result["backends"][backend]["status"] = "incomplete"
+                result["backends"][backend]["reason"] = f"measured so far: {done}"
+            if on_backend is not None:
+                on_backend(result)
+
+        _, generation = bench_pipeline(
             pipeline, wf, warmup=warmup, iters=iters, repeats=repeats, dit_config=dit_config,
-            log=log,
+            on_part=part_done, log=log,
         )  # fmt: skip
-        if backend == "torch-compile":
-            record["compile"] = _compile_record(pipeline)
-        result["backends"][backend] = {**record, **measured}
         latents[backend] = generation.latent
-        del pipeline, generation
+        del pipeline, generation, part_done  # the closure holds the pipeline too
         free_memory(torch_device)
-        if on_backend is not None:
-            on_backend(result)
     del eager
     free_memory(torch_device)
 
