@@ -247,3 +247,21 @@ def test_a_swap_without_the_base_dit_says_to_pass_it(
         f"were built from ({built.manifest.weights.origin}): pass the DiT with --model"
     )
     assert not (tmp_path / "out").exists()
+
+
+def test_a_lora_weight_no_engine_takes_is_refused(built: BuildResult, tmp_path: Path) -> None:
+    import shutil
+
+    folder = tmp_path / "engines"
+    shutil.copytree(built.folder, folder)
+    refit_map = folder / "denoiser.refit.json"
+    names = json.loads(refit_map.read_text())["weights"]
+    names.remove("layers.0.attention.qkv.weight")  # as if TensorRT had folded it away
+    refit_map.write_text(json.dumps({"weights": names}))
+    wf = _workflow([LoraRef(path=LORA, strength=0.5)])
+    with pytest.raises(ManifestError) as err:
+        plan_lora_swap(built.manifest, folder, wf, model="tiny", log=lambda m: None)
+    assert str(err.value) == (
+        f"{folder}: the LoRAs change 1 weight(s) that no engine can take (not refittable: "
+        "layers.0.attention.qkv.weight); rebuild with this workflow"
+    )
