@@ -135,10 +135,11 @@ def engine_folder_pipeline(
         )
     t0 = time.perf_counter()
     swap = None
-    if check_request(read_manifest(folder), wf, folder):  # other LoRAs: refit from the base DiT
+    built = read_manifest(folder)
+    if check_request(built, wf, folder):  # other LoRAs: refit from the base DiT
         from zimage_trt.runtime.refit import plan_lora_swap
 
-        swap = plan_lora_swap(read_manifest(folder), folder, wf, model=model, log=log)
+        swap = plan_lora_swap(built, folder, wf, model=model, log=log)
         build["lora_swap"] = swap.describe()
     pipeline, manifest = load_engine_folder(folder, device=device, swap=swap, log=log)
     pipeline.preflight(wf)

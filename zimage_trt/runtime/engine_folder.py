@@ -24,12 +24,16 @@ from zimage_trt.runtime.manifest import (
     verify_files,
 )
 from zimage_trt.runtime.pipeline import Pipeline
-from zimage_trt.runtime.refit import LoraSwap, same_loras, show_loras, swap_refusal
+from zimage_trt.runtime.refit import (
+    PRECISION_DTYPES,
+    LoraSwap,
+    same_loras,
+    show_loras,
+    swap_refusal,
+)
 from zimage_trt.runtime.tokenizer import QwenTokenizer
 from zimage_trt.text_table import text_table
 from zimage_trt.workflow import Workflow
-
-PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def load_engine_folder(
