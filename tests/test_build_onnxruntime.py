@@ -299,8 +299,7 @@ def test_a_tensorrt_build_through_the_recording_double(
     and a manifest that verifies."""
     result, trt = built_tensorrt_double.result, built_tensorrt_double.trt
     options, plan = built_tensorrt_double.options, built_tensorrt_double.plan
-    tmp_path = result.folder
-    manifest = read_manifest(tmp_path)
+    manifest = read_manifest(result.folder)
     assert manifest.backend == "tensorrt" and manifest.versions["tensorrt"] == "10.13.0.35"
     assert manifest.machine["compute_capability"] == "9.0"
     denoiser = manifest.engines["denoiser"]

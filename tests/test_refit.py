@@ -188,7 +188,8 @@ def test_a_refittable_tensorrt_plan_takes_the_swapped_weights(
     rebuilt = load_fused_dit(model_sources(wf, "tiny", log=lambda m: None), torch.bfloat16,
                              log=lambda m: None).state_dict()  # fmt: skip
     partner = "layers.0.attention.q_norm.weight"  # pretend TensorRT built it with the qkv
-    trt.refit_together = {"layers.0.attention.qkv.weight": [partner]}
+    # monkeypatch: the double is shared by the session, this setting must not outlive the test
+    monkeypatch.setattr(trt, "refit_together", {"layers.0.attention.qkv.weight": [partner]})
     events = len(trt.events)
     for name in ("caption_path", "denoiser"):
         entry = manifest.engines[name]
@@ -205,7 +206,9 @@ def test_a_refittable_tensorrt_plan_takes_the_swapped_weights(
         del engine
     refits = [e for e in trt.events[events:] if e[0] == "refit_cuda_engine"]
     assert [len(e[1]) for e in refits] == [1, 4]
-    trt.refit_together = {"layers.0.attention.qkv.weight": ["not.a.dit.weight"]}
+    monkeypatch.setattr(
+        trt, "refit_together", {"layers.0.attention.qkv.weight": ["not.a.dit.weight"]}
+    )
     entry = manifest.engines["denoiser"]
     with pytest.raises(RuntimeError) as err:
         HostTensorRTEngine("denoiser", (folder / entry.file).read_bytes(), entry.profiles,

@@ -311,11 +311,13 @@ def run_bench(
             """The backend's record so far, for a caller that saves as it goes."""
             if backend == "torch-compile":
                 record["compile"] = _compile_record(pipeline)
-            done = ", ".join(measured)
-            result["backends"][backend] = {**record, **measured, "status": "ok"}
-            if len(measured) < 3:  # until the last part, the record says where it stands
-                result["backends"][backend]["status"] = "incomplete"
-                result["backends"][backend]["reason"] = f"measured so far: {done}"
+            state: dict[str, str] = {"status": "ok"}
+            if "cache_effect" not in measured:  # until the last part, say where it stands
+                state = {
+                    "status": "incomplete",
+                    "reason": f"measured so far: {', '.join(measured)}",
+                }
+            result["backends"][backend] = {**record, **measured, **state}
             if on_backend is not None:
                 on_backend(result)
 
