@@ -25,12 +25,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from zimage_trt.engines.protocol import Engines
+from zimage_trt.engines.torch_engines import torch_engines
 from zimage_trt.models.dit import DiTConfig, ZImageDiT
 from zimage_trt.models.text_encoder import Qwen3Config, Qwen3TextEncoder
+from zimage_trt.models.tokenizer import QwenTokenizer
 from zimage_trt.models.vae import FluxVAE, VAEConfig
-from zimage_trt.runtime.engines import Engines, torch_engines
 from zimage_trt.runtime.pipeline import Pipeline
-from zimage_trt.runtime.tokenizer import QwenTokenizer
 from zimage_trt.workflow import load_workflow
 
 WEIGHTS_NOTE = (
@@ -82,7 +83,7 @@ def engines_for(
     if backend == "torch":
         return eager
     if backend == "torch-compile":
-        from zimage_trt.runtime.compiled import compiled_engines
+        from zimage_trt.engines.compiled import compiled_engines
 
         kwargs: dict[str, Any] = {}
         if compile_backend is not None:
@@ -198,7 +199,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _tensorrt_note(engines: Path | None) -> str | None:
     """None when TensorRT runs; else why not."""
-    from zimage_trt.runtime.tensorrt_engines import require_tensorrt
+    from zimage_trt.engines.tensorrt_engines import require_tensorrt
 
     try:
         require_tensorrt()

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from zimage_trt.build_engines.build import BuildOptions, BuildResult, plan_build, run_build
+from zimage_trt.build_engines.build import BuildResult, run_build
+from zimage_trt.build_engines.plan import BuildOptions, plan_build
 from zimage_trt.workflow import load_workflow
 
 
@@ -37,7 +38,7 @@ def built_tensorrt_double(tmp_path_factory: pytest.TempPathFactory) -> DoubleBui
     import torch._dynamo  # noqa: F401  # before the double: dynamo probes find_spec("tensorrt")
 
     from tests.tensorrt_double import FakeTensorRT
-    from zimage_trt.build_engines import tensorrt_builder
+    from zimage_trt.engines import tensorrt_env
 
     trt = FakeTensorRT("10.13.0.35")
     trt.read_onnx = True
@@ -46,7 +47,7 @@ def built_tensorrt_double(tmp_path_factory: pytest.TempPathFactory) -> DoubleBui
                            refittable=True, optimization_level=4)  # fmt: skip
     with pytest.MonkeyPatch.context() as mp:
         mp.setitem(sys.modules, "tensorrt", trt)
-        mp.setattr(tensorrt_builder, "gpu_identity", lambda device=0: {
+        mp.setattr(tensorrt_env, "gpu_identity", lambda device=0: {
             "name": "Fake GPU", "compute_capability": "9.0", "cuda": "13.0"})  # fmt: skip
         plan = plan_build(options, model="tiny", resolutions=[(256, 256)], log=lambda m: None)
         result = run_build(plan, options, out, log=lambda m: None)

@@ -17,7 +17,6 @@ from PIL import Image
 
 from zimage_trt.bench import (
     GPU_PEAK_SOURCES,
-    add_bench_parser,
     chart_size,
     dit_flops,
     engine_folder_pipeline,
@@ -152,7 +151,7 @@ def _positive_seconds(node: Any) -> int:
 @pytest.fixture(scope="module")
 def reference_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     """``zimage-trt bench`` on the reference workflow, torch backend, one run of everything."""
-    from zimage_trt.bench import cmd_bench
+    from zimage_trt.cli.bench import add_bench_parser, cmd_bench
 
     out = tmp_path_factory.mktemp("bench") / "out.json"
     parser = argparse.ArgumentParser()

@@ -13,16 +13,17 @@ import torch
 from PIL import Image
 
 from tests.conftest import DoubleBuild
-from zimage_trt.build_engines.build import BuildOptions, BuildResult, plan_build, run_build
+from zimage_trt.build_engines.build import BuildResult, run_build
 from zimage_trt.build_engines.networks import ShapePoint, networks
 from zimage_trt.build_engines.onnx_export import ExportError, export_network
 from zimage_trt.build_engines.parity import check_parity
+from zimage_trt.build_engines.plan import BuildOptions, plan_build
 from zimage_trt.cli import main
-from zimage_trt.models.checkpoints import load_vae_weights, resolve_model
+from zimage_trt.engines.manifest import MANIFEST, ManifestError, read_manifest, sha256_file
+from zimage_trt.models.checkpoints import load_vae_weights
+from zimage_trt.models.model_files import resolve_model
 from zimage_trt.models.tiny import tiny_model_dir
-from zimage_trt.runtime.backends import load_torch_pipeline
-from zimage_trt.runtime.engine_folder import load_engine_folder
-from zimage_trt.runtime.manifest import MANIFEST, ManifestError, read_manifest, sha256_file
+from zimage_trt.runtime.pipeline import Pipeline
 from zimage_trt.workflow import Workflow, load_workflow
 
 PROMPT = "a red fox in snow"
@@ -92,9 +93,9 @@ def test_onnxruntime_matches_the_torch_backend_on_the_reference_workflow(
 ) -> None:
     wf = load_workflow("zimage-121101")
     wf.prompts.positive = PROMPT
-    ort_pipe, _ = load_engine_folder(built.folder)
-    torch_pipe = load_torch_pipeline(
-        wf, "tiny", device=torch.device("cpu"), dtype=torch.float32, log=lambda msg: None
+    ort_pipe = Pipeline.open(engines=built.folder, log=lambda msg: None)
+    torch_pipe = Pipeline.open(
+        model="tiny", workflow=wf, device="cpu", dtype="fp32", log=lambda msg: None
     )
     got = ort_pipe.run(wf)
     ref = torch_pipe.run(wf)
@@ -129,7 +130,7 @@ def test_a_truncated_engine_file_is_reported_not_run(built: BuildResult, tmp_pat
     with open(data, "r+b") as f:
         f.truncate(size - 100)
     with pytest.raises(ManifestError) as err:
-        load_engine_folder(folder)
+        Pipeline.open(engines=folder)
     assert str(err.value) == (
         f"engine 'denoiser': {data} is {size - 100} bytes, the manifest says {size} "
         "(truncated or replaced); rebuild the folder"
@@ -137,7 +138,7 @@ def test_a_truncated_engine_file_is_reported_not_run(built: BuildResult, tmp_pat
     with open(data, "r+b") as f:  # same size, one flipped byte
         f.truncate(size)
     with pytest.raises(ManifestError, match="does not match its sha-256"):
-        load_engine_folder(folder)
+        Pipeline.open(engines=folder)
 
 
 def test_a_manifest_for_another_backend_or_format_is_refused(
@@ -154,7 +155,7 @@ def test_a_manifest_for_another_backend_or_format_is_refused(
     manifest["format"] = 99
     (folder / MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(ManifestError, match="has format 99; this zimage-trt reads format 1"):
-        load_engine_folder(folder)
+        Pipeline.open(engines=folder)
 
 
 def test_a_shape_outside_the_profiles_fails_before_any_work(
@@ -334,12 +335,12 @@ def test_tensorrt_plans_for_another_gpu_or_version_are_refused(
     import torch._dynamo  # before the double: dynamo probes find_spec("tensorrt")
 
     from tests.tensorrt_double import FakeTensorRT
-    from zimage_trt.build_engines import tensorrt_builder
-    from zimage_trt.runtime.engine_folder import check_machine
+    from zimage_trt.engines import tensorrt_env
+    from zimage_trt.engines.folder import check_machine
 
     monkeypatch.setitem(sys.modules, "tensorrt", FakeTensorRT("10.13.0.35"))
     here = {"name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0", "cuda": "13.0"}
-    monkeypatch.setattr(tensorrt_builder, "gpu_identity", lambda device=0: here)
+    monkeypatch.setattr(tensorrt_env, "gpu_identity", lambda device=0: here)
     manifest = built.manifest.model_copy(update={
         "backend": "tensorrt", "versions": {**built.manifest.versions, "tensorrt": "10.13.0.35"},
         "machine": dict(here)})  # fmt: skip

@@ -11,22 +11,17 @@ import pytest
 import torch
 from torch import Tensor
 
-from zimage_trt.models import dit as dit_keys
-from zimage_trt.models.checkpoints import (
+from zimage_trt.atomic import atomic_path
+from zimage_trt.models import dit_keys
+from zimage_trt.models.checkpoints import load_dit, load_text_encoder_weights, load_vae_weights
+from zimage_trt.models.model_files import ModelFiles, model_files, resolve_model, weight_files
+from zimage_trt.models.safetensors_io import (
     CheckpointError,
     LazyStateDict,
-    ModelFiles,
     ModelNotFoundError,
     _TensorInfo,
-    atomic_path,
-    load_dit,
-    load_text_encoder_weights,
-    load_vae_weights,
-    model_files,
     read_safetensors_header,
-    resolve_model,
     save_safetensors,
-    weight_files,
 )
 from zimage_trt.models.tiny import TinyPaths, make_tiny, tiny_dit_weights
 
@@ -53,7 +48,8 @@ def _assert_same_state(a: torch.nn.Module, b: torch.nn.Module) -> None:
 
 
 def test_diffusers_folder_and_comfyui_files_load_the_same_weights(tiny: TinyPaths) -> None:
-    folder, single = tiny.diffusers_files(), tiny.comfyui_files()
+    folder = resolve_model(tiny.root)
+    single = ModelFiles(tiny.transformer, tiny.text_encoder, tiny.vae, origin="single files")
     dit = load_dit(folder.transformer, F32)
     _assert_same_state(dit, load_dit(single.transformer, F32))
     # and they are the weights make_tiny drew, in the module's (original) names

@@ -11,8 +11,8 @@ from comfy_reference import STAGE2_SEED
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from zimage_trt.comfy import SUPPORTED, ComfyImportError, import_graph
 from zimage_trt.workflow import Workflow, load_workflow
+from zimage_trt.workflow.comfy_import import SUPPORTED, ComfyImportError, import_graph
 
 DATA = Path(__file__).parent / "data"
 API_FILE = DATA / "comfy_api" / "zimage-121101.json"

@@ -9,8 +9,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from zimage_trt.runtime.backends import load_torch_pipeline
-from zimage_trt.runtime.compiled import (
+from zimage_trt.engines.compiled import (
     CompileStats,
     ShapeKey,
     bucket_length,
@@ -18,7 +17,7 @@ from zimage_trt.runtime.compiled import (
     compiled_engines,
     torch_compiler,
 )
-from zimage_trt.runtime.engines import Engines
+from zimage_trt.engines.protocol import Engines
 from zimage_trt.runtime.pipeline import Pipeline
 from zimage_trt.workflow import load_workflow
 
@@ -33,8 +32,8 @@ PROMPTS = {  # prompt → its token count in the chat template
 @pytest.fixture(scope="module")
 def pipe() -> Pipeline:
     wf = load_workflow("zimage-121101")
-    return load_torch_pipeline(
-        wf, "tiny", device=torch.device("cpu"), dtype=torch.float32, log=lambda msg: None
+    return Pipeline.open(
+        model="tiny", workflow=wf, device="cpu", dtype="fp32", log=lambda msg: None
     )
 
 
@@ -192,10 +191,10 @@ def test_compile_stats_flag_recompiles_and_eager_calls() -> None:
     )
 
 
-def test_load_torch_pipeline_compiles_on_request() -> None:
+def test_open_compiles_on_request() -> None:
     wf = load_workflow("zimage-121101")
     cpu, fp32 = torch.device("cpu"), torch.float32
-    pipe = load_torch_pipeline(wf, "tiny", device=cpu, dtype=fp32, compile=True, log=print)
+    pipe = Pipeline.open(model="tiny", workflow=wf, device=cpu, dtype=fp32, compile=True, log=print)
     stats = compile_stats(pipe.engines)
     assert pipe.engines.backend == "torch-compile"
     assert stats is not None and stats.report() == []  # nothing compiles before the first call
@@ -204,11 +203,11 @@ def test_load_torch_pipeline_compiles_on_request() -> None:
 def test_regional_compilation_compiles_each_stack_once_and_matches_eager() -> None:
     """scope="regional": the repeated blocks are compiled in place (shared graphs), the VAE whole;
     the reference workflow's denoiser calls equal eager's."""
-    from zimage_trt.runtime.compiled import repeated_blocks
+    from zimage_trt.engines.compiled import repeated_blocks
 
     wf = load_workflow("zimage-121101")
-    eager = load_torch_pipeline(wf, "tiny", device=torch.device("cpu"), dtype=torch.float32,
-                                log=lambda msg: None)  # fmt: skip
+    eager = Pipeline.open(model="tiny", workflow=wf, device="cpu", dtype="fp32",
+                          log=lambda msg: None)  # fmt: skip
     dit = eager.engines.denoiser.module  # type: ignore[attr-defined]
     assert len(repeated_blocks(dit)) == 2 + 2 + 2  # noise refiner, context refiner, layers
     engines = compiled_engines(eager.engines, scope="regional", backend="eager")
@@ -236,11 +235,11 @@ def test_regional_cuda_graphs_stay_on_the_denoisers_own_blocks(
     The denoiser module also holds the caption path's refiner blocks: those must be compiled
     once, with the caption path's options, or the cached caption features would live in the
     denoiser's graph pool. (Recorded here with the CUDA defaults forced: nothing is run.)"""
-    from zimage_trt.runtime import compiled
+    from zimage_trt.engines import compiled
 
     wf = load_workflow("zimage-121101")
-    eager = load_torch_pipeline(wf, "tiny", device=torch.device("cpu"), dtype=torch.float32,
-                                log=lambda msg: None)  # fmt: skip
+    eager = Pipeline.open(model="tiny", workflow=wf, device="cpu", dtype="fp32",
+                          log=lambda msg: None)  # fmt: skip
     dit = eager.engines.denoiser.module  # type: ignore[attr-defined]
     names = {id(b): f"{stack}.{i}" for stack in ("noise_refiner", "context_refiner", "layers")
              for i, b in enumerate(getattr(dit, stack))}  # fmt: skip

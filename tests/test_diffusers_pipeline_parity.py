@@ -25,10 +25,10 @@ import torch
 from torch import Tensor
 
 from zimage_trt.models.tiny import make_tiny
-from zimage_trt.runtime.backends import load_torch_pipeline
-from zimage_trt.runtime.latents import process_out
-from zimage_trt.runtime.noise import initial_noise
-from zimage_trt.runtime.pipeline import Generation, Pipeline
+from zimage_trt.runtime.pipeline import Pipeline
+from zimage_trt.runtime.requests import Generation
+from zimage_trt.sampling.latents import process_out
+from zimage_trt.sampling.noise import initial_noise
 from zimage_trt.workflow import Workflow, load_workflow
 
 PRESET = "zimage-turbo"
@@ -52,8 +52,8 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def ours(model_dir: Path) -> Pipeline:
     wf = load_workflow(PRESET)
-    return load_torch_pipeline(
-        wf, str(model_dir), device=CPU, dtype=torch.float32, log=lambda msg: None
+    return Pipeline.open(
+        model=model_dir, workflow=wf, device=CPU, dtype=torch.float32, log=lambda msg: None
     )
 
 

@@ -10,10 +10,8 @@ from diffusers import ZImageTransformer2DModel
 from torch import Tensor
 
 from zimage_trt.models import dit as dit_module
-from zimage_trt.models.dit import (
-    CaptionPath,
-    DiTConfig,
-    ZImageDiT,
+from zimage_trt.models.dit import CaptionPath, DiTConfig, ZImageDiT
+from zimage_trt.models.dit_keys import (
     config_from_state_dict,
     diffusers_to_original,
     original_to_diffusers,

@@ -16,9 +16,9 @@ from comfy_reference import (
 )
 from torch import Tensor
 
-from zimage_trt.runtime.easycache import EasyCache, easycache_window
-from zimage_trt.runtime.guider import CFGGuider, Cond
-from zimage_trt.runtime.model_sampling import FlowSampling
+from zimage_trt.sampling.easycache import EasyCache, easycache_window
+from zimage_trt.sampling.guider import CFGGuider, Cond
+from zimage_trt.sampling.model_sampling import FlowSampling
 
 BF16 = torch.bfloat16
 
@@ -370,7 +370,7 @@ def test_metadata_change_resets_with_k_zero(caplog: pytest.LogCaptureFixture) ->
     call(wrapped, 1.0, 0.7)
     call(wrapped, 0.5, 0.6)
     small = torch.full((1, 16, 8, 8), 0.25, dtype=BF16)
-    with caplog.at_level(logging.WARNING, logger="zimage_trt.runtime.easycache"):
+    with caplog.at_level(logging.WARNING, logger="zimage_trt.sampling.easycache"):
         call(wrapped, small, 0.5)  # new shape: reset, then this call becomes the reference
     assert caplog.messages == ["EasyCache - Tensor shape, dtype or device changed, resetting state"]
     assert ec.relative_transformation_rate == 0.0 and ec.actions[-1] == C
@@ -413,7 +413,7 @@ def test_log_lines() -> None:
 
 def test_logger_receives_info(caplog: pytest.LogCaptureFixture) -> None:
     ec = EasyCache.from_percents(0.12, 0.7, 0.95, FlowSampling(7.0))
-    with caplog.at_level(logging.INFO, logger="zimage_trt.runtime.easycache"), ec.run(16):
+    with caplog.at_level(logging.INFO, logger="zimage_trt.sampling.easycache"), ec.run(16):
         pass
     assert caplog.messages == [
         "EasyCache enabled - threshold: 0.12, start_percent: 0.7, end_percent: 0.95",

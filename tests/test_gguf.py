@@ -31,20 +31,20 @@ from torch import Tensor
 from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
 
 import zimage_trt.models.gguf as gguf_module
+import zimage_trt.models.gguf_quants as gguf_quants
 from zimage_trt.models.dit import DiTConfig, ZImageDiT
-from zimage_trt.models.dit import config_from_state_dict as dit_config_from_state_dict
+from zimage_trt.models.dit_keys import config_from_state_dict as dit_config_from_state_dict
 from zimage_trt.models.gguf import (
     DIT_PREFIX,
-    SUPPORTED_QTYPES,
-    dequantize,
     hf_to_llama_name,
     llama_to_hf_name,
     load_gguf_state_dict,
-    quant_type,
     read_gguf,
     write_gguf,
 )
-from zimage_trt.models.text_encoder import Qwen3Config, Qwen3TextEncoder, load_text_encoder
+from zimage_trt.models.gguf_quants import SUPPORTED_QTYPES, dequantize, quant_type
+from zimage_trt.models.text_encoder import Qwen3Config, Qwen3TextEncoder
+from zimage_trt.models.text_encoder_keys import load_text_encoder
 
 F16, F32 = np.float16, np.float32
 SUPPORTED = (
@@ -316,7 +316,7 @@ def test_block_types_reproduce_comfyui_float16_arithmetic(name: str) -> None:
 def test_chunked_dequantization_equals_one_pass(monkeypatch: pytest.MonkeyPatch) -> None:
     blocks = random_blocks("Q4_K", 9, np.random.default_rng(7))
     whole = dequantize(blocks, "Q4_K", (9, 256))
-    monkeypatch.setattr(gguf_module, "_CHUNK_VALUES", 512)  # two blocks per chunk, one left over
+    monkeypatch.setattr(gguf_quants, "_CHUNK_VALUES", 512)  # two blocks per chunk, one left over
     assert torch.equal(dequantize(torch.from_numpy(blocks), "Q4_K", (9, 256)), whole)
 
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import Tensor
 
-from zimage_trt.runtime.guider import CFGGuider, Cond
-from zimage_trt.runtime.model_sampling import calculate_denoised
+from zimage_trt.sampling.guider import CFGGuider, Cond
+from zimage_trt.sampling.model_sampling import calculate_denoised
 
 D = 8
 

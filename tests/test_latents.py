@@ -8,7 +8,7 @@ import pytest
 import torch
 from comfy_reference import H_28_TO_54, W_22_TO_42
 
-from zimage_trt.runtime.latents import (
+from zimage_trt.sampling.latents import (
     LATENT_CHANNELS,
     VAE_SCALE,
     common_upscale,

@@ -14,7 +14,8 @@ from diffusers.loaders.lora_pipeline import ZImageLoraLoaderMixin
 from safetensors.torch import save_file
 from torch import Tensor
 
-from zimage_trt.models.dit import DiTConfig, ZImageDiT, diffusers_to_original, original_to_diffusers
+from zimage_trt.models.dit import DiTConfig, ZImageDiT
+from zimage_trt.models.dit_keys import diffusers_to_original, original_to_diffusers
 from zimage_trt.models.lora import (
     TEXT_ENCODER_PREFIX,
     LoRA,

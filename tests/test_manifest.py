@@ -14,11 +14,7 @@ from torch import Tensor
 
 from zimage_trt.build_engines.networks import networks
 from zimage_trt.build_engines.profiles import caption_span, engine_profiles, workflow_stages
-from zimage_trt.models.dit import DiTConfig
-from zimage_trt.models.text_encoder import Qwen3Config
-from zimage_trt.models.vae import VAEConfig
-from zimage_trt.runtime.engines import Engines
-from zimage_trt.runtime.manifest import (
+from zimage_trt.engines.manifest import (
     MANIFEST,
     EngineFile,
     FileRecord,
@@ -35,8 +31,12 @@ from zimage_trt.runtime.manifest import (
     select_profile,
     verify_files,
 )
+from zimage_trt.engines.protocol import Engines
+from zimage_trt.models.dit import DiTConfig
+from zimage_trt.models.text_encoder import Qwen3Config
+from zimage_trt.models.tokenizer import QwenTokenizer
+from zimage_trt.models.vae import VAEConfig
 from zimage_trt.runtime.pipeline import Pipeline, apply_overrides
-from zimage_trt.runtime.tokenizer import QwenTokenizer
 from zimage_trt.workflow import Workflow, load_workflow
 
 HINT = "zimage-trt build --model MODEL --resolutions 1040x1040 --out DIR"

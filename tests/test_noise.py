@@ -6,7 +6,7 @@ import comfy_reference as ref
 import pytest
 import torch
 
-from zimage_trt.runtime.noise import (
+from zimage_trt.sampling.noise import (
     SEED_MAX,
     NoiseSampler,
     ancestral_noise_sampler,

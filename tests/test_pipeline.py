@@ -9,15 +9,15 @@ import pytest
 import torch
 from PIL import Image
 
+from zimage_trt.engines.torch_engines import torch_engines
 from zimage_trt.models.dit import DiTConfig, ZImageDiT
 from zimage_trt.models.text_encoder import Qwen3Config, Qwen3TextEncoder
+from zimage_trt.models.tokenizer import QwenTokenizer
 from zimage_trt.models.vae import FluxVAE, VAEConfig
-from zimage_trt.runtime.engines import torch_engines
-from zimage_trt.runtime.guider import Cond
 from zimage_trt.runtime.images import next_path, to_uint8
 from zimage_trt.runtime.pipeline import Pipeline
-from zimage_trt.runtime.stages import sample_stage, stage_input_latent
-from zimage_trt.runtime.tokenizer import QwenTokenizer
+from zimage_trt.sampling.guider import Cond
+from zimage_trt.sampling.stage import sample_stage, stage_input_latent
 from zimage_trt.workflow import Workflow
 
 
@@ -135,8 +135,8 @@ def test_pipeline_matches_the_stage_runner_on_the_modules(pipeline: Pipeline) ->
 
     with torch.inference_mode():
         direct = sample_stage(
-            stage,
-            stage_input_latent(stage, None),
+            stage.params(),
+            stage_input_latent(stage.params(), None),
             model,
             Cond("cond", cap),
             None,
@@ -200,7 +200,7 @@ def test_call_api_overrides_prompt_and_seeds(pipeline: Pipeline) -> None:
 
 
 def test_metadata_inlines_the_negative_prompt_file() -> None:
-    from zimage_trt.runtime.pipeline import png_metadata
+    from zimage_trt.runtime.images import png_metadata
     from zimage_trt.workflow import load_workflow
 
     wf = load_workflow("zimage-121101")

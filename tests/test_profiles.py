@@ -22,10 +22,10 @@ from zimage_trt.build_engines.profiles import (
     resolution_stages,
     workflow_stages,
 )
+from zimage_trt.engines.manifest import Profile, ShapeRange, format_profiles
 from zimage_trt.models.dit import DiTConfig
 from zimage_trt.models.text_encoder import Qwen3Config
 from zimage_trt.models.vae import VAEConfig
-from zimage_trt.runtime.manifest import Profile, ShapeRange, format_profiles
 from zimage_trt.workflow import load_workflow
 
 NETS = networks("bf16", DiTConfig(), Qwen3Config(), VAEConfig())

@@ -1,4 +1,4 @@
-"""Other LoRAs on a built folder without a rebuild (runtime/refit.py): the weights handed to the
+"""Other LoRAs on a built folder without a rebuild (engines/refit.py): the weights handed to the
 engines are exactly what a rebuild would fuse, ONNX Runtime then generates what the torch
 backend does with those LoRAs, a TensorRT plan (the recording double) takes them through its
 Refitter, and a folder that cannot take them is refused with the reason."""
@@ -17,17 +17,14 @@ from tests.conftest import DoubleBuild
 from zimage_trt.build_engines.build import BuildResult
 from zimage_trt.build_engines.onnx_export import module_weights
 from zimage_trt.cli import main
+from zimage_trt.engines.folder import check_request
+from zimage_trt.engines.manifest import ManifestError
+from zimage_trt.engines.refit import LoraSwap, plan_lora_swap
 from zimage_trt.models.dit import CaptionPath
-from zimage_trt.runtime.backends import (
-    load_fused_dit,
-    load_torch_pipeline,
-    lora_target_keys,
-    model_sources,
-)
-from zimage_trt.runtime.engine_folder import check_request, load_engine_folder
-from zimage_trt.runtime.manifest import ManifestError
-from zimage_trt.runtime.refit import LoraSwap, plan_lora_swap
+from zimage_trt.models.sources import load_fused_dit, lora_target_keys
+from zimage_trt.runtime.pipeline import Pipeline
 from zimage_trt.workflow import LoraRef, Workflow, load_workflow
+from zimage_trt.workflow.resolve import model_sources
 
 LORA = "zimage_lora.safetensors"
 LORA_KEYS = [
@@ -93,12 +90,12 @@ def test_onnxruntime_with_swapped_loras_matches_the_torch_backend(
 ) -> None:
     loras = [] if strength is None else [LoraRef(path=LORA, strength=strength)]
     wf = _workflow(loras)
-    pipeline, _ = load_engine_folder(built.folder, swap=_swap(built, wf))
+    pipeline = Pipeline.open(engines=built.folder, workflow=wf, model="tiny", log=lambda m: None)
     got = pipeline.run(wf).latent
 
     def torch_run(workflow: Workflow) -> torch.Tensor:
-        pipeline = load_torch_pipeline(
-            workflow, "tiny", device=torch.device("cpu"), dtype=torch.float32, log=lambda m: None
+        pipeline = Pipeline.open(
+            model="tiny", workflow=workflow, device="cpu", dtype="fp32", log=lambda m: None
         )
         return pipeline.run(workflow).latent
 
@@ -221,7 +218,7 @@ def test_a_refittable_tensorrt_plan_takes_the_swapped_weights(
 
 def test_onnxruntime_overrides_keep_the_weights_dtype() -> None:
     """bf16 weights (an ORT-CUDA folder) go to ONNX Runtime as bf16, not widened."""
-    from zimage_trt.runtime.onnxruntime_engines import _ort_value
+    from zimage_trt.engines.onnxruntime_engines import _ort_value
 
     bf16 = _ort_value(torch.tensor([[1.5, -2.0, 3.25]], dtype=torch.bfloat16))
     assert (bf16.data_type(), bf16.shape()) == ("tensor(bfloat16)", [1, 3])

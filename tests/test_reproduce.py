@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from zimage_trt.reproduce import psnr, ssim, workflow_from_image
+from zimage_trt.runtime.reproduce import psnr, ssim, workflow_from_image
 
 
 def test_psnr_known_values() -> None:

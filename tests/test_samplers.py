@@ -10,9 +10,9 @@ import pytest
 import torch
 from torch import Tensor
 
-from zimage_trt.runtime.model_sampling import FlowSampling
-from zimage_trt.runtime.noise import ancestral_noise_sampler, brownian_tree_noise_sampler
-from zimage_trt.runtime.samplers import (
+from zimage_trt.sampling.model_sampling import FlowSampling
+from zimage_trt.sampling.noise import ancestral_noise_sampler, brownian_tree_noise_sampler
+from zimage_trt.sampling.samplers import (
     SAMPLERS,
     euler_ancestral_rf_step_coefficients,
     midpoint_sigmas_dpmpp_sde,

@@ -20,8 +20,8 @@ from comfy_reference import (
     STAGE3_SIGMAS,
 )
 
-from zimage_trt.runtime.model_sampling import FlowSampling
-from zimage_trt.runtime.schedules import (
+from zimage_trt.sampling.model_sampling import FlowSampling
+from zimage_trt.sampling.schedules import (
     SCHEDULERS,
     calculate_sigmas,
     sigmas_beta,

@@ -6,11 +6,11 @@ import torch
 from comfy_reference import STAGE2_SIGMAS
 from torch import Tensor
 
-from zimage_trt.runtime.guider import Cond
-from zimage_trt.runtime.latents import process_in, process_out
-from zimage_trt.runtime.noise import initial_noise
-from zimage_trt.runtime.samplers import evaluated_sigmas
-from zimage_trt.runtime.stages import sample_stage, stage_input_latent
+from zimage_trt.sampling.guider import Cond
+from zimage_trt.sampling.latents import process_in, process_out
+from zimage_trt.sampling.noise import initial_noise
+from zimage_trt.sampling.samplers import evaluated_sigmas
+from zimage_trt.sampling.stage import sample_stage, stage_input_latent
 from zimage_trt.workflow import Workflow, load_workflow
 
 COND = Cond("cond", torch.zeros(1, 12, 8))
@@ -51,7 +51,7 @@ def single_stage(**stage: object) -> Workflow:
 
 
 def test_empty_latent_starts_from_pure_noise_and_lands_on_target() -> None:
-    (stage,) = single_stage().stages
+    stage = single_stage().stages[0].params()
     latent = stage_input_latent(stage, None)
     assert latent.shape == (1, 16, 6, 8) and not latent.any()
     target = torch.linspace(-1, 1, 16 * 6 * 8).reshape(1, 16, 6, 8)
@@ -72,9 +72,11 @@ def test_empty_latent_starts_from_pure_noise_and_lands_on_target() -> None:
 
 
 def test_partial_denoise_mixes_noise_and_process_in_latent() -> None:
-    (stage,) = single_stage(
-        scheduler={"name": "flow_match_linear", "steps": 16, "denoise": 0.7}
-    ).stages
+    stage = (
+        single_stage(scheduler={"name": "flow_match_linear", "steps": 16, "denoise": 0.7})
+        .stages[0]
+        .params()
+    )
     latent = torch.full((1, 16, 6, 8), 0.5)
     starts: list[Tensor] = []
     sample_stage(
@@ -92,16 +94,20 @@ def test_partial_denoise_mixes_noise_and_process_in_latent() -> None:
 
 
 def test_denoise_zero_returns_the_latent_untouched() -> None:
-    (stage,) = single_stage(scheduler={"name": "simple", "steps": 4, "denoise": 0.0}).stages
+    stage = (
+        single_stage(scheduler={"name": "simple", "steps": 4, "denoise": 0.0}).stages[0].params()
+    )
     latent = torch.randn(1, 16, 6, 8)
     result = sample_stage(stage, latent, SmoothModel(), COND, None)
     assert result.latent is latent and result.model_calls == 0
 
 
 def test_image_stage_without_encoder_is_a_clear_error() -> None:
-    (stage,) = single_stage(
-        latent={"source": "image", "image": "in.png", "width": 64, "height": 48}
-    ).stages
+    stage = (
+        single_stage(latent={"source": "image", "image": "in.png", "width": 64, "height": 48})
+        .stages[0]
+        .params()
+    )
     try:
         stage_input_latent(stage, None)
     except ValueError as exc:
@@ -118,12 +124,13 @@ def test_reference_workflow_runs_all_three_stages() -> None:
     model = SmoothModel()
     latent = None
     shapes, calls, skips = [], [], []
-    for stage in wf.stages:
+    for spec in wf.stages:
+        stage = spec.params()
         latent_in = stage_input_latent(stage, latent)
         uncond = UNCOND if stage.cfg != 1.0 else None
         result = sample_stage(stage, latent_in, model, COND, uncond)
         latent = result.latent
-        evaluations = len(evaluated_sigmas(stage.sampler.name, stage.sigmas()))
+        evaluations = len(evaluated_sigmas(stage.sampler, stage.sigmas))
         passes = 2 if uncond is not None else 1
         skipped = result.cache.calls_skipped if result.cache else 0
         assert result.model_calls + skipped == evaluations * passes

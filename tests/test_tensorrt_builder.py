@@ -14,13 +14,9 @@ import pytest
 import torch
 from tensorrt_double import CACHE_MAGIC, FakeTensorRT, ParserErrorDesc, TensorDesc
 
-from zimage_trt.build_engines.tensorrt_builder import (
-    TensorRTBuildError,
-    build_tensorrt_engine,
-    gpu_identity,
-    tensorrt_version,
-)
-from zimage_trt.runtime.manifest import Profile, ShapeRange
+from zimage_trt.build_engines.tensorrt_builder import TensorRTBuildError, build_tensorrt_engine
+from zimage_trt.engines.manifest import Profile, ShapeRange
+from zimage_trt.engines.tensorrt_env import gpu_identity, tensorrt_version
 
 MISSING = (
     "TensorRT is not installed ({detail}); install it (`pip install tensorrt`, ≥ 10) on an "

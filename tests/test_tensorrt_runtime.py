@@ -10,19 +10,16 @@ import pytest
 import torch
 from tensorrt_double import FakeCUDAGraph, FakeTensorRT, TensorDesc, fake_graph_capture
 
-from zimage_trt.runtime.manifest import Profile, ProfileError, ShapeRange
-from zimage_trt.runtime.tensorrt_engines import (
+from zimage_trt.engines.manifest import Profile, ProfileError, ShapeRange
+from zimage_trt.engines.tensorrt_engines import (
     Binding,
     SharedActivations,
     TensorRTEngine,
     TensorSpec,
     binding_plan,
     buffer_key,
-    dtype_name,
-    torch_dtype,
-    trt_dtype_name,
-    version_tuple,
 )
+from zimage_trt.engines.tensorrt_env import dtype_name, torch_dtype, trt_dtype_name, version_tuple
 
 
 class HostTensorRTEngine(TensorRTEngine):

@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import Tensor
 
+from zimage_trt.models.tokenizer import QwenTokenizer
 from zimage_trt.runtime.text import PromptEncoder, attention_mask
-from zimage_trt.runtime.tokenizer import QwenTokenizer
 from zimage_trt.workflow import load_workflow
 
 

@@ -14,9 +14,8 @@ from torch import Tensor, nn
 from transformers import Qwen3Config as HFQwen3Config
 from transformers import Qwen3ForCausalLM, Qwen3Model
 
-from zimage_trt.models.text_encoder import (
-    Qwen3Config,
-    Qwen3TextEncoder,
+from zimage_trt.models.text_encoder import Qwen3Config, Qwen3TextEncoder
+from zimage_trt.models.text_encoder_keys import (
     config_from_state_dict,
     convert_state_dict,
     load_text_encoder,

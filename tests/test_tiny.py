@@ -8,15 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from zimage_trt.models import dit as dit_keys
-from zimage_trt.models.checkpoints import (
-    load_dit,
-    load_text_encoder_weights,
-    load_vae_weights,
-    resolve_model,
-)
+from zimage_trt.models import dit_keys
+from zimage_trt.models.checkpoints import load_dit, load_text_encoder_weights, load_vae_weights
+from zimage_trt.models.model_files import resolve_model
 from zimage_trt.models.tiny import TINY_VERSION, TinyPaths, make_tiny, tiny_model_dir
-from zimage_trt.runtime.tokenizer import CHAT_TEMPLATE, QwenTokenizer
+from zimage_trt.models.tokenizer import CHAT_TEMPLATE, QwenTokenizer
 
 F32 = torch.float32
 PROMPTS = [

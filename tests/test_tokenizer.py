@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from zimage_trt.runtime.tokenizer import (
+from zimage_trt.models.tokenizer import (
     FIRST_SPECIAL_ID,
     SPECIAL_TOKENS,
     QwenTokenizer,
@@ -81,7 +81,7 @@ def test_vocabulary_and_specials(tok: QwenTokenizer) -> None:
 @pytest.fixture(scope="module")
 def hf_files(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """vocab.json + merges.txt (ComfyUI's qwen25_tokenizer format) derived from the BPE ranks."""
-    from zimage_trt.models.tiny import bpe_merges, byte_level, packaged_ranks
+    from zimage_trt.models.tokenizer_files import bpe_merges, byte_level, packaged_ranks
 
     ranks = packaged_ranks()
     start = time.perf_counter()
@@ -142,7 +142,7 @@ def test_not_a_bpe_tokenizer_json(tmp_path: Path) -> None:
 def test_added_tokens_match_comfyui_whatever_their_special_flag(tmp_path: Path) -> None:
     """Qwen3's tokenizer.json marks <tool_call>… as special: false; transformers (and ComfyUI)
     still match them as single ids. Qwen3's <think> is not in ComfyUI's set: plain text."""
-    from zimage_trt.models.tiny import write_tokenizer
+    from zimage_trt.models.tokenizer_files import write_tokenizer
 
     write_tokenizer(tmp_path)
     data = json.loads((tmp_path / "tokenizer.json").read_text(encoding="utf-8"))

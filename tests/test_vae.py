@@ -8,11 +8,8 @@ from diffusers import AutoencoderKL
 from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 from torch import Tensor
 
-from zimage_trt.models.vae import (
-    FluxVAE,
-    VAEConfig,
-    VAEDecoder,
-    VAEEncoder,
+from zimage_trt.models.vae import FluxVAE, VAEConfig, VAEDecoder, VAEEncoder
+from zimage_trt.models.vae_keys import (
     config_from_state_dict,
     diffusers_to_original,
     is_original_layout,

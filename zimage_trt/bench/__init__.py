@@ -10,11 +10,10 @@ events on a GPU and ``perf_counter`` on a CPU. Nothing here asserts a time.
 
 Modules, lower layers first: ``roofline`` and ``timing`` ← ``measure`` (one pipeline) and
 ``diffusers_baseline`` ← ``run`` (one bench run, every backend) → ``report`` (markdown, chart,
-files); ``cli`` sits on top. diffusers is imported only inside the baseline: the runtime never
-needs it.
+files); the command is ``zimage_trt.cli.bench``. diffusers is imported only inside the
+baseline: the runtime never needs it.
 """
 
-from zimage_trt.bench.cli import add_bench_parser, cmd_bench
 from zimage_trt.bench.diffusers_baseline import (
     bench_diffusers_baseline,
     diffusers_model_dir,
@@ -62,14 +61,12 @@ __all__ = [
     "DiTFlops",
     "Summary",
     "Timer",
-    "add_bench_parser",
     "bench_cache_effect",
     "bench_components",
     "bench_diffusers_baseline",
     "bench_end_to_end",
     "bench_pipeline",
     "chart_size",
-    "cmd_bench",
     "component_calls",
     "diffusers_model_dir",
     "dit_flops",

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from zimage_trt.bench.timing import Log, Timer, check_count, free_memory, summary
-from zimage_trt.runtime.latents import LATENT_CHANNELS, VAE_SCALE
+from zimage_trt.sampling.latents import LATENT_CHANNELS, VAE_SCALE
 from zimage_trt.workflow import Workflow
 
 
@@ -52,7 +52,7 @@ def diffusers_model_dir(model: str | None) -> Path | None:
     elif Path(model).expanduser().is_dir():
         root = Path(model).expanduser()
     else:
-        from zimage_trt.models.checkpoints import resolve_model
+        from zimage_trt.models.model_files import resolve_model
 
         try:
             root = resolve_model(model, download=False).transformer.parent
@@ -147,15 +147,17 @@ def bench_diffusers_baseline(
             f"{stage.sampler.name}, cfg {stage.cfg}, {stage.latent.source} latent, "
             f"{len(wf_single_stage.models.loras)} LoRA(s) (see single_stage_workflow)"
         )
-    from zimage_trt.runtime.backends import load_torch_pipeline
-    from zimage_trt.runtime.latents import process_out
-    from zimage_trt.runtime.noise import initial_noise
+    from zimage_trt.runtime.pipeline import Pipeline
+    from zimage_trt.sampling.latents import process_out
+    from zimage_trt.sampling.noise import initial_noise
 
     timer = Timer(device)
     steps = len(stage.sigmas()) - 1
     (h, w) = wf_single_stage.latent_sizes()[0]
     log(f"[baseline] this project's torch backend, one stage {VAE_SCALE * w}×{VAE_SCALE * h}")
-    ours = load_torch_pipeline(wf_single_stage, str(model_dir), device=device, dtype=dtype, log=log)
+    ours = Pipeline.open(
+        model=model_dir, workflow=wf_single_stage, device=device, dtype=dtype, search=(), log=log
+    )
     our_seconds: list[float] = []
     for run in range(warmup + repeats):
         generation = ours.run(wf_single_stage)

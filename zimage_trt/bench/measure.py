@@ -18,10 +18,11 @@ from torch import Tensor
 from zimage_trt.bench.roofline import dit_flops, flops_rate, gpu_bf16_peak, image_tokens
 from zimage_trt.bench.timing import Log, Timer, check_count, summary
 from zimage_trt.models.dit import DiTConfig
-from zimage_trt.runtime.guider import Cond
-from zimage_trt.runtime.latents import LATENT_CHANNELS, VAE_SCALE
-from zimage_trt.runtime.pipeline import Generation, Pipeline
+from zimage_trt.runtime.pipeline import Pipeline
+from zimage_trt.runtime.requests import Generation
 from zimage_trt.runtime.text import attention_mask
+from zimage_trt.sampling.guider import Cond
+from zimage_trt.sampling.latents import LATENT_CHANNELS, VAE_SCALE
 from zimage_trt.workflow import Workflow
 
 

@@ -197,7 +197,7 @@ def draw_chart(result: Mapping[str, Any], path: str | Path) -> tuple[int, int]:
     Written atomically; returns the image size."""
     from PIL import Image, ImageDraw, ImageFont
 
-    from zimage_trt.models.checkpoints import atomic_path
+    from zimage_trt.atomic import atomic_path
 
     bars = [(b, r["end_to_end"]["parts"]) for b, r in result["backends"].items()
             if r.get("status") == "ok"]  # fmt: skip
@@ -252,7 +252,7 @@ def write_outputs(
     each skipped when its path is None."""
     import json
 
-    from zimage_trt.models.checkpoints import write_text
+    from zimage_trt.atomic import write_text
 
     if json_path is not None:
         # allow_nan=False: a NaN or Inf figure is a bench bug, not something to write

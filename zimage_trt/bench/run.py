@@ -28,10 +28,10 @@ from zimage_trt.bench.diffusers_baseline import (
 from zimage_trt.bench.measure import bench_pipeline, pipeline_dit_config, stage_names
 from zimage_trt.bench.roofline import gpu_bf16_peak
 from zimage_trt.bench.timing import Log, Timer, check_count, free_memory
+from zimage_trt.engines.compiled import compile_stats, compiled_engines
 from zimage_trt.models.dit import DiTConfig
-from zimage_trt.runtime.compiled import compile_stats, compiled_engines
-from zimage_trt.runtime.latents import LATENT_CHANNELS, VAE_SCALE
 from zimage_trt.runtime.pipeline import Pipeline
+from zimage_trt.sampling.latents import LATENT_CHANNELS, VAE_SCALE
 from zimage_trt.workflow import Workflow, load_workflow
 
 BACKENDS = ("torch", "torch-compile", "onnxruntime", "tensorrt")
@@ -89,7 +89,7 @@ def versions() -> dict[str, str | None]:
 def _model_dit_config(wf: Workflow, model: str | None, log: Log) -> DiTConfig | None:
     """The DiT's config from its checkpoint, read on the meta device (no weights loaded)."""
     from zimage_trt.models.checkpoints import load_dit
-    from zimage_trt.runtime.backends import model_sources
+    from zimage_trt.workflow.resolve import model_sources
 
     try:
         files = model_sources(wf, model, log=lambda msg: None).files
@@ -110,12 +110,10 @@ def engine_folder_pipeline(
 ) -> tuple[Pipeline, dict[str, Any]]:
     """A compiled backend's pipeline: the given folder, or one built (or reused by cache key)
     under ``engines_root``; build seconds are recorded apart from every run time."""
-    from zimage_trt.runtime.engine_folder import check_request, load_engine_folder
-    from zimage_trt.runtime.manifest import read_manifest
-
     build: dict[str, Any] = {"folder": str(folder) if folder else None, "built_here": False}
     if folder is None:
-        from zimage_trt.build_engines.build import BuildOptions, plan_build, run_build
+        from zimage_trt.build_engines.build import run_build
+        from zimage_trt.build_engines.plan import BuildOptions, plan_build
 
         precision = BUILD_PRECISION[backend]
         folder = engines_root / _slug(
@@ -134,22 +132,21 @@ def engine_folder_pipeline(
             engines_built=[r.name for r in result.engines if not r.reused],
         )
     t0 = time.perf_counter()
-    swap = None
-    built = read_manifest(folder)
-    if check_request(built, wf, folder):  # other LoRAs: refit from the base DiT
-        from zimage_trt.runtime.refit import plan_lora_swap
-
-        swap = plan_lora_swap(built, folder, wf, model=model, log=log)
-        build["lora_swap"] = swap.describe()
-    pipeline, manifest = load_engine_folder(folder, device=device, swap=swap, log=log)
-    pipeline.preflight(wf)
+    # other LoRAs than the folder's are swapped in from the base DiT, ``model``
+    pipeline = Pipeline.open(
+        engines=folder, workflow=wf, model=model, device=device or "auto", search=(), log=log
+    )
+    manifest = pipeline.manifest
+    assert manifest is not None
+    if pipeline.lora_swap is not None:
+        build["lora_swap"] = pipeline.lora_swap.describe()
     build.update(load_seconds=time.perf_counter() - t0, precision=manifest.precision,
                  manifest_versions=manifest.versions)  # fmt: skip
     return pipeline, build
 
 
 def _engine_dirs(dirs: Sequence[Path], backends: Sequence[str]) -> dict[str, Path]:
-    from zimage_trt.runtime.manifest import read_manifest
+    from zimage_trt.engines.manifest import read_manifest
 
     by_backend: dict[str, Path] = {}
     for folder in dirs:
@@ -225,7 +222,7 @@ def run_bench(
     multi-stage baseline). Compiled backends without a folder get one built (or reused by cache
     key) under ``engines_root`` (default: the zimage-trt cache's ``engines/``).
     """
-    from zimage_trt.runtime.backends import load_torch_pipeline, pick_device, pick_dtype
+    from zimage_trt.engines.torch_engines import pick_device, pick_dtype
 
     for name, value, minimum in (("warmup", warmup, 0), ("iters", iters, 1),
                                  ("repeats", repeats, 1)):  # fmt: skip
@@ -297,9 +294,10 @@ def run_bench(
             )
         else:
             if eager is None:
-                eager = load_torch_pipeline(
-                    wf, model, device=torch_device, dtype=torch_dtype, log=log
-                )
+                eager = Pipeline.open(
+                    model=model, workflow=wf, device=torch_device, dtype=torch_dtype, search=(),
+                    log=log,
+                )  # fmt: skip
             pipeline = eager
             if backend == "torch-compile":
                 pipeline = _compiled_pipeline(eager, compile_options or {})

@@ -1,10 +1,11 @@
 """``zimage-trt build``: model (+ fused LoRAs) × workflow → a folder of engines and its manifest.
 
-Phases, per engine: export the ONNX graph (from the meta device, weights streamed), check it
-(TensorRT op/dtype coverage; parity with the torch forward at several shapes), then for the
-``tensorrt`` backend build the plan with one optimization profile per stage. An engine whose
-cache key matches what the folder already holds (files verified by hash) is reused. The
-manifest is written last, atomically: a folder with a manifest is always whole.
+What is built comes from the plan (``build_engines.plan``). Phases, per engine: export the ONNX
+graph (from the meta device, weights streamed), check it (TensorRT op/dtype coverage; parity with
+the torch forward at several shapes), then for the ``tensorrt`` backend build the plan with one
+optimization profile per stage. An engine whose cache key matches what the folder already holds
+(files verified by hash) is reused. The manifest is written last, atomically: a folder with a
+manifest is always whole.
 """
 
 from __future__ import annotations
@@ -24,31 +25,15 @@ import torch
 from torch import nn
 
 from zimage_trt import __version__
+from zimage_trt.atomic import write_json
 from zimage_trt.build_engines.coverage import CoverageReport, check_tensorrt_coverage
-from zimage_trt.build_engines.networks import PRECISIONS, Network, ShapePoint, dtype_names, networks
+from zimage_trt.build_engines.networks import PRECISIONS, Network, ShapePoint, dtype_names
 from zimage_trt.build_engines.onnx_export import OPSET, export_network, module_weights
 from zimage_trt.build_engines.parity import ParityRow, check_parity, parity_points
-from zimage_trt.build_engines.profiles import (
-    CAPTION_MAX,
-    Span,
-    StageShapes,
-    bucket_stage,
-    caption_span,
-    engine_profiles,
-    limits,
-    resolution_stages,
-    workflow_stages,
-)
+from zimage_trt.build_engines.plan import BuildOptions, BuildPlan
+from zimage_trt.build_engines.profiles import limits
 from zimage_trt.build_engines.slice_parity import slice_parity, whole_graph_fits
-from zimage_trt.models.checkpoints import write_json
-from zimage_trt.models.dit import RopeTables, ZImageDiT, rope_table_lengths
-from zimage_trt.runtime.backends import (
-    ModelSources,
-    load_fused_dit,
-    lora_target_keys,
-    model_sources,
-)
-from zimage_trt.runtime.manifest import (
+from zimage_trt.engines.manifest import (
     MANIFEST,
     REFIT_SUFFIX,
     EngineFile,
@@ -64,62 +49,15 @@ from zimage_trt.runtime.manifest import (
     verify_files,
     weights_sha256,
 )
-from zimage_trt.workflow import Workflow
+from zimage_trt.models.dit import RopeTables, ZImageDiT, rope_table_lengths
+from zimage_trt.models.sources import ModelSources, load_fused_dit, lora_target_keys
 
-BUILD_BACKENDS = ("onnxruntime", "tensorrt")
 WORKFLOW_FILE = "workflow.yaml"
 Log = Callable[[str], None]
 
 
 def _stderr(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
-
-
-@dataclass
-class BuildOptions:
-    backend: str = "onnxruntime"
-    precision: str = "fp32"
-    caption_max: int = CAPTION_MAX
-    buckets: list[str] = field(default_factory=list)
-    with_encoder: bool = False  # also build the VAE encoder (image inputs) for every stage
-    check_parity: bool = True
-    parity_mode: str = "auto"  # auto | whole | slice (auto: slice when RAM forbids the whole)
-    # TensorRT
-    optimization_level: int = 3
-    memory_pool_limit: int | None = None
-    refittable: bool = False
-    timing_cache: Path | None = None
-    lora_ignore_unmatched: bool = False
-
-    def validate(self) -> None:
-        if self.backend not in BUILD_BACKENDS:
-            raise ValueError(
-                f"backend {self.backend!r} cannot be built; choose one of: "
-                f"{', '.join(BUILD_BACKENDS)} (the torch backend needs no build)"
-            )
-        if self.precision not in PRECISIONS:
-            raise ValueError(
-                f"precision {self.precision!r} is not supported; choose one of: "
-                f"{', '.join(PRECISIONS)} (fp16 gives NaN / black images with Z-Image)"
-            )
-        if not 0 <= self.optimization_level <= 5:
-            raise ValueError(
-                f"optimization level {self.optimization_level} is outside 0–5 (TensorRT's range)"
-            )
-
-
-@dataclass
-class BuildPlan:
-    """Everything a build will make, derived before any weight is read (``--dry-run``)."""
-
-    sources: ModelSources
-    source_label: str  # the workflow name or the resolution list
-    stages: list[StageShapes]
-    caption: Span
-    nets: dict[str, Network]
-    profiles: dict[str, list[Profile]]
-    configs: dict[str, Any]
-    workflow: Workflow | None = None  # saved in the folder as generate's default workflow
 
 
 @dataclass
@@ -136,71 +74,6 @@ class BuildResult:
     manifest: Manifest
     engines: list[EngineReport]
     folder: Path
-
-
-def plan_build(
-    options: BuildOptions,
-    *,
-    model: str | None,
-    workflow: Workflow | None = None,
-    resolutions: Sequence[tuple[int, int]] = (),
-    log: Log = _stderr,
-) -> BuildPlan:
-    from zimage_trt.models.checkpoints import (
-        load_dit,
-        load_text_encoder_weights,
-        load_vae_weights,
-    )
-
-    options.validate()
-    if workflow is None and not resolutions:
-        raise ValueError("give a workflow or a list of resolutions to build profiles for")
-    wf = workflow if workflow is not None else Workflow(stages=[_dummy_stage()])
-    sources = model_sources(wf, model, log=log)
-    files = sources.files
-    dtype = PRECISIONS[options.precision]
-    # meta modules give the exact configs without reading a weight
-    dit = load_dit(files.transformer, dtype, meta=True)
-    text = load_text_encoder_weights(files.text_encoder, dtype, meta=True)
-    vae = load_vae_weights(files.vae, dtype, meta=True)
-    configs = {"dit": dit.config, "text_encoder": text.config, "vae": vae.config}
-    nets = networks(options.precision, dit.config, text.config, vae.config)
-
-    if resolutions:
-        stages = resolution_stages(resolutions)
-        label = "resolutions " + ",".join(f"{w}x{h}" for w, h in resolutions)
-    else:
-        stages = workflow_stages(wf)
-        label = f"workflow {wf.name}"
-    stages += [bucket_stage(b, stages) for b in options.buckets]
-    if options.with_encoder:
-        stages = [_with_encoder(s) for s in stages]
-    opt_tokens = _prompt_tokens(files, wf) if workflow is not None else 128
-    caption = caption_span(options.caption_max, opt_tokens)
-    wanted = [n for n in nets if n != "vae_encoder" or any(s.encode for s in stages)]
-    profiles = engine_profiles({n: nets[n] for n in wanted}, stages, caption)
-    return BuildPlan(sources, label, stages, caption, nets, profiles, configs, workflow)
-
-
-def _dummy_stage() -> Any:
-    from zimage_trt.workflow import Stage
-
-    return Stage.model_validate(
-        {"latent": {"source": "empty", "width": 64, "height": 64},
-         "sampler": {"name": "euler"}, "scheduler": {"name": "simple", "steps": 1}}
-    )  # fmt: skip
-
-
-def _with_encoder(stage: StageShapes) -> StageShapes:
-    return StageShapes(stage.name, stage.height, stage.width, stage.max_batch, stage.decode, True)
-
-
-def _prompt_tokens(files: Any, wf: Workflow) -> int:
-    """Tokens of the workflow's positive prompt in the chat template: the captions' opt."""
-    return len(files.load_tokenizer().encode_prompt(wf.prompts.positive_text))
-
-
-# ----------------------------------------------------------------------------------------------
 
 
 def run_build(
@@ -415,7 +288,7 @@ def _versions(backend: str) -> dict[str, str]:
 
         versions["onnxruntime"] = onnxruntime.__version__
     else:
-        from zimage_trt.build_engines.tensorrt_builder import tensorrt_version
+        from zimage_trt.engines.tensorrt_env import tensorrt_version
 
         versions["tensorrt"] = tensorrt_version()
     return versions
@@ -423,7 +296,7 @@ def _versions(backend: str) -> dict[str, str]:
 
 def _machine(backend: str) -> dict[str, str]:
     if backend == "tensorrt":
-        from zimage_trt.build_engines.tensorrt_builder import gpu_identity
+        from zimage_trt.engines.tensorrt_env import gpu_identity
 
         return gpu_identity()
     import platform

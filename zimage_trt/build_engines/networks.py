@@ -24,10 +24,10 @@ import torch
 from torch import Tensor, nn
 from torch.export import Dim
 
+from zimage_trt.engines.protocol import DTYPE_NAMES, ENGINE_IO
 from zimage_trt.models.dit import SEQ_MULTIPLE, CaptionPath, DiTConfig, ZImageDiT
 from zimage_trt.models.text_encoder import Qwen3Config, Qwen3TextEncoder
 from zimage_trt.models.vae import FluxVAE, VAEConfig, VAEDecoder, VAEEncoder
-from zimage_trt.runtime.engines import DTYPE_NAMES, ENGINE_IO
 
 DimSpec = tuple[int | str, ...]
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}

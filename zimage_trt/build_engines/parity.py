@@ -18,8 +18,8 @@ import torch
 from torch import Tensor, nn
 
 from zimage_trt.build_engines.networks import Network, ShapePoint
-from zimage_trt.runtime.manifest import Profile
-from zimage_trt.runtime.onnxruntime_engines import to_numpy
+from zimage_trt.engines.manifest import Profile
+from zimage_trt.engines.onnxruntime_engines import to_numpy
 from zimage_trt.text_table import text_table
 
 TOLERANCE = {"fp32": 1e-3, "bf16": 6e-2}  # max |Δ| relative to max(1, max |reference|)

@@ -17,8 +17,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from zimage_trt.build_engines.networks import Network, ShapePoint
-from zimage_trt.runtime.latents import MAX_SIDE, SIDE_MULTIPLE, VAE_SCALE
-from zimage_trt.runtime.manifest import Profile, ShapeRange
+from zimage_trt.engines.manifest import Profile, ShapeRange
+from zimage_trt.sampling.latents import MAX_SIDE, SIDE_MULTIPLE, VAE_SCALE
 from zimage_trt.workflow import Workflow
 
 CAPTION_MAX = 4096

@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from zimage_trt.models.checkpoints import atomic_path
-from zimage_trt.runtime.manifest import Profile
-from zimage_trt.runtime.tensorrt_engines import (
+from zimage_trt.atomic import atomic_path
+from zimage_trt.engines.manifest import Profile
+from zimage_trt.engines.tensorrt_env import (
     dtype_name,
     require_tensorrt,
     torch_dtype,
@@ -59,28 +59,6 @@ class TensorRTBuildInfo:
 
 def _print_log(message: str) -> None:
     print(message, file=sys.stderr)
-
-
-def tensorrt_version() -> str:
-    """The installed TensorRT version (RuntimeError naming the alternative when missing)."""
-    return require_tensorrt()
-
-
-def gpu_identity(device: int = 0) -> dict[str, str]:
-    """The GPU a plan is built for (plans are specific to it): name, compute capability, CUDA."""
-    import torch
-
-    if not torch.cuda.is_available():
-        raise RuntimeError(
-            "no CUDA GPU is visible to torch; TensorRT engines are built on the NVIDIA GPU that "
-            "will run them (use `zimage-trt build --backend onnxruntime` elsewhere)"
-        )
-    props = torch.cuda.get_device_properties(device)
-    return {
-        "name": props.name,
-        "compute_capability": f"{props.major}.{props.minor}",
-        "cuda": str(torch.version.cuda),
-    }
 
 
 def build_tensorrt_engine(

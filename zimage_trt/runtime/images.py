@@ -1,4 +1,5 @@
-"""Pixels out: the VAE image → uint8 exactly as ComfyUI saves it, written atomically."""
+"""Pixels out: the VAE image → uint8 exactly as ComfyUI saves it, named as ComfyUI names it,
+written atomically, with the workflow that made it in the PNG's text chunks."""
 
 from __future__ import annotations
 
@@ -11,7 +12,11 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 from torch import Tensor
 
+from zimage_trt import __version__
+from zimage_trt.workflow import Workflow
+
 FORMATS = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP"}
+METADATA_WORKFLOW = "zimage-trt.workflow"  # not ComfyUI's "workflow"/"prompt" (JSON graphs)
 
 
 def to_uint8(image: Tensor) -> np.ndarray:
@@ -60,3 +65,18 @@ def save_image(pixels: np.ndarray, path: Path, metadata: dict[str, str] | None =
         image.save(tmp, format=fmt, quality=95)
     tmp.replace(path)
     return path
+
+
+def png_metadata(wf: Workflow, backend: str) -> dict[str, str]:
+    """Text chunks: the whole workflow (negative prompt inlined, so it travels with the image),
+    the prompts and the seeds."""
+    portable = wf.model_copy(deep=True)
+    portable.prompts.negative_file = None
+    portable.prompts.negative = wf.prompts.negative_text() or None
+    return {
+        "software": f"zimage-trt {__version__} ({backend})",
+        METADATA_WORKFLOW: portable.to_yaml(),
+        "zimage-trt.prompt": wf.prompts.positive_text,
+        "zimage-trt.negative_prompt": portable.prompts.negative or "",
+        "zimage-trt.seeds": ",".join(str(stage.seed) for stage in wf.stages),
+    }

@@ -1,4 +1,9 @@
-"""A whole Workflow on one set of engines: prompts → captions → stages → VAE → images.
+"""A whole Workflow on one set of engines: prompts → captions → stages → VAE → images; and the
+service API every entry point calls (the CLI, ``bench``, ``reproduce``, the server).
+
+``Pipeline.open(model=…)`` / ``Pipeline.open(engines=DIR)`` loads and checks everything before
+any work (``runtime.loading``); ``generate(GenerateRequest(…))`` checks the request against what
+the pipeline holds (its LoRAs, the built profiles) and runs it; ``save`` writes the PNGs.
 
 Free, exact reuse is claimed first: each prompt is encoded once (LRU by text) and its caption
 path (embedder, pad tokens, context refiner) runs once per prompt for every step of every stage;
@@ -8,9 +13,9 @@ cfg = 1 runs no unconditional pass.
 from __future__ import annotations
 
 import math
+import sys
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -18,51 +23,127 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from zimage_trt import __version__
-from zimage_trt.runtime.engines import Engines
-from zimage_trt.runtime.guider import Cond
-from zimage_trt.runtime.images import next_path, save_image, to_uint8
-from zimage_trt.runtime.manifest import ProfileError, select_profile
-from zimage_trt.runtime.stages import sample_stage, stage_input_latent
+from zimage_trt.engines.manifest import Manifest
+from zimage_trt.engines.protocol import Engines
+from zimage_trt.engines.refit import LoraSwap, show_loras
+from zimage_trt.models.tokenizer import QwenTokenizer
+from zimage_trt.runtime import loading
+from zimage_trt.runtime.images import next_path, png_metadata, save_image, to_uint8
+from zimage_trt.runtime.preflight import preflight
+from zimage_trt.runtime.requests import (
+    CacheStats,
+    GenerateRequest,
+    Generation,
+    Progress,
+    StageReport,
+    apply_overrides,
+)
 from zimage_trt.runtime.text import LRUCache, PromptEncoder
-from zimage_trt.runtime.tokenizer import QwenTokenizer
-from zimage_trt.workflow import Workflow
-
-Progress = Callable[[str, int, int], None]  # (stage name, step, steps)
-
-
-@dataclass
-class StageReport:
-    name: str
-    latent_shape: tuple[int, ...]
-    model_calls: int
-    calls_skipped: int
-    seconds: float
-    preview: np.ndarray | None = None
+from zimage_trt.sampling.guider import Cond
+from zimage_trt.sampling.stage import sample_stage, stage_input_latent
+from zimage_trt.workflow import Workflow, load_workflow
 
 
-@dataclass
-class Generation:
-    image: np.ndarray  # [H, W, 3] uint8
-    latent: Tensor  # the last stage's VAE-space latent
-    stages: list[StageReport]
-    seconds: dict[str, float] = field(default_factory=dict)  # text, stages, decode
-    paths: list[Path] = field(default_factory=list)
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr)
 
 
 class Pipeline:
-    """Runs Workflows on one set of engines; build it with `from_model` or `from_engines`.
+    """Runs Workflows on one set of engines; open it with `open` (or `from_model`), or wrap
+    engines you built with `from_engines`.
 
-    >>> pipe = Pipeline.from_model("Tongyi-MAI/Z-Image-Turbo")     # or a folder, or "tiny"
-    >>> gen = pipe("a red fox in snow", workflow="zimage-121101", seed=[1, 2, 3])
+    >>> pipe = Pipeline.open(model="Tongyi-MAI/Z-Image-Turbo", workflow="zimage-121101")
+    >>> gen = pipe.generate(GenerateRequest(prompt="a red fox in snow", seed=[1, 2, 3]))
     >>> gen.image.shape, gen.seconds                                # uint8 [H, W, 3], timings
     """
 
-    def __init__(self, engines: Engines, tokenizer: QwenTokenizer, cache_size: int = 16) -> None:
+    def __init__(
+        self,
+        engines: Engines,
+        tokenizer: QwenTokenizer,
+        cache_size: int = 16,
+        *,
+        workflow: Workflow | None = None,
+        manifest: Manifest | None = None,
+        lora_swap: LoraSwap | None = None,
+    ) -> None:
         self.engines = engines
         self.prompts = PromptEncoder(tokenizer, self._encode_text, cache_size, engines.device)
         self._captions: LRUCache[tuple[Tensor, int]] = LRUCache(cache_size)
         self.caption_path_calls = 0
+        self.workflow = workflow  # the workflow it was opened for: a request's default
+        self.manifest = manifest  # an engine folder's manifest (None: the torch backend)
+        self.lora_swap = lora_swap  # LoRAs swapped into a folder's engines when it loaded
+
+    @classmethod
+    def open(
+        cls,
+        *,
+        model: str | Path | None = None,
+        engines: str | Path | None = None,
+        workflow: Workflow | str | Path | None = None,
+        loras: Sequence[tuple[str, float]] | None = None,
+        negative_prompt_file: str | Path | None = None,
+        backend: str | None = None,
+        device: str | torch.device = "auto",
+        dtype: str | torch.dtype = "auto",
+        compile: bool = False,
+        compile_scope: str = "whole",
+        cuda_graphs: bool = False,
+        lora_ignore_unmatched: bool = False,
+        strict_model: bool = False,
+        search: Sequence[Path] | None = None,
+        cache_size: int = 16,
+        log: Callable[[str], None] = _stderr,
+    ) -> Pipeline:
+        """A pipeline for ``workflow`` (a preset name, a YAML path or a Workflow; default: the
+        one ``engines`` was built for, else ``zimage-turbo``), every check made before any work.
+
+        ``model`` (a folder, a Hugging Face repo id from the local cache, or ``"tiny"``) loads
+        the torch backend (``compile``: ``torch.compile`` per stage shape, ``compile_scope``
+        ``"whole"`` or ``"regional"``); ``engines`` serves a built folder (``cuda_graphs``:
+        TensorRT replays the denoiser), with ``model`` as the base DiT when its engines take
+        other LoRAs (``strict_model``: refuse a ``model`` that no swap needs). ``loras``
+        ((file, strength) pairs) replace the workflow's LoRAs, ``negative_prompt_file`` its
+        negative prompt; relative LoRA paths are looked for in ``search`` (default: the
+        workflow file's folder, then the current one). ``backend`` names the backend the
+        caller expects (``torch`` or the folder's); a mismatch is refused.
+        """
+        wf = loading.open_workflow(
+            workflow, engines, loras=loras, negative_prompt_file=negative_prompt_file
+        )
+        if backend is not None and backend not in loading.BACKENDS:
+            raise ValueError(
+                f"backend {backend!r} is not known; choose one of: {', '.join(loading.BACKENDS)}"
+            )
+        if engines is not None and compile:
+            raise ValueError(
+                "--compile serves the torch backend (--model); an engine folder is compiled already"
+            )
+        if engines is None and backend not in (None, "torch"):
+            raise ValueError(
+                f"the {backend} backend serves a built engine folder: pass --engines DIR "
+                f"(make one with `zimage-trt build --backend {backend} --out DIR …`)"
+            )
+        where = tuple(search) if search is not None else loading.lora_search(workflow)
+        if engines is not None:
+            loaded = loading.load_folder(
+                wf, engines, model=model, strict_model=strict_model, backend=backend,
+                device=device, cuda_graphs=cuda_graphs, search=where,
+                lora_ignore_unmatched=lora_ignore_unmatched, log=log,
+            )  # fmt: skip
+        else:
+            loaded = loading.load_model(
+                wf, model, device=device, dtype=dtype, search=where,
+                lora_ignore_unmatched=lora_ignore_unmatched, compile=compile,
+                compile_scope=compile_scope, log=log,
+            )  # fmt: skip
+        pipeline = cls(
+            loaded.engines, loaded.tokenizer, cache_size, workflow=loaded.workflow,
+            manifest=loaded.manifest, lora_swap=loaded.lora_swap,
+        )  # fmt: skip
+        pipeline.preflight(wf)
+        return pipeline
 
     @classmethod
     def from_engines(
@@ -83,42 +164,60 @@ class Pipeline:
     ) -> Pipeline:
         """Load a model (folder, Hugging Face repo id from the local cache, or ``"tiny"``) on the
         torch backend, with the LoRAs of ``workflow`` fused in (``compile``: torch.compile each
-        engine per stage shape)."""
-        from zimage_trt.runtime.backends import load_torch_pipeline, pick_device, pick_dtype
-        from zimage_trt.workflow import load_workflow
-
-        wf = load_workflow(workflow) if isinstance(workflow, str) else workflow
-        torch_device = pick_device(device)
-        return load_torch_pipeline(
-            wf,
-            str(model),
-            device=torch_device,
-            dtype=pick_dtype(dtype, torch_device),
-            lora_ignore_unmatched=lora_ignore_unmatched,
-            compile=compile,
-        )
+        engine per stage shape); ``open(model=…)`` with these options."""
+        return cls.open(
+            model=model, workflow=workflow, device=device, dtype=dtype,
+            lora_ignore_unmatched=lora_ignore_unmatched, compile=compile,
+        )  # fmt: skip
 
     def __call__(
         self,
         prompt: str | None = None,
         *,
-        workflow: Workflow | str = "zimage-turbo",
+        workflow: Workflow | str | None = None,
         negative_prompt: str | None = None,
         trigger_word: str | None = None,
         seed: int | list[int] | None = None,
         progress: Progress | None = None,
     ) -> Generation:
-        """Run ``workflow`` (a preset name, a YAML path or a Workflow) with these overrides."""
-        from zimage_trt.workflow import load_workflow
+        """Run ``workflow`` (a preset name, a YAML path or a Workflow; default: the pipeline's)
+        with these overrides."""
+        request = GenerateRequest(workflow, prompt, negative_prompt, trigger_word, seed)
+        return self.generate(request, progress)
 
-        if isinstance(workflow, str):
-            wf = load_workflow(workflow)
-        else:
-            wf = workflow.model_copy(deep=True)
+    # -- the service ---------------------------------------------------------------------------
+    def request_workflow(self, request: GenerateRequest) -> Workflow:
+        """The workflow a request runs: its own (or the pipeline's), copied, overrides applied,
+        checked against what the pipeline holds (its LoRAs, the built profiles)."""
+        source = request.workflow if request.workflow is not None else self.workflow
+        if source is None:  # wrapped engines (from_engines) were opened for no workflow
+            source = loading.DEFAULT_WORKFLOW
+        wf = load_workflow(source) if isinstance(source, str | Path) else source
+        wf = wf.model_copy(deep=True)
         apply_overrides(
-            wf, prompt=prompt, negative_prompt=negative_prompt, trigger_word=trigger_word, seed=seed
-        )
-        return self.run(wf, progress)
+            wf, prompt=request.prompt, negative_prompt=request.negative_prompt,
+            trigger_word=request.trigger_word, seed=request.seed,
+        )  # fmt: skip
+        self._check_loras(wf)
+        self.preflight(wf)
+        return wf
+
+    def _check_loras(self, wf: Workflow) -> None:
+        """A request must ask for the LoRAs the engines hold: they are fused (or swapped in)
+        when the pipeline opens, not per request."""
+        if self.workflow is None:
+            return
+        held = [(lora.path, lora.strength) for lora in self.workflow.models.loras]
+        wanted = [(lora.path, lora.strength) for lora in wf.models.loras]
+        if wanted != held:
+            raise ValueError(
+                f"this pipeline holds LoRAs {show_loras(held)}; the request asks for "
+                f"{show_loras(wanted)}: open a pipeline with that workflow"
+            )
+
+    def generate(self, request: GenerateRequest, progress: Progress | None = None) -> Generation:
+        """Run one request; the result names the workflow that ran."""
+        return self.run(self.request_workflow(request), progress)
 
     # -- engines behind the runtime's callables ------------------------------------------------
     def _encode_text(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
@@ -173,40 +272,11 @@ class Pipeline:
     def preflight(self, wf: Workflow) -> None:
         """Every engine call the workflow will make, checked against the built profiles before
         any work (compiled engines only; ProfileError names the engine, shape and ranges)."""
-        profiles = self.engines.profiles
-        if not profiles:
-            return
-        needs_uncond = any(not math.isclose(s.cfg, 1.0) for s in wf.stages)
-        texts = [wf.prompts.positive_text] + ([wf.prompts.negative_text()] if needs_uncond else [])
-        tokens = [len(self.prompts.tokenizer.encode_prompt(t)) for t in texts]
-        slots = [-(-n // 32) * 32 for n in tokens]
-        hint = (
-            f"zimage-trt build --model MODEL --workflow {wf.name}.yaml --backend "
-            f"{self.engines.backend} --caption-max {max(max(tokens), 4096)} --out DIR"
-        )
-        calls: list[tuple[str, dict[str, tuple[int, ...]]]] = []
-        for n in tokens:
-            calls += [
-                ("text_encoder", {"input_ids": (1, n)}),
-                ("caption_path", {"cap_mask": (1, n)}),
-            ]
-        for i, (stage, (h, w)) in enumerate(zip(wf.stages, wf.latent_sizes(), strict=True)):
-            uses = slots if not math.isclose(stage.cfg, 1.0) else slots[:1]
-            batched = len(uses) == 2 and uses[0] == uses[1] and tokens[0] == tokens[1]
-            for lc in uses[:1] if batched else uses:
-                b = 2 if batched else 1
-                calls.append(("denoiser", {"latents": (b, 16, h, w), "cap_valid": (b, lc)}))
-            if stage.preview or i == len(wf.stages) - 1:
-                calls.append(("vae_decoder", {"latents": (1, 16, h, w)}))
-            if stage.latent.source == "image":
-                calls.append(("vae_encoder", {"image": (1, 3, 8 * h, 8 * w)}))
-        for engine, shapes in calls:
-            if engine not in profiles:
-                raise ProfileError(f"engine {engine!r} was not built; build it with: {hint}")
-            select_profile(engine, profiles[engine], shapes, hint)
+        preflight(wf, self.engines.profiles, self.prompts.tokenizer, self.engines.backend)
 
     def run(self, wf: Workflow, progress: Progress | None = None) -> Generation:
         self.preflight(wf)
+        encoder_calls, caption_calls = self.prompts.encoder_calls, self.caption_path_calls
         seconds: dict[str, float] = {}
         start = time.perf_counter()
         positive = self.caption(wf.prompts.positive_text, "cond")
@@ -216,11 +286,12 @@ class Pipeline:
 
         reports: list[StageReport] = []
         latent: Tensor | None = None
-        for i, stage in enumerate(wf.stages):
+        for i, spec in enumerate(wf.stages):
+            stage = spec.params()
             name = stage.name or f"stage{i + 1}"
             t0 = time.perf_counter()
             latent_in = stage_input_latent(stage, latent, self.encode_image)
-            steps = len(stage.sigmas()) - 1
+            steps = stage.steps
 
             uncond = None if math.isclose(stage.cfg, 1.0) else negative
             done = [0]
@@ -250,7 +321,7 @@ class Pipeline:
             latent = result.latent
             skipped = result.cache.calls_skipped if result.cache is not None else 0
             seconds[name] = time.perf_counter() - t0
-            preview = self.decode(latent) if stage.preview else None
+            preview = self.decode(latent) if spec.preview else None
             reports.append(
                 StageReport(
                     name, tuple(latent.shape), result.model_calls, skipped, seconds[name], preview
@@ -260,7 +331,13 @@ class Pipeline:
         t0 = time.perf_counter()
         image = self.decode(latent)
         seconds["decode"] = time.perf_counter() - t0
-        return Generation(image, latent, reports, seconds)
+        cache = CacheStats(
+            text_encoder_calls=self.prompts.encoder_calls - encoder_calls,
+            caption_path_calls=self.caption_path_calls - caption_calls,
+            dit_calls=sum(r.model_calls for r in reports),
+            dit_calls_skipped=sum(r.calls_skipped for r in reports),
+        )
+        return Generation(image, latent, reports, seconds, cache=cache, workflow=wf)
 
     def save(self, wf: Workflow, generation: Generation, folder: Path | None = None) -> list[Path]:
         """The final image (and stage previews) under the workflow's output folder."""
@@ -276,44 +353,3 @@ class Pipeline:
         paths.append(save_image(generation.image, next_path(root, prefix, out.format), metadata))
         generation.paths = paths
         return paths
-
-
-def apply_overrides(
-    wf: Workflow,
-    *,
-    prompt: str | None = None,
-    negative_prompt: str | None = None,
-    trigger_word: str | None = None,
-    seed: int | list[int] | None = None,
-) -> Workflow:
-    """Replace prompts and seeds in place (a ``seed`` list sets the first stages' seeds)."""
-    if prompt is not None:
-        wf.prompts.positive = prompt
-    if trigger_word is not None:
-        wf.prompts.trigger = trigger_word or None
-    if negative_prompt is not None:
-        wf.prompts.negative_file, wf.prompts.negative = None, negative_prompt
-    seeds = [seed] if isinstance(seed, int) else list(seed or [])
-    if len(seeds) > len(wf.stages):
-        raise ValueError(f"{len(seeds)} seeds given for a workflow of {len(wf.stages)} stage(s)")
-    for stage, value in zip(wf.stages, seeds, strict=False):
-        stage.seed = value
-    return wf
-
-
-METADATA_WORKFLOW = "zimage-trt.workflow"  # not ComfyUI's "workflow"/"prompt" (JSON graphs)
-
-
-def png_metadata(wf: Workflow, backend: str) -> dict[str, str]:
-    """Text chunks: the whole workflow (negative prompt inlined, so it travels with the image),
-    the prompts and the seeds."""
-    portable = wf.model_copy(deep=True)
-    portable.prompts.negative_file = None
-    portable.prompts.negative = wf.prompts.negative_text() or None
-    return {
-        "software": f"zimage-trt {__version__} ({backend})",
-        METADATA_WORKFLOW: portable.to_yaml(),
-        "zimage-trt.prompt": wf.prompts.positive_text,
-        "zimage-trt.negative_prompt": portable.prompts.negative or "",
-        "zimage-trt.seeds": ",".join(str(stage.seed) for stage in wf.stages),
-    }

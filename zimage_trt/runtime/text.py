@@ -14,7 +14,7 @@ from typing import Generic, TypeVar
 import torch
 from torch import Tensor
 
-from zimage_trt.runtime.tokenizer import PAD_ID, QwenTokenizer
+from zimage_trt.models.tokenizer import PAD_ID, QwenTokenizer
 
 TextEncoderFn = Callable[[Tensor, Tensor], Tensor]
 V = TypeVar("V")

@@ -19,7 +19,7 @@ import scipy.stats
 import torch
 from torch import Tensor
 
-from zimage_trt.runtime.model_sampling import FlowSampling
+from zimage_trt.sampling.model_sampling import FlowSampling
 
 SCHEDULERS: tuple[str, ...] = (
     "simple",

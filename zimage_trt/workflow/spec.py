@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import re
-from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
@@ -17,14 +16,14 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from torch import Tensor
 
-from zimage_trt.runtime.latents import MAX_SIDE, SIDE_MULTIPLE, UPSCALE_METHODS, VAE_SCALE
-from zimage_trt.runtime.model_sampling import FlowSampling
-from zimage_trt.runtime.noise import SEED_MAX
-from zimage_trt.runtime.samplers import SAMPLERS
-from zimage_trt.runtime.schedules import SCHEDULERS, calculate_sigmas
+from zimage_trt.sampling.latents import MAX_SIDE, SIDE_MULTIPLE, UPSCALE_METHODS, VAE_SCALE
+from zimage_trt.sampling.model_sampling import FlowSampling
+from zimage_trt.sampling.noise import SEED_MAX
+from zimage_trt.sampling.samplers import SAMPLERS
+from zimage_trt.sampling.schedules import SCHEDULERS, calculate_sigmas
+from zimage_trt.sampling.stage import CacheParams, LatentInput, StageParams
 
 ZIMAGE_SHIFT = 3.0  # Z-Image-Turbo's own model-sampling shift (ComfyUI supported_models.ZImage)
-PRESET_DIR = "workflows"
 
 
 class WorkflowError(ValueError):
@@ -219,6 +218,32 @@ class Stage(_Spec):
             return None
         return FlowSampling(shift=self.cache.shift if self.cache.shift is not None else self.shift)
 
+    def params(self) -> StageParams:
+        """This stage as the sampling loop takes it (``zimage_trt.sampling.stage``)."""
+        src, s, c = self.latent, self.sampler, self.cache
+        latent = LatentInput(
+            src.source, src.width, src.height, src.scale, src.method, src.crop, src.image
+        )
+        cache_ms = self.cache_sampling()
+        cache = None
+        if c is not None and cache_ms is not None:
+            cache = CacheParams(c.threshold, c.start_percent, c.end_percent, cache_ms)
+        return StageParams(
+            name=self.name,
+            latent=latent,
+            sigmas=self.sigmas(),
+            sampler=s.name,
+            model_sampling=self.model_sampling,
+            cfg=self.cfg,
+            seed=self.seed,
+            add_noise=self.add_noise,
+            eta=s.eta,
+            s_noise=s.s_noise,
+            r=s.r,
+            noise_device=self.noise_device,
+            cache=cache,
+        )
+
 
 class Output(_Spec):
     folder: str = "output"
@@ -358,25 +383,3 @@ def format_validation_error(exc: ValidationError, source: str) -> str:
         got = f" (got {err['input']!r})" if scalar else ""
         lines.append(f"  {path}: {msg}{got}")
     return "\n".join(lines)
-
-
-def preset_names() -> list[str]:
-    root = resources.files("zimage_trt").joinpath(PRESET_DIR)
-    return sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".yaml"))
-
-
-def preset_path(name: str) -> Path:
-    return Path(str(resources.files("zimage_trt").joinpath(PRESET_DIR).joinpath(f"{name}.yaml")))
-
-
-def load_workflow(name_or_path: str | Path) -> Workflow:
-    """A preset by name (``zimage-121101``) or a YAML file by path."""
-    path = Path(name_or_path)
-    if path.is_file():
-        return Workflow.load(path)
-    if str(name_or_path) in preset_names():
-        return Workflow.load(preset_path(str(name_or_path)))
-    raise WorkflowError(
-        f"no workflow file or preset named {str(name_or_path)!r}; presets: "
-        + ", ".join(preset_names())
-    )

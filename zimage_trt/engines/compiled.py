@@ -42,8 +42,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from zimage_trt.engines.protocol import DTYPE_NAMES, ENGINE_IO, Engine, Engines
+from zimage_trt.engines.torch_engines import TorchEngine
 from zimage_trt.models.dit import SEQ_MULTIPLE
-from zimage_trt.runtime.engines import DTYPE_NAMES, ENGINE_IO, Engine, Engines, TorchEngine
 from zimage_trt.text_table import text_table
 
 CAPTION_BUCKET = 256  # caption-length axes are padded up to a multiple of this many tokens

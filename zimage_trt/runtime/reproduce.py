@@ -1,7 +1,8 @@
 """Re-render an image from the workflow it carries and measure how close the result is.
 
 A zimage-trt PNG carries its whole workflow (``zimage-trt.workflow``); a ComfyUI PNG carries its
-graph, which `zimage_trt.comfy` imports. PSNR and SSIM compare the new render with the original.
+graph, which `zimage_trt.workflow.comfy_import` imports. PSNR and SSIM compare the new render
+with the original.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ import numpy as np
 from PIL import Image
 from scipy.ndimage import gaussian_filter
 
-from zimage_trt.runtime.pipeline import METADATA_WORKFLOW, Generation, Progress
+from zimage_trt.runtime.images import METADATA_WORKFLOW
+from zimage_trt.runtime.pipeline import Pipeline
+from zimage_trt.runtime.requests import GenerateRequest, Generation, Progress
 from zimage_trt.workflow import Workflow
 
 
@@ -58,7 +61,7 @@ def workflow_from_image(path: str | Path) -> tuple[Workflow, str]:
     if isinstance(text, str):
         return Workflow.from_yaml(text, f"{path} ({METADATA_WORKFLOW})"), "zimage-trt workflow"
     if "prompt" in info or "workflow" in info:
-        from zimage_trt.comfy import import_graph
+        from zimage_trt.workflow.comfy_import import import_graph
 
         return import_graph(path), "ComfyUI graph"
     raise ValueError(
@@ -85,20 +88,14 @@ def reproduce(
     out: Path | None = None,
     progress: Progress | None = None,
 ) -> Reproduction:
-    from zimage_trt.runtime.backends import load_torch_pipeline, pick_device, pick_dtype
-
     wf, source = workflow_from_image(path)
     with Image.open(path) as image:
         original = np.asarray(image.convert("RGB"))
-    torch_device = pick_device(device)
-    pipeline = load_torch_pipeline(
-        wf,
-        model,
-        device=torch_device,
-        dtype=pick_dtype(dtype, torch_device),
+    pipeline = Pipeline.open(
+        model=model, workflow=wf, device=device, dtype=dtype,
         search=(Path(path).resolve().parent, Path.cwd()),
-    )
-    generation = pipeline.run(wf, progress)
+    )  # fmt: skip
+    generation = pipeline.generate(GenerateRequest(), progress)
     pipeline.save(wf, generation, out)
     return Reproduction(
         generation,

@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from zimage_trt.runtime.engines import dtype_from_name
-from zimage_trt.runtime.manifest import Profile, select_profile
+from zimage_trt.engines.manifest import Profile, select_profile
+from zimage_trt.engines.protocol import dtype_from_name
 
 
 def onnxruntime_providers(device: torch.device) -> list[str]:
@@ -47,7 +47,7 @@ class OnnxRuntimeEngine:
         hint: str = "",
         weights: Mapping[str, Tensor] | None = None,
     ) -> None:
-        """``weights``: initializers to replace by name (other LoRAs, ``runtime.refit``)."""
+        """``weights``: initializers to replace by name (other LoRAs, ``engines.refit``)."""
         import onnxruntime as ort
 
         providers = onnxruntime_providers(device)

@@ -8,11 +8,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from zimage_trt.runtime.easycache import easycache_window
-from zimage_trt.runtime.latents import VAE_SCALE
-from zimage_trt.runtime.samplers import evaluated_sigmas
+from zimage_trt.sampling.easycache import easycache_window
+from zimage_trt.sampling.latents import VAE_SCALE
+from zimage_trt.sampling.samplers import evaluated_sigmas
 from zimage_trt.text_table import text_table
-from zimage_trt.workflow import Stage, Workflow
+from zimage_trt.workflow.spec import Stage, Workflow
 
 PATCH = 2
 TOKEN_MULTIPLE = 32

@@ -15,7 +15,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from zimage_trt.runtime.model_sampling import calculate_denoised
+from zimage_trt.sampling.model_sampling import calculate_denoised
 
 
 class ModelFn(Protocol):

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from zimage_trt.runtime.manifest import (
+from zimage_trt.engines.manifest import (
     REFIT_SUFFIX,
     LoraRecord,
     Manifest,
@@ -96,7 +96,7 @@ def plan_lora_swap(
     """The weights that give ``folder``'s DiT engines the workflow's LoRAs (see the module)."""
     from zimage_trt.models.checkpoints import load_dit
     from zimage_trt.models.lora import fuse_loras, load_lora
-    from zimage_trt.runtime.backends import model_sources
+    from zimage_trt.workflow.resolve import model_sources
 
     start = time.perf_counter()
     refusal = swap_refusal(manifest, folder)

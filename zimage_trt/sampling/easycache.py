@@ -23,8 +23,8 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor
 
-from zimage_trt.runtime.guider import ModelFn
-from zimage_trt.runtime.model_sampling import FlowSampling
+from zimage_trt.sampling.guider import ModelFn
+from zimage_trt.sampling.model_sampling import FlowSampling
 
 _logger = logging.getLogger(__name__)
 

@@ -3,31 +3,81 @@
 This is ComfyUI's KSampler/SamplerCustom path (comfyui-semantics §1, §4.5, §7) with the network
 left abstract: ``model`` is any ModelFn (an engine, the torch forward, or a synthetic model in
 tests). Latents enter and leave in VAE space, so stages hand latents to each other as in ComfyUI.
+A stage is given as plain parameters (``StageParams``); a workflow's ``Stage.params()`` makes
+them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-from zimage_trt.runtime.easycache import EasyCache
-from zimage_trt.runtime.guider import CFGGuider, Cond, ModelFn
-from zimage_trt.runtime.latents import (
+from zimage_trt.sampling.easycache import EasyCache
+from zimage_trt.sampling.guider import CFGGuider, Cond, ModelFn
+from zimage_trt.sampling.latents import (
     empty_latent,
     prepare_sampler_input,
     process_out,
     upscale_latent,
     upscale_latent_by,
 )
-from zimage_trt.runtime.model_sampling import inverse_noise_scaling, noise_scaling
-from zimage_trt.runtime.noise import initial_noise
-from zimage_trt.runtime.samplers import Callback, sample
-from zimage_trt.workflow import Stage
+from zimage_trt.sampling.model_sampling import FlowSampling, inverse_noise_scaling, noise_scaling
+from zimage_trt.sampling.noise import initial_noise
+from zimage_trt.sampling.samplers import Callback, sample
 
 ImageEncoder = Callable[[str, int, int], Tensor]  # (path, width, height) → VAE-space latent
+
+
+@dataclass(frozen=True)
+class LatentInput:
+    """Where a stage's latent comes from: ``empty`` (zeros of width×height px), ``upscale`` (the
+    previous stage's latent to width×height px, or by ``scale``), or ``image`` (a picture
+    VAE-encoded at width×height px)."""
+
+    source: str
+    width: int | None = None
+    height: int | None = None
+    scale: float | None = None
+    method: str = "nearest-exact"
+    crop: str = "disabled"
+    image: str | None = None
+
+
+@dataclass(frozen=True)
+class CacheParams:
+    """EasyCache's window and threshold; ``model_sampling`` turns the percents into sigmas."""
+
+    threshold: float
+    start_percent: float
+    end_percent: float
+    model_sampling: FlowSampling
+
+
+@dataclass(frozen=True, eq=False)
+class StageParams:
+    """One stage, as the sampling loop needs it: its input latent, its sigmas (after denoise
+    truncation), the sampler and its options, CFG, the seed, the noise device and EasyCache."""
+
+    name: str
+    latent: LatentInput
+    sigmas: Tensor
+    sampler: str
+    model_sampling: FlowSampling = field(default_factory=FlowSampling)
+    cfg: float = 1.0
+    seed: int = 0
+    add_noise: bool = True
+    eta: float = 1.0
+    s_noise: float = 1.0
+    r: float = 0.5
+    noise_device: str = "auto"
+    cache: CacheParams | None = None
+
+    @property
+    def steps(self) -> int:
+        return len(self.sigmas) - 1
 
 
 @dataclass
@@ -38,7 +88,7 @@ class StageResult:
 
 
 def stage_input_latent(
-    stage: Stage, previous: Tensor | None, encode_image: ImageEncoder | None = None
+    stage: StageParams, previous: Tensor | None, encode_image: ImageEncoder | None = None
 ) -> Tensor:
     """The VAE-space latent a stage starts from: empty, an upscale of ``previous``, or an image."""
     src = stage.latent
@@ -65,7 +115,7 @@ def stage_input_latent(
 
 
 def sample_stage(
-    stage: Stage,
+    stage: StageParams,
     latent: Tensor,
     model: ModelFn,
     cond: Cond,
@@ -76,7 +126,7 @@ def sample_stage(
     callback: Callback | None = None,
 ) -> StageResult:
     """Sample one stage from its VAE-space input latent; returns the VAE-space output."""
-    sigmas = stage.sigmas().to(device)
+    sigmas = stage.sigmas.to(device)
     if len(sigmas) <= 1:  # denoise 0: ComfyUI returns the latent untouched
         return StageResult(latent, 0, None)
 
@@ -85,25 +135,24 @@ def sample_stage(
     x = noise_scaling(sigmas[0], noise.to(device), prepare_sampler_input(latent).to(device))
 
     cache = None
-    cache_ms = stage.cache_sampling()
-    if stage.cache is not None and cache_ms is not None:
+    if stage.cache is not None:
+        c = stage.cache
         cache = EasyCache.from_percents(
-            stage.cache.threshold, stage.cache.start_percent, stage.cache.end_percent, cache_ms
+            c.threshold, c.start_percent, c.end_percent, c.model_sampling
         )
         model = cache.wrap(model)
     guider = CFGGuider(model, cond, uncond, stage.cfg, model_dtype)
 
     def run() -> Tensor:
-        s = stage.sampler
         return sample(
-            s.name,
+            stage.sampler,
             guider,
             x,
             sigmas,
             seed=stage.seed,
-            eta=s.eta,
-            s_noise=s.s_noise,
-            r=s.r,
+            eta=stage.eta,
+            s_noise=stage.s_noise,
+            r=stage.r,
             noise_device=stage.noise_device,
             model_sampling=stage.model_sampling,
             callback=callback,

@@ -1,15 +1,12 @@
 """ComfyUI graphs → Workflow: API-format JSON, UI-format JSON, or a ComfyUI PNG.
 
-A UI-format graph (what "Save" writes) is first turned into the API form (what "Queue" sends):
-widget values get their input names, Reroutes and frontend PrimitiveNodes dissolve into links and
-literals, muted nodes drop out and bypassed nodes pass their input through. One code path then
+``comfy_graph`` reads the source and turns a UI-format graph into the API form. One code path then
 reads the API graph: from every SaveImage/PreviewImage back through VAEDecode to a sampler node,
 one stage per sampler, stages ordered by the latent chain (empty → upscale → upscale …).
 """
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Iterator
@@ -17,39 +14,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from zimage_trt.runtime.latents import UPSCALE_METHODS
-from zimage_trt.workflow import ZIMAGE_SHIFT, Workflow, WorkflowError
+from zimage_trt.sampling.latents import UPSCALE_METHODS
+from zimage_trt.workflow.comfy_graph import (
+    CONSTANT_NODES,
+    FLOW_MATCH_DEFAULTS,
+    FLOW_MATCH_NODE,
+    SUPPORTED,
+    ComfyImportError,
+    Graph,
+    is_link,
+    normalize,
+    prefix_templates,
+    read_source,
+)
+from zimage_trt.workflow.spec import ZIMAGE_SHIFT, Workflow, WorkflowError
+
+__all__ = ["SUPPORTED", "ComfyImportError", "import_graph"]
 
 
-class ComfyImportError(ValueError):
-    """A ComfyUI graph that cannot be imported; the message names the node, class and input."""
-
-
-FLOW_MATCH_NODE = "FlowMatchEulerDiscreteScheduler (Custom)"
-SEED_CONTROL = "control_after_generate"  # the frontend's extra widget after seed widgets
-SEED_CONTROL_VALUES = ("fixed", "increment", "decrement", "randomize")
-
-# The custom FlowMatch node's widgets in INPUT_TYPES order with their defaults (semantics §5.2).
-FLOW_MATCH_DEFAULTS: dict[str, Any] = {
-    "steps": 9,
-    "start_at_step": 0,
-    "end_at_step": 9999,
-    "base_image_seq_len": 256,
-    "base_shift": 0.5,
-    "invert_sigmas": False,
-    "max_image_seq_len": 8192,
-    "max_shift": 1.15,
-    "num_train_timesteps": 1000,
-    "shift": 3.0,
-    "shift_terminal": 0.0,
-    "stochastic_sampling": False,
-    "time_shift_type": "exponential",
-    "use_beta_sigmas": False,
-    "use_dynamic_shifting": False,
-    "use_exponential_sigmas": False,
-    "use_karras_sigmas": False,
-    "device": "auto",
-}
 # Options always written for the custom node (the preset shows these), others only when changed.
 FLOW_MATCH_SHOWN = (
     "shift",
@@ -59,59 +41,6 @@ FLOW_MATCH_SHOWN = (
     "num_train_timesteps",
     "use_dynamic_shifting",
 )
-
-# Each supported class's widget inputs in INPUT_TYPES order: how a UI node's widgets_values map
-# to input names. control_after_generate is the frontend's own entry after seed widgets.
-WIDGETS: dict[str, tuple[str, ...]] = {
-    "UNETLoader": ("unet_name", "weight_dtype"),
-    "VAELoader": ("vae_name",),
-    "CLIPLoader": ("clip_name", "type", "device"),
-    "CLIPLoaderGGUF": ("clip_name", "type"),
-    "LoraLoader": ("lora_name", "strength_model", "strength_clip"),
-    "LoraLoaderModelOnly": ("lora_name", "strength_model"),
-    "CLIPTextEncode": ("text",),
-    "PrimitiveString": ("value",),
-    "PrimitiveStringMultiline": ("value",),
-    "PrimitiveInt": ("value", SEED_CONTROL),
-    "PrimitiveFloat": ("value",),
-    "StringConcatenate": ("string_a", "string_b", "delimiter"),
-    "EmptySD3LatentImage": ("width", "height", "batch_size"),
-    "EmptyLatentImage": ("width", "height", "batch_size"),
-    "LatentUpscale": ("upscale_method", "width", "height", "crop"),
-    "LatentUpscaleBy": ("upscale_method", "scale_by"),
-    "KSampler": ("seed", SEED_CONTROL, "steps", "cfg", "sampler_name", "scheduler", "denoise"),
-    "KSamplerAdvanced": (
-        "add_noise",
-        "noise_seed",
-        SEED_CONTROL,
-        "steps",
-        "cfg",
-        "sampler_name",
-        "scheduler",
-        "start_at_step",
-        "end_at_step",
-        "return_with_leftover_noise",
-    ),
-    "SamplerCustom": ("add_noise", "noise_seed", SEED_CONTROL, "cfg"),
-    "SamplerCustomAdvanced": (),
-    "KSamplerSelect": ("sampler_name",),
-    "SamplerEulerAncestral": ("eta", "s_noise"),
-    "SamplerDPMPP_SDE": ("eta", "s_noise", "r", "noise_device"),
-    "BasicScheduler": ("scheduler", "steps", "denoise"),
-    "BetaSamplingScheduler": ("steps", "alpha", "beta"),
-    FLOW_MATCH_NODE: tuple(FLOW_MATCH_DEFAULTS),
-    "RandomNoise": ("noise_seed", SEED_CONTROL),
-    "CFGGuider": ("cfg",),
-    "BasicGuider": (),
-    "ModelSamplingAuraFlow": ("shift",),
-    "EasyCache": ("reuse_threshold", "start_percent", "end_percent", "verbose"),
-    "VAEDecode": (),
-    "SaveImage": ("filename_prefix",),
-    "PreviewImage": (),
-    "Reroute": (),
-    "PrimitiveNode": ("value", SEED_CONTROL),
-}
-SUPPORTED = tuple(WIDGETS)
 
 # sampler_name (KSampler, KSamplerSelect) → (SamplerSpec name, Stage.noise_device)
 SAMPLER_NAMES = {
@@ -141,24 +70,11 @@ MODEL_NODES = (
     "EasyCache",
 )
 CLIP_NODES = ("CLIPLoader", "CLIPLoaderGGUF", "LoraLoader")
-CONSTANT_NODES = (
-    "PrimitiveString",
-    "PrimitiveStringMultiline",
-    "PrimitiveInt",
-    "PrimitiveFloat",
-    "StringConcatenate",
-)
 EMPTY_LATENT_NODES = ("EmptySD3LatentImage", "EmptyLatentImage")
 SAMPLER_OBJECT_NODES = ("KSamplerSelect", "SamplerEulerAncestral", "SamplerDPMPP_SDE")
 SIGMAS_NODES = ("BasicScheduler", "BetaSamplingScheduler", FLOW_MATCH_NODE)
 OUTPUT_NODES = ("SaveImage", "PreviewImage")
-FRONTEND_NODES = ("Reroute", "PrimitiveNode", "Note", "MarkdownNote")
-MODE_MUTED, MODE_BYPASSED = 2, 4
 TRIGGER_DELIMITER = ", "  # Prompts.positive_text joins trigger and prompt with this
-
-
-# ---------------------------------------------------------------------------------------------
-# Reading the source
 
 
 def import_graph(source: str | Path | dict[str, Any]) -> Workflow:
@@ -166,330 +82,17 @@ def import_graph(source: str | Path | dict[str, Any]) -> Workflow:
 
     Raises ComfyImportError (a ValueError) naming the node, class and input at fault.
     """
-    data, ui, name = _read_source(source)
-    nodes, muted = _normalize(data)
-    return _build(_Graph(nodes, muted), name, _prefix_templates(ui))
-
-
-def _read_source(source: str | Path | dict[str, Any]) -> tuple[Any, Any, str]:
-    """(graph data, the UI graph where a PNG carries it beside the prompt, workflow name)."""
-    if isinstance(source, dict):
-        return source, None, "imported"
-    path = Path(source)
-    if not path.is_file():
-        raise ComfyImportError(f"no such file {str(path)!r}")
-    raw = path.read_bytes()
-    if not raw.startswith(b"\x89PNG"):
-        return _parse_json(raw.decode("utf-8"), str(path)), None, path.stem
-    prompt, workflow = _png_chunks(path)
-    if prompt is not None:
-        ui = _parse_json(workflow, f"{path} (workflow chunk)") if workflow is not None else None
-        return _parse_json(prompt, f"{path} (prompt chunk)"), ui, path.stem
-    if workflow is not None:
-        return _parse_json(workflow, f"{path} (workflow chunk)"), None, path.stem
-    raise ComfyImportError(f"{path}: the PNG has no ComfyUI 'prompt' or 'workflow' text chunk")
-
-
-def _png_chunks(path: Path) -> tuple[str | None, str | None]:
-    from PIL import Image  # only PNG imports need Pillow
-
-    with Image.open(path) as img:
-        info = dict(img.info)
-    prompt, workflow = info.get("prompt"), info.get("workflow")
-    return (
-        prompt if isinstance(prompt, str) else None,
-        workflow if isinstance(workflow, str) else None,
-    )
-
-
-def _parse_json(text: str, where: str) -> Any:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ComfyImportError(f"{where}: not valid JSON: {exc}") from None
-
-
-def _normalize(data: Any) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
-    """API-form nodes {id: {class_type, inputs, _meta}} and the muted nodes {id: class}."""
-    if isinstance(data, dict) and isinstance(data.get("nodes"), list):
-        return _ui_to_api(data)
-    if isinstance(data, dict) and isinstance(data.get("prompt"), dict):
-        data = data["prompt"]  # a /prompt request body
-    if (
-        isinstance(data, dict)
-        and data
-        and all(isinstance(n, dict) and "class_type" in n for n in data.values())
-    ):
-        return {str(k): v for k, v in data.items()}, {}
-    raise ComfyImportError(
-        "not a ComfyUI graph: expected the API format ({id: {class_type, inputs}}) or the UI "
-        "format (nodes, links)"
-    )
-
-
-# ---------------------------------------------------------------------------------------------
-# UI format → API format
-
-
-_MISSING = object()
-_ERROR = "_error"  # an input key no ComfyUI node has: a UI node that could not be read
-
-
-def _ui_to_api(ui: dict[str, Any]) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
-    _reject_packed_nodes(ui)
-    nodes = {str(n["id"]): n for n in ui["nodes"]}
-    links: dict[Any, tuple[str, int, str]] = {}  # link id → (from node, from slot, type)
-    for link in ui.get("links") or []:
-        if isinstance(link, list) and len(link) >= 6:
-            links[link[0]] = (str(link[1]), int(link[2]), str(link[5]))
-        elif isinstance(link, dict):
-            links[link["id"]] = (
-                str(link["origin_id"]),
-                int(link["origin_slot"]),
-                str(link["type"]),
-            )
-
-    def source(link_id: Any, depth: int = 0) -> Any:
-        """A link's value in API form: [node, slot], a literal, or _MISSING."""
-        if link_id is None or link_id not in links or depth > len(nodes):
-            return _MISSING
-        src, slot, kind = links[link_id]
-        node = nodes.get(src)
-        if node is None or node.get("mode") == MODE_MUTED:
-            return [src, slot]  # reported when (if) the graph reader follows it
-        if node.get("type") == "Reroute":
-            ins = node.get("inputs") or [{}]
-            return source(ins[0].get("link"), depth + 1)
-        if node.get("type") == "PrimitiveNode":
-            values = node.get("widgets_values") or []
-            return values[0] if values else _MISSING
-        if node.get("mode") == MODE_BYPASSED:
-            # ComfyUI passes the input in the output's slot if its type matches, else the first
-            # input of the output's type.
-            ins = node.get("inputs") or []
-            order = ([slot] if slot < len(ins) else []) + list(range(len(ins)))
-            for i in order:
-                if ins[i].get("link") is not None and ins[i].get("type") in (kind, "*"):
-                    return source(ins[i]["link"], depth + 1)
-            return _MISSING
-        return [src, slot]
-
-    api: dict[str, dict[str, Any]] = {}
-    muted: dict[str, str] = {}
-    for nid, node in nodes.items():
-        cls = str(node.get("type"))
-        if node.get("mode") == MODE_MUTED:
-            muted[nid] = cls
-            continue
-        if cls in FRONTEND_NODES or node.get("mode") == MODE_BYPASSED:
-            continue
-        inputs = _widget_inputs(nid, cls, node.get("widgets_values"))
-        for slot in node.get("inputs") or []:
-            value = source(slot.get("link"))
-            if value is not _MISSING:
-                inputs[slot["name"]] = value
-            elif slot.get("link") is not None:  # a dead end: no stale widget value either
-                inputs.pop(slot["name"], None)
-        api[nid] = {"class_type": cls, "inputs": inputs}
-        if node.get("title"):
-            api[nid]["_meta"] = {"title": node["title"]}
-    return api, muted
-
-
-def _widget_inputs(nid: str, cls: str, values: Any) -> dict[str, Any]:
-    """A UI node's widgets_values as named inputs (INPUT_TYPES order, seed controls skipped).
-
-    A node with more values than widgets was saved by another version of its class: it gets an
-    ``_error`` entry, raised only if the import reaches the node.
-    """
-    if cls not in WIDGETS or not values:
-        return {}
-    names = WIDGETS[cls]
-    if isinstance(values, dict):
-        return {k: v for k, v in values.items() if k in names and k != SEED_CONTROL}
-    inputs: dict[str, Any] = {}
-    pos = 0
-    for name in names:
-        if pos >= len(values):
-            break
-        if name == SEED_CONTROL:
-            # Only present when the frontend added it; older saves may lack it.
-            if isinstance(values[pos], str) and values[pos] in SEED_CONTROL_VALUES:
-                pos += 1
-            continue
-        inputs[name] = values[pos]
-        pos += 1
-    if pos < len(values):
-        inputs[_ERROR] = (
-            f"node {nid} (class {cls!r}) has {len(values)} widget values, more than its "
-            f"{len(names)} widgets ({', '.join(names)}); was it saved by another version of "
-            "the node?"
-        )
-    return inputs
-
-
-def _reject_packed_nodes(ui: dict[str, Any]) -> None:
-    groups = (ui.get("extra") or {}).get("groupNodes") or {}
-    subgraphs = {
-        str(s.get("id")): str(s.get("name") or s.get("id"))
-        for s in (ui.get("definitions") or {}).get("subgraphs") or []
-    }
-    for node in ui["nodes"]:
-        kind = str(node.get("type"))
-        if node.get("mode") == MODE_MUTED:
-            continue
-        if kind in subgraphs:
-            name = subgraphs[kind]
-        elif ">" in kind or kind in groups or kind.removeprefix("workflow/") in groups:
-            name = kind
-        else:
-            continue
-        raise ComfyImportError(
-            f"node {node.get('id')} is a group node/subgraph ({name!r}); convert it to normal "
-            "nodes in ComfyUI (right-click → Convert to nodes) before importing"
-        )
-
-
-def _prefix_templates(ui: Any) -> dict[str, str]:
-    """SaveImage prefixes as saved in the UI graph, by node id.
-
-    The frontend expands ``%date:…%`` in the prompt it sends (and that a PNG's 'prompt' chunk
-    holds); the UI graph keeps the template, which the runtime expands per run.
-    """
-    if not isinstance(ui, dict) or not isinstance(ui.get("nodes"), list):
-        return {}
-    templates = {}
-    for node in ui["nodes"]:
-        values = node.get("widgets_values")
-        if node.get("type") == "SaveImage" and isinstance(values, list) and values:
-            prefix = values[0]
-            if isinstance(prefix, str) and re.fullmatch(r"([^%]|%date:[^%]*%)*", prefix):
-                templates[str(node.get("id"))] = prefix
-    return templates
-
-
-# ---------------------------------------------------------------------------------------------
-# Reading the API graph
-
-
-def _is_link(value: Any) -> bool:
-    return (
-        isinstance(value, list)
-        and len(value) == 2
-        and isinstance(value[0], (str, int))
-        and isinstance(value[1], int)
-        and not isinstance(value[1], bool)
-    )
-
-
-def _id_key(nid: str) -> tuple[bool, int, str]:
-    return (not nid.isdigit(), int(nid) if nid.isdigit() else 0, nid)
-
-
-class _Graph:
-    """Typed access to an API-form graph; every failure names the node, class and input."""
-
-    def __init__(self, nodes: dict[str, dict[str, Any]], muted: dict[str, str]) -> None:
-        self.nodes = nodes
-        self.muted = muted
-
-    def cls(self, nid: str) -> str:
-        return str(self.nodes[nid].get("class_type"))
-
-    def who(self, nid: str) -> str:
-        return f"node {nid} (class {self.cls(nid)!r})"
-
-    def title(self, nid: str) -> str | None:
-        title = (self.nodes[nid].get("_meta") or {}).get("title")
-        return title if isinstance(title, str) else None
-
-    def supported(self, nid: str) -> None:
-        error = (self.nodes[nid].get("inputs") or {}).get(_ERROR)
-        if isinstance(error, str):
-            raise ComfyImportError(error)
-        if self.cls(nid) not in WIDGETS:
-            raise ComfyImportError(
-                f"{self.who(nid)} is not supported; supported classes: {', '.join(SUPPORTED)}"
-            )
-
-    def raw(self, nid: str, name: str) -> Any:
-        inputs = self.nodes[nid].get("inputs") or {}
-        if name not in inputs:
-            raise ComfyImportError(
-                f"{self.who(nid)} has no input {name!r} (missing or not connected)"
-            )
-        return inputs[name]
-
-    def link(self, nid: str, name: str, allowed: tuple[str, ...]) -> tuple[str, int]:
-        """The (node, output slot) feeding input ``name``; its class must be in ``allowed``."""
-        value = self.raw(nid, name)
-        if not _is_link(value):
-            raise ComfyImportError(
-                f"{self.who(nid)}: input {name!r} must be connected to a node, got {value!r}"
-            )
-        src, slot = str(value[0]), int(value[1])
-        if src not in self.nodes:
-            if src in self.muted:
-                raise ComfyImportError(
-                    f"{self.who(nid)}: input {name!r} links to node {src} (class "
-                    f"{self.muted[src]!r}), which is muted; unmute it or remove the link"
-                )
-            raise ComfyImportError(
-                f"{self.who(nid)}: input {name!r} links to node {src}, which is not in the graph"
-            )
-        self.supported(src)
-        if self.cls(src) not in allowed:
-            raise ComfyImportError(
-                f"{self.who(nid)}: input {name!r} comes from {self.who(src)}; expected one of: "
-                + ", ".join(allowed)
-            )
-        return src, slot
-
-    def value(self, nid: str, name: str) -> Any:
-        """A widget input's value: a literal, or what a primitive/concatenate node gives."""
-        if not _is_link(self.raw(nid, name)):
-            return self.raw(nid, name)
-        src, _ = self.link(nid, name, CONSTANT_NODES)
-        if self.cls(src) == "StringConcatenate":
-            parts = [self.string(src, "string_a"), self.string(src, "string_b")]
-            return self.string(src, "delimiter").join(parts)
-        return self.value(src, "value")
-
-    def _bad(self, nid: str, name: str, value: Any, kind: str) -> ComfyImportError:
-        return ComfyImportError(f"{self.who(nid)}: input {name!r} must be {kind}, got {value!r}")
-
-    def string(self, nid: str, name: str) -> str:
-        value = self.value(nid, name)
-        if not isinstance(value, str):
-            raise self._bad(nid, name, value, "a string")
-        return value
-
-    def number(self, nid: str, name: str) -> float:
-        value = self.value(nid, name)
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise self._bad(nid, name, value, "a number")
-        return float(value)
-
-    def integer(self, nid: str, name: str) -> int:
-        value = self.value(nid, name)
-        if isinstance(value, float) and value.is_integer():
-            value = int(value)
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise self._bad(nid, name, value, "an integer")
-        return value
-
-    def flag(self, nid: str, name: str) -> bool:
-        """A BOOLEAN widget or an "enable"/"disable" combo."""
-        value = self.value(nid, name)
-        if isinstance(value, bool):
-            return value
-        if value in ("enable", "disable"):
-            return bool(value == "enable")
-        raise self._bad(nid, name, value, "true/false or 'enable'/'disable'")
+    data, ui, name = read_source(source)
+    nodes, muted = normalize(data)
+    return _build(Graph(nodes, muted), name, prefix_templates(ui))
 
 
 # ---------------------------------------------------------------------------------------------
 # Graph → stages
+
+
+def _id_key(nid: str) -> tuple[bool, int, str]:
+    return (not nid.isdigit(), int(nid) if nid.isdigit() else 0, nid)
 
 
 @dataclass
@@ -522,7 +125,7 @@ class _Stage:
     spec: dict[str, Any]
 
 
-def _build(g: _Graph, name: str, prefix_templates: dict[str, str]) -> Workflow:
+def _build(g: Graph, name: str, prefix_templates: dict[str, str]) -> Workflow:
     outputs = sorted((n for n in g.nodes if g.cls(n) in OUTPUT_NODES), key=_id_key)
     if not outputs:
         raise ComfyImportError("the graph has no SaveImage or PreviewImage node; nothing to run")
@@ -590,7 +193,7 @@ def _build(g: _Graph, name: str, prefix_templates: dict[str, str]) -> Workflow:
         raise ComfyImportError(str(exc)) from None
 
 
-def _sampler_output(g: _Graph, nid: str, name: str) -> str:
+def _sampler_output(g: Graph, nid: str, name: str) -> str:
     """The sampler node whose main LATENT output feeds input ``name``."""
     src, slot = g.link(nid, name, SAMPLER_NODES)
     if slot != 0:
@@ -601,7 +204,7 @@ def _sampler_output(g: _Graph, nid: str, name: str) -> str:
     return src
 
 
-def _stage_chain(g: _Graph, decoded: list[str]) -> list[tuple[str, dict[str, Any]]]:
+def _stage_chain(g: Graph, decoded: list[str]) -> list[tuple[str, dict[str, Any]]]:
     """The sampler nodes in execution order, each with its latent source spec."""
     latent: dict[str, dict[str, Any]] = {}
     previous: dict[str, str | None] = {}
@@ -639,7 +242,7 @@ def _stage_chain(g: _Graph, decoded: list[str]) -> list[tuple[str, dict[str, Any
     return [(nid, latent[nid]) for nid in order]
 
 
-def _latent_source(g: _Graph, sampler: str) -> tuple[dict[str, Any], str | None]:
+def _latent_source(g: Graph, sampler: str) -> tuple[dict[str, Any], str | None]:
     """(LatentSource fields, previous sampler) for a sampler's latent_image input."""
     allowed = (*EMPTY_LATENT_NODES, "LatentUpscale", "LatentUpscaleBy", *SAMPLER_NODES)
     src, _ = g.link(sampler, "latent_image", allowed)
@@ -674,7 +277,7 @@ def _latent_source(g: _Graph, sampler: str) -> tuple[dict[str, Any], str | None]
     return spec, _sampler_output(g, src, "samples")
 
 
-def _read_stage(g: _Graph, nid: str, latent: dict[str, Any]) -> _Stage:
+def _read_stage(g: Graph, nid: str, latent: dict[str, Any]) -> _Stage:
     kind = g.cls(nid)
     spec: dict[str, Any] = {"latent": latent, "add_noise": True}
     guide = nid  # the node holding the model, cfg and conditioning inputs
@@ -705,7 +308,7 @@ def _read_stage(g: _Graph, nid: str, latent: dict[str, Any]) -> _Stage:
     return _Stage(nid, model, positive, negative, spec)
 
 
-def _ksampler_schedule(g: _Graph, nid: str) -> dict[str, Any]:
+def _ksampler_schedule(g: Graph, nid: str) -> dict[str, Any]:
     steps = g.integer(nid, "steps")
     denoise = 1.0
     if g.cls(nid) == "KSampler":
@@ -720,7 +323,7 @@ def _ksampler_schedule(g: _Graph, nid: str) -> dict[str, Any]:
     return {"name": _scheduler_name(g, nid), "steps": steps, "denoise": denoise}
 
 
-def _scheduler_name(g: _Graph, nid: str) -> str:
+def _scheduler_name(g: Graph, nid: str) -> str:
     name = g.string(nid, "scheduler")
     if name not in SCHEDULER_NAMES:
         raise ComfyImportError(
@@ -730,7 +333,7 @@ def _scheduler_name(g: _Graph, nid: str) -> str:
     return SCHEDULER_NAMES[name]
 
 
-def _sampler_by_name(g: _Graph, nid: str, name: str) -> tuple[dict[str, Any], str]:
+def _sampler_by_name(g: Graph, nid: str, name: str) -> tuple[dict[str, Any], str]:
     sampler = g.string(nid, name)
     if sampler not in SAMPLER_NAMES:
         raise ComfyImportError(
@@ -741,7 +344,7 @@ def _sampler_by_name(g: _Graph, nid: str, name: str) -> tuple[dict[str, Any], st
     return {"name": spec_name}, device  # ComfyUI's defaults: eta 1, s_noise 1, r 0.5
 
 
-def _sampler_node(g: _Graph, nid: str) -> tuple[dict[str, Any], str]:
+def _sampler_node(g: Graph, nid: str) -> tuple[dict[str, Any], str]:
     src, _ = g.link(nid, "sampler", SAMPLER_OBJECT_NODES)
     kind = g.cls(src)
     if kind == "KSamplerSelect":
@@ -756,7 +359,7 @@ def _sampler_node(g: _Graph, nid: str) -> tuple[dict[str, Any], str]:
     return spec, "cuda" if device == "gpu" else "cpu"
 
 
-def _sigmas_node(g: _Graph, nid: str, shift: float) -> dict[str, Any]:
+def _sigmas_node(g: Graph, nid: str, shift: float) -> dict[str, Any]:
     src, _ = g.link(nid, "sigmas", SIGMAS_NODES)
     kind = g.cls(src)
     if kind == FLOW_MATCH_NODE:
@@ -778,7 +381,7 @@ def _sigmas_node(g: _Graph, nid: str, shift: float) -> dict[str, Any]:
     return {"name": _scheduler_name(g, src), "steps": steps, "denoise": g.number(src, "denoise")}
 
 
-def _flow_match_options(g: _Graph, nid: str) -> dict[str, Any]:
+def _flow_match_options(g: Graph, nid: str) -> dict[str, Any]:
     """The custom node's widgets as flow_match_euler options (§5.2); device is dropped."""
     values: dict[str, Any] = {}
     for name, default in FLOW_MATCH_DEFAULTS.items():
@@ -799,7 +402,7 @@ def _flow_match_options(g: _Graph, nid: str) -> dict[str, Any]:
     return options
 
 
-def _walk(g: _Graph, nid: str, name: str, allowed: tuple[str, ...]) -> Iterator[str]:
+def _walk(g: Graph, nid: str, name: str, allowed: tuple[str, ...]) -> Iterator[str]:
     """The nodes up a MODEL or CLIP chain, nearest first."""
     seen: set[str] = set()
     src, _ = g.link(nid, name, allowed)
@@ -813,7 +416,7 @@ def _walk(g: _Graph, nid: str, name: str, allowed: tuple[str, ...]) -> Iterator[
         src, _ = g.link(src, name, allowed)
 
 
-def _model_chain(g: _Graph, nid: str, name: str) -> _ModelChain:
+def _model_chain(g: Graph, nid: str, name: str) -> _ModelChain:
     """UNET, LoRAs (in load order), shift and EasyCache on the way to ``nid``'s model input.
 
     Nearer patches override farther ones, as in ComfyUI (the last object patch wins).
@@ -842,7 +445,7 @@ def _model_chain(g: _Graph, nid: str, name: str) -> _ModelChain:
     return _ModelChain(transformer, loras, ZIMAGE_SHIFT if shift is None else shift, cache)
 
 
-def _conditioning(g: _Graph, nid: str, name: str) -> _Prompt:
+def _conditioning(g: Graph, nid: str, name: str) -> _Prompt:
     """The prompt behind a conditioning input; ``trigger, prompt`` splits into its two parts."""
     enc, _ = g.link(nid, name, ("CLIPTextEncode",))
     encoder = ""
@@ -850,7 +453,7 @@ def _conditioning(g: _Graph, nid: str, name: str) -> _Prompt:
         if g.cls(src) != "LoraLoader":
             encoder = g.string(src, "clip_name")
     text = g.raw(enc, "text")
-    if _is_link(text):
+    if is_link(text):
         src, _ = g.link(enc, "text", CONSTANT_NODES)
         if g.cls(src) == "StringConcatenate" and g.string(src, "delimiter") == TRIGGER_DELIMITER:
             trigger = g.string(src, "string_a")
@@ -883,7 +486,7 @@ def _check_shared(stages: list[_Stage], names: list[str]) -> None:
                 )
 
 
-def _stage_name(g: _Graph, nid: str, index: int, taken: list[str]) -> str:
+def _stage_name(g: Graph, nid: str, index: int, taken: list[str]) -> str:
     """A slug of the sampler's own title, else stage1, stage2, …"""
     title = g.title(nid) or ""
     if title in (g.cls(nid), SAMPLER_DISPLAY_NAMES.get(g.cls(nid))):

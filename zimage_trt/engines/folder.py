@@ -1,39 +1,47 @@
-"""Serve a built engine folder (``generate --engines DIR``): refuse it with the reason when it
-does not fit the machine or the request, before any work; otherwise wrap its engines.
+"""A built engine folder (``generate --engines DIR``): refused with the reason when it does not
+fit the machine or the request, before any work; otherwise its engines, loaded.
 
 Checks, in order: the manifest reads; the backend's library is installed; the folder was built
 for this GPU and TensorRT version (plans are not portable); every file matches its hash; the
 request's LoRAs and strengths are the fused ones, or the DiT engines are refittable and take the
-request's (``runtime.refit``); every shape the workflow needs lies inside a built profile
-(``Pipeline.preflight``).
+request's (``engines.refit``). The runtime then checks every shape the workflow needs against
+the built profiles (``runtime.preflight``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
-from zimage_trt.runtime.engines import Engine, Engines
-from zimage_trt.runtime.manifest import (
+from zimage_trt.engines.manifest import (
     Manifest,
     ManifestError,
     format_profiles,
     read_manifest,
     verify_files,
 )
-from zimage_trt.runtime.pipeline import Pipeline
-from zimage_trt.runtime.refit import (
+from zimage_trt.engines.protocol import Engine, Engines
+from zimage_trt.engines.refit import (
     PRECISION_DTYPES,
     LoraSwap,
     same_loras,
     show_loras,
     swap_refusal,
 )
-from zimage_trt.runtime.tokenizer import QwenTokenizer
+from zimage_trt.models.tokenizer import QwenTokenizer
 from zimage_trt.text_table import text_table
 from zimage_trt.workflow import Workflow
+
+
+class EngineFolder(NamedTuple):
+    """A loaded folder: its engines, the tokenizer it was built with, and its manifest."""
+
+    engines: Engines
+    tokenizer: QwenTokenizer
+    manifest: Manifest
 
 
 def load_engine_folder(
@@ -43,10 +51,10 @@ def load_engine_folder(
     cuda_graphs: bool = False,
     swap: LoraSwap | None = None,
     log: Callable[[str], None] = lambda msg: None,
-) -> tuple[Pipeline, Manifest]:
-    """The pipeline over a built folder. ``cuda_graphs``: capture the TensorRT denoiser once per
+) -> EngineFolder:
+    """The engines of a built folder. ``cuda_graphs``: capture the TensorRT denoiser once per
     shape and replay it (TensorRT only). ``swap``: new DiT weights (other LoRAs) for the
-    refittable engines, from ``runtime.refit.plan_lora_swap``."""
+    refittable engines, from ``engines.refit.plan_lora_swap``."""
     root = Path(folder)
     manifest = read_manifest(root)
     backend = manifest.backend
@@ -63,7 +71,7 @@ def load_engine_folder(
     )
     shared = None
     if backend == "tensorrt":  # the engines run in sequence: one activation block for all
-        from zimage_trt.runtime.tensorrt_engines import SharedActivations
+        from zimage_trt.engines.tensorrt_engines import SharedActivations
 
         shared = SharedActivations(device)
     engines: dict[str, Engine] = {}
@@ -73,14 +81,14 @@ def load_engine_folder(
         path = root / entry.file
         weights = swap.weights.get(name) if swap is not None else None
         if backend == "onnxruntime":
-            from zimage_trt.runtime.onnxruntime_engines import OnnxRuntimeEngine
+            from zimage_trt.engines.onnxruntime_engines import OnnxRuntimeEngine
 
             engines[name] = OnnxRuntimeEngine(
                 name, path, entry.inputs, entry.outputs, entry.profiles, device=device, hint=hint,
                 weights=weights,
             )  # fmt: skip
         else:
-            from zimage_trt.runtime.tensorrt_engines import TensorRTEngine
+            from zimage_trt.engines.tensorrt_engines import TensorRTEngine
 
             # outputs the runtime caches (prompts, captions) are cloned; the denoiser's are not
             engines[name] = TensorRTEngine(
@@ -112,7 +120,7 @@ def load_engine_folder(
         profiles=manifest.profiles_by_engine(),
     )
     tokenizer = QwenTokenizer.load(root / manifest.tokenizer if manifest.tokenizer else None)
-    return Pipeline(bundle, tokenizer), manifest
+    return EngineFolder(bundle, tokenizer, manifest)
 
 
 def describe_folder(folder: str | Path, *, verify: bool = False) -> str:
@@ -167,7 +175,7 @@ def check_machine(manifest: Manifest, device: torch.device) -> None:
                 "(pip install 'zimage-trt[onnxruntime]')"
             ) from None
         return
-    from zimage_trt.build_engines.tensorrt_builder import gpu_identity, tensorrt_version
+    from zimage_trt.engines.tensorrt_env import gpu_identity, tensorrt_version
 
     if device.type != "cuda":
         raise ManifestError(f"TensorRT engines run on a CUDA device, not {device}")
@@ -190,7 +198,7 @@ def check_machine(manifest: Manifest, device: torch.device) -> None:
 
 def check_request(manifest: Manifest, wf: Workflow, folder: str | Path) -> bool:
     """False when the workflow's LoRAs are those fused into the engines, at the same strengths;
-    True when they are not but the DiT engines can take them (``runtime.refit``); otherwise a
+    True when they are not but the DiT engines can take them (``engines.refit``); otherwise a
     ``ManifestError`` that says why and what to do."""
     if same_loras(manifest, wf):
         return False

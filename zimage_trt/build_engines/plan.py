@@ -1,0 +1,136 @@
+"""What a build will make, derived before any weight is read (``zimage-trt build --dry-run``): the
+options, the model sources, each network's configuration (read on the meta device), the stage
+shapes from a workflow or a list of resolutions, and every engine's optimization profiles."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from zimage_trt.build_engines.networks import PRECISIONS, Network, networks
+from zimage_trt.build_engines.profiles import (
+    CAPTION_MAX,
+    Span,
+    StageShapes,
+    bucket_stage,
+    caption_span,
+    engine_profiles,
+    resolution_stages,
+    workflow_stages,
+)
+from zimage_trt.engines.manifest import Profile
+from zimage_trt.models.checkpoints import load_dit, load_text_encoder_weights, load_vae_weights
+from zimage_trt.models.sources import ModelSources
+from zimage_trt.workflow import Stage, Workflow
+from zimage_trt.workflow.resolve import model_sources
+
+BUILD_BACKENDS = ("onnxruntime", "tensorrt")
+Log = Callable[[str], None]
+
+
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+@dataclass
+class BuildOptions:
+    backend: str = "onnxruntime"
+    precision: str = "fp32"
+    caption_max: int = CAPTION_MAX
+    buckets: list[str] = field(default_factory=list)
+    with_encoder: bool = False  # also build the VAE encoder (image inputs) for every stage
+    check_parity: bool = True
+    parity_mode: str = "auto"  # auto | whole | slice (auto: slice when RAM forbids the whole)
+    # TensorRT
+    optimization_level: int = 3
+    memory_pool_limit: int | None = None
+    refittable: bool = False
+    timing_cache: Path | None = None
+    lora_ignore_unmatched: bool = False
+
+    def validate(self) -> None:
+        if self.backend not in BUILD_BACKENDS:
+            raise ValueError(
+                f"backend {self.backend!r} cannot be built; choose one of: "
+                f"{', '.join(BUILD_BACKENDS)} (the torch backend needs no build)"
+            )
+        if self.precision not in PRECISIONS:
+            raise ValueError(
+                f"precision {self.precision!r} is not supported; choose one of: "
+                f"{', '.join(PRECISIONS)} (fp16 gives NaN / black images with Z-Image)"
+            )
+        if not 0 <= self.optimization_level <= 5:
+            raise ValueError(
+                f"optimization level {self.optimization_level} is outside 0–5 (TensorRT's range)"
+            )
+
+
+@dataclass
+class BuildPlan:
+    """Everything a build will make, derived before any weight is read (``--dry-run``)."""
+
+    sources: ModelSources
+    source_label: str  # the workflow name or the resolution list
+    stages: list[StageShapes]
+    caption: Span
+    nets: dict[str, Network]
+    profiles: dict[str, list[Profile]]
+    configs: dict[str, Any]
+    workflow: Workflow | None = None  # saved in the folder as generate's default workflow
+
+
+def plan_build(
+    options: BuildOptions,
+    *,
+    model: str | None,
+    workflow: Workflow | None = None,
+    resolutions: Sequence[tuple[int, int]] = (),
+    log: Log = _stderr,
+) -> BuildPlan:
+    options.validate()
+    if workflow is None and not resolutions:
+        raise ValueError("give a workflow or a list of resolutions to build profiles for")
+    wf = workflow if workflow is not None else Workflow(stages=[_dummy_stage()])
+    sources = model_sources(wf, model, log=log)
+    files = sources.files
+    dtype = PRECISIONS[options.precision]
+    # meta modules give the exact configs without reading a weight
+    dit = load_dit(files.transformer, dtype, meta=True)
+    text = load_text_encoder_weights(files.text_encoder, dtype, meta=True)
+    vae = load_vae_weights(files.vae, dtype, meta=True)
+    configs = {"dit": dit.config, "text_encoder": text.config, "vae": vae.config}
+    nets = networks(options.precision, dit.config, text.config, vae.config)
+
+    if resolutions:
+        stages = resolution_stages(resolutions)
+        label = "resolutions " + ",".join(f"{w}x{h}" for w, h in resolutions)
+    else:
+        stages = workflow_stages(wf)
+        label = f"workflow {wf.name}"
+    stages += [bucket_stage(b, stages) for b in options.buckets]
+    if options.with_encoder:
+        stages = [_with_encoder(s) for s in stages]
+    opt_tokens = _prompt_tokens(files, wf) if workflow is not None else 128
+    caption = caption_span(options.caption_max, opt_tokens)
+    wanted = [n for n in nets if n != "vae_encoder" or any(s.encode for s in stages)]
+    profiles = engine_profiles({n: nets[n] for n in wanted}, stages, caption)
+    return BuildPlan(sources, label, stages, caption, nets, profiles, configs, workflow)
+
+
+def _dummy_stage() -> Stage:
+    return Stage.model_validate(
+        {"latent": {"source": "empty", "width": 64, "height": 64},
+         "sampler": {"name": "euler"}, "scheduler": {"name": "simple", "steps": 1}}
+    )  # fmt: skip
+
+
+def _with_encoder(stage: StageShapes) -> StageShapes:
+    return StageShapes(stage.name, stage.height, stage.width, stage.max_batch, stage.decode, True)
+
+
+def _prompt_tokens(files: Any, wf: Workflow) -> int:
+    """Tokens of the workflow's positive prompt in the chat template: the captions' opt."""
+    return len(files.load_tokenizer().encode_prompt(wf.prompts.positive_text))

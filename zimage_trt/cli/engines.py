@@ -1,0 +1,214 @@
+"""``zimage-trt build`` and ``zimage-trt inspect``: engine folders made and looked into."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from zimage_trt.cli.common import RAW, examples, stderr_log
+
+
+def _parse_bytes(text: str) -> int:
+    units = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+    number, unit = text.rstrip("iBb").upper()[:-1], text.rstrip("iBb").upper()[-1:]
+    if unit.isdigit():
+        number, unit = number + unit, ""
+    try:
+        value = int(float(number) * units[unit])
+    except (ValueError, KeyError):
+        raise ValueError(f"memory size {text!r} is not a number with K, M or G (e.g. 8G)") from None
+    if value <= 0:
+        raise ValueError(f"memory size {text!r} must be positive")
+    return value
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from zimage_trt.engines.folder import describe_folder
+
+    print(describe_folder(args.dir, verify=args.verify))
+    return 0
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from zimage_trt.build_engines.build import run_build
+    from zimage_trt.build_engines.parity import format_parity
+    from zimage_trt.build_engines.plan import BuildOptions, plan_build
+    from zimage_trt.build_engines.profiles import parse_resolutions
+    from zimage_trt.engines.manifest import format_profiles
+    from zimage_trt.workflow import load_workflow
+
+    if args.workflow is not None and args.resolutions is not None:
+        raise ValueError("give --workflow or --resolutions, not both")
+    resolutions = parse_resolutions(args.resolutions) if args.resolutions else []
+    wf = load_workflow(args.workflow or "zimage-121101") if not resolutions else None
+    precision = args.precision or ("bf16" if args.backend == "tensorrt" else "fp32")
+    options = BuildOptions(
+        backend=args.backend,
+        precision=precision,
+        caption_max=args.caption_max,
+        buckets=list(args.bucket),
+        with_encoder=args.with_encoder,
+        check_parity=not args.no_parity,
+        optimization_level=args.opt_level,
+        memory_pool_limit=_parse_bytes(args.memory_pool_limit) if args.memory_pool_limit else None,
+        refittable=args.refittable,
+        timing_cache=args.timing_cache,
+        lora_ignore_unmatched=args.lora_ignore_unmatched,
+    )
+    log = stderr_log(args.quiet)
+    plan = plan_build(options, model=args.model, workflow=wf, resolutions=resolutions, log=log)
+    print(
+        f"profiles for {plan.source_label} ({precision}, captions up to {plan.caption.max} tokens)"
+    )
+    print(format_profiles(plan.profiles))
+    if args.dry_run:
+        print("(dry run: nothing built)")
+        return 0
+    if args.out is None:
+        raise ValueError("--out DIR is required (the engine folder to write)")
+    result = run_build(plan, options, args.out, log=log)
+    rows = [r for report in result.engines for r in report.parity]
+    print()
+    print("ONNX checks (TensorRT coverage per graph; parity with torch at each shape)")
+    for report in result.engines:
+        if report.reused:
+            print(f"{report.name}: reused (cache key matches, files verified)")
+        elif report.coverage is not None:
+            print(f"{report.name}: {report.coverage.summary()}")
+    if rows:
+        print(format_parity(rows))
+    m = result.manifest
+    print(
+        f"built {len(m.engines)} {m.backend} engines in {m.build_seconds:.1f} s, peak RAM "
+        f"{m.peak_rss_bytes / 2**30:.2f} GiB → {result.folder}"
+    )
+    return 0
+
+
+def add_build_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "build",
+        formatter_class=RAW,
+        help="export ONNX and build engines with one optimization profile per stage",
+        description="Exports the text encoder, caption path, denoiser and VAE to ONNX (graph "
+        "from the meta device, weights streamed into one external-data file), checks every "
+        "graph (TensorRT op coverage; parity with torch at several shapes per dynamic axis), "
+        "and builds TensorRT engines (or an ONNX Runtime folder) whose profiles cover every "
+        "stage of the workflow. Engines whose cache key matches are reused.",
+        epilog=examples(
+            "zimage-trt build --model tiny --workflow zimage-121101 --backend onnxruntime "
+            "--out engines/",
+            "zimage-trt build --model ~/models/Z-Image-Turbo -w zimage-121101 --out engines/  "
+            "# TensorRT, bf16",
+            "zimage-trt build --model ~/models/Z-Image-Turbo --resolutions 1024x1024,768x1344 "
+            "--dry-run",
+        ),
+    )
+    p.add_argument(
+        "--model",
+        default=None,
+        metavar="PATH|REPO|tiny",
+        help="model folder, Hugging Face repo id, or 'tiny' (default: the workflow's)",
+    )
+    p.add_argument(
+        "-w",
+        "--workflow",
+        default=None,
+        metavar="NAME|FILE",
+        help="derive profiles from this workflow (default: zimage-121101)",
+    )
+    p.add_argument(
+        "--resolutions",
+        default=None,
+        metavar="WxH,…",
+        help="derive single-stage profiles from these image sizes instead",
+    )
+    p.add_argument(
+        "--bucket",
+        action="append",
+        default=[],
+        metavar="WxH-WxH",
+        help="add a dynamic profile spanning these sizes (repeatable)",
+    )
+    p.add_argument(
+        "--backend",
+        choices=("tensorrt", "onnxruntime"),
+        default="tensorrt",
+        help="engines to build (default: tensorrt)",
+    )
+    p.add_argument(
+        "--precision",
+        choices=("bf16", "fp32"),
+        default=None,
+        help="graph precision (default: bf16 for tensorrt, fp32 for onnxruntime); "
+        "fp16 is refused (NaN images with Z-Image)",
+    )
+    p.add_argument(
+        "--caption-max",
+        type=int,
+        default=4096,
+        metavar="N",
+        help="longest prompt in tokens the engines serve (default 4096)",
+    )
+    p.add_argument(
+        "--with-encoder",
+        action="store_true",
+        help="also build the VAE encoder for every stage (image inputs)",
+    )
+    p.add_argument(
+        "--out", "-o", type=Path, default=None, metavar="DIR", help="the engine folder to write"
+    )
+    p.add_argument("--dry-run", action="store_true", help="print the profile table and stop")
+    p.add_argument(
+        "--no-parity",
+        action="store_true",
+        help="skip the torch-vs-ONNX parity check (coverage is always checked)",
+    )
+    p.add_argument(
+        "--opt-level",
+        type=int,
+        default=3,
+        metavar="0-5",
+        help="TensorRT builder optimization level (default 3)",
+    )
+    p.add_argument(
+        "--memory-pool-limit",
+        default=None,
+        metavar="SIZE",
+        help="TensorRT workspace limit, e.g. 8G (default: TensorRT's)",
+    )
+    p.add_argument(
+        "--refittable",
+        action="store_true",
+        help="TensorRT: refittable DiT engines (swap LoRAs without a rebuild; slower)",
+    )
+    p.add_argument(
+        "--timing-cache",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="TensorRT timing cache to load and update (keep one per GPU)",
+    )
+    p.add_argument(
+        "--lora-ignore-unmatched",
+        action="store_true",
+        help="skip LoRA keys that match no weight instead of failing",
+    )
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
+    p.set_defaults(func=cmd_build)
+
+
+def add_inspect_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "inspect",
+        formatter_class=RAW,
+        help="show what a built engine folder holds and whether it serves on this machine",
+        description="Prints an engine folder's backend, precision, versions, GPU, weights and "
+        "LoRAs (and whether other LoRAs can be swapped in), each engine's files and the profile "
+        "table, then checks the folder against this machine. Reads no weights.",
+        epilog=examples("zimage-trt inspect engines/", "zimage-trt inspect engines/ --verify"),
+    )
+    p.add_argument("dir", type=Path, metavar="DIR")
+    p.add_argument("--verify", action="store_true", help="also check every file's sha-256")
+    p.set_defaults(func=cmd_inspect)

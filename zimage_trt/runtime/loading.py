@@ -1,0 +1,158 @@
+"""Opening a pipeline's engines, every check made before any work.
+
+From a model reference (``Pipeline.open(model=…)``): the workflow's model files (or the folder,
+Hugging Face repo id or ``tiny`` named), its LoRAs fused into the DiT, the torch backend on the
+chosen device and dtype, compiled per stage shape if asked. From an engine folder
+(``Pipeline.open(engines=DIR)``): the manifest, the backend asked for, the machine (library, GPU,
+TensorRT version), every file's hash, the workflow's LoRAs (those fused into the engines, or
+swapped in from the base DiT when the engines take new weights), then the engines. The
+pipeline then checks the workflow's shapes against the built profiles (``runtime.preflight``).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from zimage_trt.engines.folder import check_request, load_engine_folder
+from zimage_trt.engines.manifest import Manifest, read_manifest
+from zimage_trt.engines.protocol import Engines
+from zimage_trt.engines.refit import LoraSwap, plan_lora_swap
+from zimage_trt.engines.torch_engines import load_torch_engines, pick_device, pick_dtype
+from zimage_trt.models.tokenizer import QwenTokenizer
+from zimage_trt.workflow import LoraRef, Workflow, load_workflow
+from zimage_trt.workflow.resolve import model_sources
+
+DEFAULT_WORKFLOW = "zimage-turbo"
+BACKENDS = ("torch", "onnxruntime", "tensorrt")
+Log = Callable[[str], None]
+
+
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr)
+
+
+@dataclass
+class Loaded:
+    """What a pipeline runs on: its engines and tokenizer, the workflow it was opened for, and
+    for an engine folder its manifest and the LoRA swap made when loading it."""
+
+    engines: Engines
+    tokenizer: QwenTokenizer
+    workflow: Workflow
+    manifest: Manifest | None = None
+    lora_swap: LoraSwap | None = None
+
+
+def open_workflow(
+    workflow: Workflow | str | Path | None,
+    engines: str | Path | None = None,
+    *,
+    loras: Sequence[tuple[str, float]] | None = None,
+    negative_prompt_file: str | Path | None = None,
+) -> Workflow:
+    """The workflow a pipeline opens for: ``workflow`` (a preset name, a YAML path or a Workflow,
+    copied), else the one an engine folder was built for, else ``zimage-turbo``; with
+    ``negative_prompt_file`` as its negative prompt and ``loras`` ((file, strength) pairs) in
+    place of its LoRAs."""
+    if isinstance(workflow, Workflow):
+        wf = workflow.model_copy(deep=True)
+    elif workflow is not None:
+        wf = load_workflow(workflow)
+    elif engines is not None and (built := read_manifest(engines)).workflow_file:
+        wf = load_workflow(Path(engines) / built.workflow_file)
+    else:
+        wf = load_workflow(DEFAULT_WORKFLOW)
+    if negative_prompt_file is not None:
+        if not Path(negative_prompt_file).is_file():
+            raise FileNotFoundError(f"negative prompt file {negative_prompt_file} not found")
+        wf.prompts.negative, wf.prompts.negative_file = None, str(negative_prompt_file)
+    if loras:
+        wf.models.loras = [LoraRef(path=str(path), strength=s) for path, s in loras]
+    return wf
+
+
+def lora_search(workflow: Workflow | str | Path | None) -> tuple[Path, ...]:
+    """Where relative LoRA paths are looked for: the workflow file's folder, then here."""
+    wf_file = Path(workflow) if isinstance(workflow, str | Path) else None
+    workflow_dir = wf_file.resolve().parent if wf_file and wf_file.is_file() else None
+    return tuple(p for p in (workflow_dir, Path.cwd()) if p is not None)
+
+
+def load_model(
+    wf: Workflow,
+    model: str | Path | None,
+    *,
+    device: str | torch.device = "auto",
+    dtype: str | torch.dtype = "auto",
+    search: tuple[Path, ...] = (),
+    lora_ignore_unmatched: bool = False,
+    compile: bool = False,
+    compile_scope: str = "whole",
+    log: Log = _stderr,
+) -> Loaded:
+    """The workflow's models (or ``model``: a folder, a repo id or ``tiny``) on the torch
+    backend, its LoRAs fused (``compile``: each engine compiled per stage shape, whole networks
+    or their repeated blocks by ``compile_scope``, see ``engines.compiled``)."""
+    torch_device = pick_device(device) if isinstance(device, str) else device
+    torch_dtype = pick_dtype(dtype, torch_device) if isinstance(dtype, str) else dtype
+    sources = model_sources(wf, None if model is None else str(model), search=search, log=log)
+    engines = load_torch_engines(
+        sources,
+        device=torch_device,
+        dtype=torch_dtype,
+        lora_ignore_unmatched=lora_ignore_unmatched,
+        log=log,
+    )
+    if compile:
+        from zimage_trt.engines.compiled import compiled_engines
+
+        engines = compiled_engines(engines, scope=compile_scope)
+    return Loaded(engines, sources.files.load_tokenizer(), wf)
+
+
+def load_folder(
+    wf: Workflow,
+    folder: str | Path,
+    *,
+    model: str | Path | None = None,
+    strict_model: bool = False,
+    backend: str | None = None,
+    device: str | torch.device = "auto",
+    cuda_graphs: bool = False,
+    search: tuple[Path, ...] = (),
+    lora_ignore_unmatched: bool = False,
+    log: Log = _stderr,
+) -> Loaded:
+    """A built folder's engines for ``wf``: refused with the reason when the folder holds
+    another backend than ``backend``, does not fit this machine, or cannot serve the workflow's
+    LoRAs; LoRAs other than the fused ones are swapped in from the base DiT (the workflow's, or
+    ``model``). ``strict_model``: refuse a ``model`` that no swap needs."""
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    if backend not in (None, "torch", manifest.backend):  # torch: the default, i.e. not chosen
+        raise ValueError(
+            f"--backend {backend} asked for, but {folder} holds {manifest.backend} engines"
+        )
+    torch_device = None
+    if device != "auto":
+        torch_device = pick_device(device) if isinstance(device, str) else device
+    swap = None
+    if check_request(manifest, wf, folder):  # other LoRAs: refit from the base DiT
+        swap = plan_lora_swap(
+            manifest, folder, wf, model=None if model is None else str(model), search=search,
+            lora_ignore_unmatched=lora_ignore_unmatched, log=log,
+        )  # fmt: skip
+    elif model is not None and strict_model:
+        raise ValueError(
+            "--model with --engines names the base DiT for swapping LoRAs; the engines already "
+            "hold the workflow's LoRAs, so it is not needed"
+        )
+    loaded = load_engine_folder(
+        folder, device=torch_device, cuda_graphs=cuda_graphs, swap=swap, log=log
+    )
+    return Loaded(loaded.engines, loaded.tokenizer, wf, loaded.manifest, swap)

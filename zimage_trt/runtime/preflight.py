@@ -1,0 +1,59 @@
+"""Every engine call a workflow will make, checked against the built profiles before any work.
+
+Compiled engines serve only the shapes they were built for; a request outside them fails here
+with a ``ProfileError`` naming the engine, the requested shape, every built range and the
+``build`` command that would cover it.
+"""
+
+from __future__ import annotations
+
+import math
+
+from zimage_trt.engines.manifest import Profile, ProfileError, select_profile
+from zimage_trt.models.tokenizer import QwenTokenizer
+from zimage_trt.workflow import Workflow
+
+EngineCall = tuple[str, dict[str, tuple[int, ...]]]  # engine, input name → shape
+
+
+def engine_calls(wf: Workflow, tokens: list[int]) -> list[EngineCall]:
+    """The shapes of every engine call of a run, given the token counts of its prompts
+    (positive, then negative where a stage has cfg ≠ 1)."""
+    slots = [-(-n // 32) * 32 for n in tokens]
+    calls: list[EngineCall] = []
+    for n in tokens:
+        calls += [
+            ("text_encoder", {"input_ids": (1, n)}),
+            ("caption_path", {"cap_mask": (1, n)}),
+        ]
+    for i, (stage, (h, w)) in enumerate(zip(wf.stages, wf.latent_sizes(), strict=True)):
+        uses = slots if not math.isclose(stage.cfg, 1.0) else slots[:1]
+        batched = len(uses) == 2 and uses[0] == uses[1] and tokens[0] == tokens[1]
+        for lc in uses[:1] if batched else uses:
+            b = 2 if batched else 1
+            calls.append(("denoiser", {"latents": (b, 16, h, w), "cap_valid": (b, lc)}))
+        if stage.preview or i == len(wf.stages) - 1:
+            calls.append(("vae_decoder", {"latents": (1, 16, h, w)}))
+        if stage.latent.source == "image":
+            calls.append(("vae_encoder", {"image": (1, 3, 8 * h, 8 * w)}))
+    return calls
+
+
+def preflight(
+    wf: Workflow, profiles: dict[str, list[Profile]], tokenizer: QwenTokenizer, backend: str
+) -> None:
+    """Raise ``ProfileError`` unless every call of ``wf`` lies inside a built profile (no
+    profiles: eager engines, which serve any shape)."""
+    if not profiles:
+        return
+    needs_uncond = any(not math.isclose(s.cfg, 1.0) for s in wf.stages)
+    texts = [wf.prompts.positive_text] + ([wf.prompts.negative_text()] if needs_uncond else [])
+    tokens = [len(tokenizer.encode_prompt(t)) for t in texts]
+    hint = (
+        f"zimage-trt build --model MODEL --workflow {wf.name}.yaml --backend "
+        f"{backend} --caption-max {max(max(tokens), 4096)} --out DIR"
+    )
+    for engine, shapes in engine_calls(wf, tokens):
+        if engine not in profiles:
+            raise ProfileError(f"engine {engine!r} was not built; build it with: {hint}")
+        select_profile(engine, profiles[engine], shapes, hint)
