@@ -1,4 +1,5 @@
-"""Engine folders of the tiny model, built once per session and shared by the test modules."""
+"""What the test modules share, made once per session: the tiny model's engine folders and its
+torch pipeline for the reference workflow."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import pytest
 
 from zimage_trt.build_engines.build import BuildResult, run_build
 from zimage_trt.build_engines.plan import BuildOptions, plan_build
+from zimage_trt.runtime.pipeline import Pipeline
 from zimage_trt.workflow import load_workflow
 
 
@@ -52,3 +54,9 @@ def built_tensorrt_double(tmp_path_factory: pytest.TempPathFactory) -> DoubleBui
         plan = plan_build(options, model="tiny", resolutions=[(256, 256)], log=lambda m: None)
         result = run_build(plan, options, out, log=lambda m: None)
     return DoubleBuild(result, trt, options, plan)
+
+
+@pytest.fixture(scope="session")
+def reference_pipeline() -> Pipeline:
+    """The torch backend opened on the tiny model for the reference workflow (tiny LoRA at 1)."""
+    return Pipeline.open(model="tiny", workflow="zimage-121101", log=lambda msg: None)

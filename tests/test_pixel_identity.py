@@ -22,9 +22,9 @@ REFERENCE = Path(__file__).parent / "data" / "reference_images.npz"
 
 
 @pytest.fixture(scope="module")
-def generation() -> Generation:
-    pipe = Pipeline.open(model="tiny", workflow="zimage-121101", log=lambda msg: None)
-    return pipe.generate(GenerateRequest(prompt="a red fox in snow"))
+def generation(reference_pipeline: Pipeline) -> Generation:
+    """The first request of the session's reference pipeline (the caches are empty)."""
+    return reference_pipeline.generate(GenerateRequest(prompt="a red fox in snow"))
 
 
 def test_the_reference_workflow_gives_the_stored_images(generation: Generation) -> None:
