@@ -36,7 +36,8 @@ from zimage_trt.models.dit import DiTConfig
 from zimage_trt.models.text_encoder import Qwen3Config
 from zimage_trt.models.tokenizer import QwenTokenizer
 from zimage_trt.models.vae import VAEConfig
-from zimage_trt.runtime.pipeline import Pipeline, apply_overrides
+from zimage_trt.runtime.pipeline import Pipeline
+from zimage_trt.runtime.requests import apply_overrides
 from zimage_trt.workflow import Workflow, load_workflow
 
 HINT = "zimage-trt build --model MODEL --resolutions 1040x1040 --out DIR"

@@ -49,7 +49,7 @@ def _requests(args: argparse.Namespace) -> list[GenerateRequest]:
         return [GenerateRequest(**base)]
     requests = []
     allowed = set(base)
-    for n, line in enumerate(args.prompts_file.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(_lines(args.prompts_file), 1):
         if not line.strip():
             continue
         try:
@@ -62,8 +62,20 @@ def _requests(args: argparse.Namespace) -> list[GenerateRequest]:
                 f"{args.prompts_file}:{n}: expected a string or an object with "
                 f"keys {sorted(allowed)}, got {line.strip()[:80]!r}"
             )
-        requests.append(GenerateRequest(**{**base, **item}))
+        requests.append(GenerateRequest(**{**base, **item}, source=f"{args.prompts_file}:{n}"))
+    if not requests:
+        raise ValueError(f"prompts file {args.prompts_file} holds no prompts")
     return requests
+
+
+def _lines(path: Path) -> list[str]:
+    try:
+        return path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        line = path.read_bytes()[: exc.start].count(b"\n") + 1
+        raise ValueError(f"{path}:{line}: not UTF-8 text ({exc.reason})") from None
+    except IsADirectoryError:
+        raise ValueError(f"prompts file {path} is a folder, not a file") from None
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -84,6 +96,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         cuda_graphs=args.cuda_graphs,
         lora_ignore_unmatched=args.lora_ignore_unmatched,
         strict_model=True,
+        requests=requests,
+        output=args.out,
         # -q silences the progress bars, and an engine folder's checks; loading a model is
         # always reported
         log=stderr_log(args.quiet and args.engines is not None),

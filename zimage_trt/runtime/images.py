@@ -3,8 +3,12 @@ written atomically, with the workflow that made it in the PNG's text chunks."""
 
 from __future__ import annotations
 
+import errno
+import glob
 import os
 import re
+import tempfile
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +21,8 @@ from zimage_trt.workflow import Workflow
 
 FORMATS = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP"}
 METADATA_WORKFLOW = "zimage-trt.workflow"  # not ComfyUI's "workflow"/"prompt" (JSON graphs)
+NAME_MAX = 255  # bytes in one file name on the usual file systems
+_NO_HARD_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK}
 
 
 def to_uint8(image: Tensor) -> np.ndarray:
@@ -30,31 +36,114 @@ def to_uint8(image: Tensor) -> np.ndarray:
 
 
 def next_path(folder: Path, prefix: str, suffix: str) -> Path:
-    """``{folder}/{prefix}_{counter:05}_.{suffix}`` with the next free counter (ComfyUI naming);
-    the prefix may hold sub-folders, which must stay inside ``folder``."""
-    target = (folder / f"{prefix}_00001_.{suffix}").resolve()
-    root = folder.resolve()
-    if root not in target.parents:
-        raise ValueError(f"output prefix {prefix!r} escapes the output folder {str(folder)!r}")
+    """``{folder}/{prefix}_{counter:05}_.{suffix}`` with the next counter after every one taken
+    (ComfyUI naming; the counter grows past 99999 with more digits); the prefix may hold
+    sub-folders, which must stay inside ``folder``."""
+    target = check_name(folder, prefix, suffix)
     base = Path(prefix).name
-    pattern = re.compile(rf"{re.escape(base)}_(\d{{5}})_\.{re.escape(suffix)}$")
+    pattern = re.compile(rf"{re.escape(base)}_(\d{{5,}})_\.{re.escape(suffix)}$")
     taken = [
         int(m.group(1))
-        for p in target.parent.glob(f"{base}_*_.{suffix}")
+        for p in target.parent.glob(f"{glob.escape(base)}_*_.{suffix}")
         if (m := pattern.match(p.name))
     ]
     return target.parent / f"{base}_{max(taken, default=0) + 1:05d}_.{suffix}"
 
 
-def save_image(pixels: np.ndarray, path: Path, metadata: dict[str, str] | None = None) -> Path:
-    """Write via a temp file and rename, so a crash never leaves half an image."""
-    fmt = FORMATS.get(path.suffix.lstrip(".").lower())
-    if fmt is None:
+def check_name(folder: Path, prefix: str, suffix: str) -> Path:
+    """The first name ``prefix`` gives inside ``folder``, refused (``ValueError`` naming the
+    prefix) when it escapes the folder, holds a NUL byte or a part too long for a file system."""
+    if "\0" in prefix:
+        raise ValueError(f"output prefix {prefix!r} contains a NUL byte")
+    name = f"{prefix}_00001_.{suffix}"
+    long = [part for part in Path(name).parts if len(part.encode()) > NAME_MAX]
+    if long:
         raise ValueError(
-            f"unknown image format {path.suffix!r}; choose one of: " + ", ".join(FORMATS)
+            f"output prefix {prefix[:60]!r}…: the name part {long[0][:40]!r}… is "
+            f"{len(long[0].encode())} bytes; file names hold at most {NAME_MAX}"
         )
+    target = (folder / name).resolve()
+    if folder.resolve() not in target.parents:
+        raise ValueError(f"output prefix {prefix!r} escapes the output folder {str(folder)!r}")
+    return target
+
+
+def check_outputs(wf: Workflow, folder: str | Path | None = None) -> Path:
+    """Before any work: the output folder (``folder``, else the workflow's) is a folder that
+    exists or can be made, entries can be created in it, and every name the workflow saves
+    (stage previews, the final image) stays inside it and fits the file system. Nothing is left
+    behind; returns the folder."""
+    root = Path(folder if folder is not None else wf.output.folder)
+    existing = next(p for p in (root, *root.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        where = "" if existing == root else f": {existing} is a file"
+        raise ValueError(f"output folder {root} is not a folder{where}")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".zimage-trt-probe.", dir=existing))
+    except OSError as exc:
+        raise ValueError(
+            f"output folder {root} cannot be written ({exc.strerror} in {existing})"
+        ) from None
+    prefix = wf.output.render_prefix()
+    names = [
+        f"{prefix}_{stage.name or f'stage{i + 1}'}_preview"
+        for i, stage in enumerate(wf.stages)
+        if stage.preview
+    ]
+    for name in [*names, prefix]:
+        check_name(root, name, wf.output.format)
+    return root
+
+
+def save_new_image(
+    pixels: np.ndarray,
+    folder: Path,
+    prefix: str,
+    suffix: str,
+    metadata: dict[str, str] | None = None,
+) -> Path:
+    """Write the image under the next free ComfyUI name and return it. The name is claimed
+    atomically: the image is written to a temporary file, then hard-linked to its name, which
+    fails if another writer took that name first (the next counter is then tried). So concurrent
+    writers into one folder never overwrite each other, and a reader never sees half an image."""
+    fmt = _format(suffix)
+    path = next_path(folder, prefix, suffix)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        _encode(pixels, tmp, fmt, metadata)
+        while True:
+            try:
+                _claim(tmp, path)
+                return path
+            except FileExistsError:
+                path = next_path(folder, prefix, suffix)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _claim(tmp: Path, path: Path) -> None:
+    """``path`` becomes ``tmp``'s content, or FileExistsError if it exists (never replaced)."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise
+    except OSError as exc:
+        if exc.errno not in _NO_HARD_LINKS:
+            raise
+        # no hard links here (FAT, some network mounts): reserve the name, then fill it
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        os.replace(tmp, path)
+
+
+def _format(suffix: str) -> str:
+    fmt = FORMATS.get(suffix.lower())
+    if fmt is None:
+        raise ValueError(f"unknown image format {suffix!r}; choose one of: " + ", ".join(FORMATS))
+    return fmt
+
+
+def _encode(pixels: np.ndarray, tmp: Path, fmt: str, metadata: dict[str, str] | None) -> None:
     image = Image.fromarray(pixels)
     if fmt == "PNG":
         info = PngInfo()
@@ -63,8 +152,6 @@ def save_image(pixels: np.ndarray, path: Path, metadata: dict[str, str] | None =
         image.save(tmp, format=fmt, pnginfo=info, compress_level=4)
     else:
         image.save(tmp, format=fmt, quality=95)
-    tmp.replace(path)
-    return path
 
 
 def png_metadata(wf: Workflow, backend: str) -> dict[str, str]:

@@ -24,10 +24,11 @@ from zimage_trt.engines.protocol import Engines
 from zimage_trt.engines.refit import LoraSwap, plan_lora_swap
 from zimage_trt.engines.torch_engines import load_torch_engines, pick_device, pick_dtype
 from zimage_trt.models.tokenizer import QwenTokenizer
+from zimage_trt.runtime.requests import DEFAULT_WORKFLOW
 from zimage_trt.workflow import LoraRef, Workflow, load_workflow
 from zimage_trt.workflow.resolve import model_sources
+from zimage_trt.workflow.spec import LORA_STRENGTH_MAX
 
-DEFAULT_WORKFLOW = "zimage-turbo"
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
 Log = Callable[[str], None]
 
@@ -72,6 +73,12 @@ def open_workflow(
             raise FileNotFoundError(f"negative prompt file {negative_prompt_file} not found")
         wf.prompts.negative, wf.prompts.negative_file = None, str(negative_prompt_file)
     if loras:
+        for path, strength in loras:
+            if not -LORA_STRENGTH_MAX <= strength <= LORA_STRENGTH_MAX:  # NaN fails too
+                raise ValueError(
+                    f"LoRA {path}: strength {strength!r} must be a finite number in "
+                    f"[{-LORA_STRENGTH_MAX:g}, {LORA_STRENGTH_MAX:g}]"
+                )
         wf.models.loras = [LoraRef(path=str(path), strength=s) for path, s in loras]
     return wf
 

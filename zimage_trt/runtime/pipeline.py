@@ -28,7 +28,7 @@ from zimage_trt.engines.protocol import Engines
 from zimage_trt.engines.refit import LoraSwap, show_loras
 from zimage_trt.models.tokenizer import QwenTokenizer
 from zimage_trt.runtime import loading
-from zimage_trt.runtime.images import next_path, png_metadata, save_image, to_uint8
+from zimage_trt.runtime.images import check_outputs, png_metadata, save_new_image, to_uint8
 from zimage_trt.runtime.preflight import preflight
 from zimage_trt.runtime.requests import (
     CacheStats,
@@ -36,12 +36,11 @@ from zimage_trt.runtime.requests import (
     Generation,
     Progress,
     StageReport,
-    apply_overrides,
 )
 from zimage_trt.runtime.text import LRUCache, PromptEncoder
 from zimage_trt.sampling.guider import Cond
 from zimage_trt.sampling.stage import sample_stage, stage_input_latent
-from zimage_trt.workflow import Workflow, load_workflow
+from zimage_trt.workflow import Workflow
 
 
 def _stderr(msg: str) -> None:
@@ -93,6 +92,8 @@ class Pipeline:
         lora_ignore_unmatched: bool = False,
         strict_model: bool = False,
         search: Sequence[Path] | None = None,
+        requests: Sequence[GenerateRequest] = (),
+        output: str | Path | None = None,
         cache_size: int = 16,
         log: Callable[[str], None] = _stderr,
     ) -> Pipeline:
@@ -108,6 +109,11 @@ class Pipeline:
         negative prompt; relative LoRA paths are looked for in ``search`` (default: the
         workflow file's folder, then the current one). ``backend`` names the backend the
         caller expects (``torch`` or the folder's); a mismatch is refused.
+
+        ``requests``: those the caller will make (a whole prompts file), each checked before any
+        model loads — overrides, seeds, and the names it will save under ``output`` (default: the
+        workflow's folder) — and against the loaded engines (LoRAs, profiles) before this
+        returns, so that a bad one stops the batch before its first image.
         """
         wf = loading.open_workflow(
             workflow, engines, loras=loras, negative_prompt_file=negative_prompt_file
@@ -125,6 +131,9 @@ class Pipeline:
                 f"the {backend} backend serves a built engine folder: pass --engines DIR "
                 f"(make one with `zimage-trt build --backend {backend} --out DIR …`)"
             )
+        for request in requests:
+            with request.named():
+                check_outputs(request.workflow_for(wf), output)
         where = tuple(search) if search is not None else loading.lora_search(workflow)
         if engines is not None:
             loaded = loading.load_folder(
@@ -143,6 +152,8 @@ class Pipeline:
             manifest=loaded.manifest, lora_swap=loaded.lora_swap,
         )  # fmt: skip
         pipeline.preflight(wf)
+        for request in requests:
+            pipeline.request_workflow(request)
         return pipeline
 
     @classmethod
@@ -189,17 +200,10 @@ class Pipeline:
     def request_workflow(self, request: GenerateRequest) -> Workflow:
         """The workflow a request runs: its own (or the pipeline's), copied, overrides applied,
         checked against what the pipeline holds (its LoRAs, the built profiles)."""
-        source = request.workflow if request.workflow is not None else self.workflow
-        if source is None:  # wrapped engines (from_engines) were opened for no workflow
-            source = loading.DEFAULT_WORKFLOW
-        wf = load_workflow(source) if isinstance(source, str | Path) else source
-        wf = wf.model_copy(deep=True)
-        apply_overrides(
-            wf, prompt=request.prompt, negative_prompt=request.negative_prompt,
-            trigger_word=request.trigger_word, seed=request.seed,
-        )  # fmt: skip
-        self._check_loras(wf)
-        self.preflight(wf)
+        with request.named():
+            wf = request.workflow_for(self.workflow)
+            self._check_loras(wf)
+            self.preflight(wf)
         return wf
 
     def _check_loras(self, wf: Workflow) -> None:
@@ -348,8 +352,8 @@ class Pipeline:
         paths = []
         for report in generation.stages:
             if report.preview is not None:
-                path = next_path(root, f"{prefix}_{report.name}_preview", out.format)
-                paths.append(save_image(report.preview, path, metadata))
-        paths.append(save_image(generation.image, next_path(root, prefix, out.format), metadata))
+                name = f"{prefix}_{report.name}_preview"
+                paths.append(save_new_image(report.preview, root, name, out.format, metadata))
+        paths.append(save_new_image(generation.image, root, prefix, out.format, metadata))
         generation.paths = paths
         return paths

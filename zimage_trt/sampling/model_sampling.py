@@ -7,6 +7,7 @@ and multiplier 1.0.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -34,6 +35,13 @@ class FlowSampling:
 
     shift: float = 3.0
     multiplier: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name in ("shift", "multiplier"):
+            value = getattr(self, name)
+            number = isinstance(value, int | float) and not isinstance(value, bool)
+            if not (number and math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
 
     def sigma(self, timestep: Tensor) -> Tensor:
         out = time_snr_shift(self.shift, timestep / self.multiplier)

@@ -34,11 +34,19 @@ SCHEDULERS: tuple[str, ...] = (
 )
 
 TIME_SHIFT_TYPES: tuple[str, ...] = ("exponential", "linear")
+# The longest schedule computed, denoise truncation included (ComfyUI's own steps go to 10,000 and
+# its denoise widget to 0.01): a denoise near 0 would otherwise ask for billions of sigmas.
+MAX_SCHEDULE_STEPS = 100_000
 
 
 def _check_steps(steps: int) -> None:
     if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
         raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    if steps > MAX_SCHEDULE_STEPS:
+        raise ValueError(
+            f"steps must be at most {MAX_SCHEDULE_STEPS} (the whole schedule is computed and "
+            f"held), got {steps!r}"
+        )
 
 
 def _append(sigmas: Tensor, value: float = 0.0) -> Tensor:
@@ -279,7 +287,15 @@ def truncate_for_denoise(schedule: Callable[[int], Tensor], steps: int, denoise:
         return schedule(steps)
     if denoise <= 0.0:
         return torch.zeros(0, dtype=torch.float32)
-    return schedule(int(steps / denoise))[-(steps + 1) :]
+    total = int(steps / denoise)
+    if total > MAX_SCHEDULE_STEPS:
+        raise ValueError(
+            f"denoise {denoise:g} with {steps} steps makes a schedule of int(steps/denoise) = "
+            f"{total} steps, of which ComfyUI keeps the last {steps + 1} sigmas; at most "
+            f"{MAX_SCHEDULE_STEPS} are computed: use denoise >= {steps / MAX_SCHEDULE_STEPS:.3g} "
+            f"for {steps} steps"
+        )
+    return schedule(total)[-(steps + 1) :]
 
 
 _FLOW_MATCH_EULER_OPTIONS: tuple[str, ...] = (

@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from torch import Tensor
 
+from zimage_trt.atomic import write_text
 from zimage_trt.sampling.latents import MAX_SIDE, SIDE_MULTIPLE, UPSCALE_METHODS, VAE_SCALE
 from zimage_trt.sampling.model_sampling import FlowSampling
 from zimage_trt.sampling.noise import SEED_MAX
@@ -23,6 +24,7 @@ from zimage_trt.sampling.samplers import SAMPLERS
 from zimage_trt.sampling.schedules import SCHEDULERS, calculate_sigmas
 from zimage_trt.sampling.stage import CacheParams, LatentInput, StageParams
 
+LORA_STRENGTH_MAX = 100.0
 ZIMAGE_SHIFT = 3.0  # Z-Image-Turbo's own model-sampling shift (ComfyUI supported_models.ZImage)
 
 
@@ -36,8 +38,9 @@ class _Spec(BaseModel):
 
 class LoraRef(_Spec):
     path: str
-    strength: float = 1.0
-    strength_clip: float = 1.0
+    # ComfyUI's LoraLoader range; NaN or inf would only surface as NaN latents mid-run
+    strength: float = Field(default=1.0, ge=-LORA_STRENGTH_MAX, le=LORA_STRENGTH_MAX)
+    strength_clip: float = Field(default=1.0, ge=-LORA_STRENGTH_MAX, le=LORA_STRENGTH_MAX)
     trigger: str | None = Field(default=None, description="the LoRA's activation phrase")
 
 
@@ -355,11 +358,12 @@ class Workflow(_Spec):
         )
 
     def save(self, path: str | Path) -> None:
-        """Write atomically: a temp file beside the target, then rename."""
+        """Write atomically: a temp file beside the target, then rename (an existing file is
+        replaced, a folder refused)."""
         path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(self.to_yaml(), encoding="utf-8")
-        tmp.replace(path)
+        if path.is_dir():
+            raise ValueError(f"cannot write the workflow to {path}: it is a folder")
+        write_text(path, self.to_yaml())
 
 
 class _BlockDumper(yaml.SafeDumper):

@@ -1,0 +1,253 @@
+"""Bad input refused before any work, with one clear line; nothing lost, nothing overwritten.
+
+The catalogue of ``../shared/reference/reliability-audit.md`` (issue 12), case numbers in the ids:
+each case runs the CLI in-process (``main(argv)``) and asserts the exit code, the exact message,
+no traceback, that no model was loaded and that nothing was written. Below it, the output names:
+claimed atomically, so concurrent writers never lose an image and the counter runs past 99999.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from zimage_trt.cli import main
+from zimage_trt.runtime.images import save_new_image
+from zimage_trt.workflow import load_workflow
+
+SEED_MAX = 2**64 - 1
+
+
+def _yaml(path: Path, edit: dict[str, object]) -> str:
+    """The reference workflow with ``edit`` applied ("stages.0.name": value …), written to path."""
+    data = load_workflow("zimage-121101").to_dict()
+    for dotted, value in edit.items():
+        *parents, key = dotted.split(".")
+        node: object = data
+        for part in parents:
+            node = node[int(part)] if isinstance(node, list) else node[part]  # type: ignore[index]
+        node[int(key) if isinstance(node, list) else key] = value  # type: ignore[index]
+    path.write_text(yaml.safe_dump(data, allow_unicode=True), encoding="utf-8")
+    return str(path)
+
+
+def _generate(d: Path, *more: str) -> list[str]:
+    """``generate`` on the tiny model into ``d/out``, with more arguments."""
+    return ["generate", "--model", "tiny", "--out", str(d / "out"), *more]
+
+
+def _lines(path: Path, text: str | bytes) -> str:
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    return str(path)
+
+
+# (argv builder from a scratch folder, expected stderr line)
+CASES = {
+    "10 sigmas: denoise near 0": (
+        lambda d: ["sigmas", "--scheduler", "beta", "--steps", "16", "--denoise", "1e-9"],
+        "denoise 1e-09 with 16 steps makes a schedule of int(steps/denoise) = 15999999999 "
+        "steps, of which ComfyUI keeps the last 17 sigmas; at most 100000 are computed: use "
+        "denoise >= 0.00016 for 16 steps",
+    ),
+    "10 workflow validate: denoise near 0": (
+        lambda d: [
+            "workflow",
+            "validate",
+            _yaml(d / "w.yaml", {"stages.1.scheduler.denoise": 1e-9}),
+        ],
+        "{d}/w.yaml: 1 invalid field(s)\n  stages.1: scheduler: denoise 1e-09 with 16 "
+        "steps makes a schedule of int(steps/denoise) = 15999999999 steps, of which ComfyUI keeps "
+        "the last 17 sigmas; at most 100000 are computed: use denoise >= 0.00016 for 16 steps",
+    ),
+    "10 sigmas: a billion steps": (
+        lambda d: ["sigmas", "--scheduler", "simple", "--steps", "1000000000"],
+        "steps must be at most 100000 (the whole schedule is computed and held), got 1000000000",
+    ),
+    "117 sigmas: shift NaN": (
+        lambda d: ["sigmas", "--scheduler", "beta", "--steps", "4", "--shift", "nan"],
+        "shift must be a finite number > 0, got nan",
+    ),
+    "117 sigmas: shift negative": (
+        lambda d: ["sigmas", "--scheduler", "beta", "--steps", "4", "--shift", "-1"],
+        "shift must be a finite number > 0, got -1.0",
+    ),
+    "102 generate: --out is a file": (
+        lambda d: ["generate", "--model", "tiny", "--out", str(d / "afile")],
+        "output folder {d}/afile is not a folder",
+    ),
+    "103 generate: --out below a file": (
+        lambda d: ["generate", "--model", "tiny", "--out", str(d / "afile" / "sub")],
+        "output folder {d}/afile/sub is not a folder: {d}/afile is a file",
+    ),
+    "54 generate: --seed -1": (
+        lambda d: ["generate", "--model", "tiny", "--seed", "-1", "--out", str(d / "out")],
+        f"seed -1 is outside 0 … {SEED_MAX}",
+    ),
+    "54 generate: --seed 2^64": (
+        lambda d: ["generate", "--model", "tiny", "--seed", str(2**64), "--out", str(d / "out")],
+        f"seed {2**64} is outside 0 … {SEED_MAX}",
+    ),
+    "58 prompts file: seed -5 on line 2": (
+        lambda d: _generate(
+            d, "--prompts-file", _lines(d / "p.jsonl", '"a"\n{"prompt": "b", "seed": -5}\n')
+        ),
+        f"{{d}}/p.jsonl:2: seed -5 is outside 0 … {SEED_MAX}",
+    ),
+    "59 prompts file: seed as a string": (
+        lambda d: _generate(
+            d, "--prompts-file", _lines(d / "p.jsonl", '{"prompt": "b", "seed": "123"}\n')
+        ),
+        "{d}/p.jsonl:1: seed '123' must be an integer or a list of integers",
+    ),
+    "60 prompts file: seed 1.5": (
+        lambda d: _generate(
+            d, "--prompts-file", _lines(d / "p.jsonl", '"a"\n"b"\n{"seed": 1.5}\n')
+        ),
+        "{d}/p.jsonl:3: seed 1.5 must be an integer or a list of integers",
+    ),
+    "60 prompts file: seed true": (
+        lambda d: _generate(d, "--prompts-file", _lines(d / "p.jsonl", '{"seed": true}\n')),
+        "{d}/p.jsonl:1: seed True must be an integer or a list of integers",
+    ),
+    "61 prompts file: prompt 5": (
+        lambda d: _generate(d, "--prompts-file", _lines(d / "p.jsonl", '{"prompt": 5}\n')),
+        "{d}/p.jsonl:1: prompt 5 must be a string",
+    ),
+    "57 prompts file: invalid UTF-8 on line 2": (
+        lambda d: _generate(d, "--prompts-file", _lines(d / "p.jsonl", b'"a"\n"\xff"\n')),
+        "{d}/p.jsonl:2: not UTF-8 text (invalid start byte)",
+    ),
+    "63 prompts file: empty": (
+        lambda d: _generate(d, "--prompts-file", _lines(d / "p.jsonl", "\n\n")),
+        "prompts file {d}/p.jsonl holds no prompts",
+    ),
+    "64 prompts file: a folder": (
+        lambda d: _generate(d, "--prompts-file", str(d)),
+        "prompts file {d} is a folder, not a file",
+    ),
+    "80 --lora strength NaN": (
+        lambda d: _generate(d, "--lora", "l.safetensors:nan"),
+        "LoRA l.safetensors: strength nan must be a finite number in [-100, 100]",
+    ),
+    "80 --lora strength 1e30": (
+        lambda d: _generate(d, "--lora", "l.safetensors:1e30"),
+        "LoRA l.safetensors: strength 1e+30 must be a finite number in [-100, 100]",
+    ),
+    "22 stage name escaping the output folder": (
+        lambda d: _generate(d, "-w", _yaml(d / "w.yaml", {"stages.0.name": "../../../../pwned"})),
+        "output prefix '{date}/ComfyUI_Image_../../../../pwned_preview' escapes the output "
+        "folder '{d}/out'",
+    ),
+    "24 output prefix with a NUL byte": (
+        lambda d: _generate(d, "-w", _yaml(d / "w.yaml", {"output.prefix": "a\0b"})),
+        "output prefix 'a\\x00b_base_preview' contains a NUL byte",
+    ),
+    "25 output prefix of 300 characters": (
+        lambda d: _generate(d, "-w", _yaml(d / "w.yaml", {"output.prefix": "x" * 300})),
+        f"output prefix {'x' * 60!r}…: the name part {'x' * 40!r}… is 324 bytes; file names "
+        "hold at most 255",
+    ),
+    "21 %date% prefix escaping the output folder": (
+        lambda d: _generate(d, "-w", _yaml(d / "w.yaml", {"output.prefix": "%date:..%/escaped"})),
+        "output prefix '../escaped_base_preview' escapes the output folder '{d}/out'",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_refused_before_any_work(
+    case: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    build, expected = CASES[case]
+    (tmp_path / "afile").write_text("keep me")
+    argv = build(tmp_path)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    date = datetime.date.today().isoformat()
+    message = expected.replace("{d}", str(tmp_path)).replace("{date}", date)
+    assert err.splitlines()[-len(message.splitlines()) :] == [
+        f"zimage-trt: error: {message}".splitlines()[0],
+        *message.splitlines()[1:],
+    ]
+    assert "Traceback" not in err and "loading the" not in err  # no model was loaded
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written
+    assert (tmp_path / "afile").read_text() == "keep me"
+
+
+def _pixels(seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+
+
+def test_the_counter_runs_past_99999_without_overwriting(tmp_path: Path) -> None:
+    (tmp_path / "cheap_99999_.png").write_bytes(b"an earlier image")
+    first = save_new_image(_pixels(1), tmp_path, "cheap", "png")
+    second = save_new_image(_pixels(2), tmp_path, "cheap", "png")
+    assert (first.name, second.name) == ("cheap_100000_.png", "cheap_100001_.png")
+    assert (tmp_path / "cheap_99999_.png").read_bytes() == b"an earlier image"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "cheap_100000_.png",
+        "cheap_100001_.png",
+        "cheap_99999_.png",
+    ]
+
+
+WRITER = """
+import sys, time
+from pathlib import Path
+import numpy as np
+from zimage_trt.runtime.images import save_new_image
+folder, who, count = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+while not (folder / "go").exists():
+    time.sleep(0.005)
+for i in range(count):
+    pixels = np.full((8, 8, 3), i % 256, dtype=np.uint8)
+    path = save_new_image(pixels, folder / "out", "batch/img", "png", {"who": f"{who}:{i}"})
+    print(path.name, flush=True)
+"""
+
+
+def test_three_processes_writing_into_one_folder_lose_nothing(tmp_path: Path) -> None:
+    from PIL import Image
+
+    count = 60
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", WRITER, str(tmp_path), f"p{n}", str(count)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for n in range(3)
+    ]
+    (tmp_path / "go").touch()  # all three start writing together
+    printed = [line for p in procs for line in p.communicate(timeout=300)[0].split()]
+    assert [p.returncode for p in procs] == [0, 0, 0]
+    folder = tmp_path / "out" / "batch"
+    files = sorted(os.listdir(folder))
+    assert len(printed) == len(set(printed)) == len(files) == 3 * count  # no name given twice
+    assert sorted(printed) == files and all(not f.endswith(".tmp") for f in files)
+    owners = sorted(Image.open(folder / f).text["who"] for f in files)  # type: ignore[attr-defined]
+    assert owners == sorted(f"p{n}:{i}" for n in range(3) for i in range(count))  # none lost
+    counters = sorted(int(f.split("_")[1]) for f in files)
+    assert counters == list(range(1, 3 * count + 1))  # one counter sequence, no gaps
+
+
+def test_113_workflow_import_into_a_folder_is_refused_and_leaves_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    graph = Path(__file__).parent / "data" / "comfy_api" / "zimage-121101.json"
+    (tmp_path / "existing").mkdir()
+    assert main(["workflow", "import", str(graph), "-o", str(tmp_path / "existing")]) == 2
+    err = capsys.readouterr().err
+    assert (
+        err
+        == f"zimage-trt: error: cannot write the workflow to {tmp_path}/existing: it is a folder\n"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["existing"]  # no stray temp file
