@@ -9,6 +9,7 @@ claimed atomically, so concurrent writers never lose an image and the counter ru
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import subprocess
 import sys
@@ -43,6 +44,15 @@ def _generate(d: Path, *more: str) -> list[str]:
     return ["generate", "--model", "tiny", "--out", str(d / "out"), *more]
 
 
+def _graph(path: Path, inputs: dict[str, dict[str, object]]) -> str:
+    """The reference workflow's ComfyUI API graph with node inputs replaced, written to path."""
+    graph = json.loads((Path(__file__).parent / "data/comfy_api/zimage-121101.json").read_text())
+    for node, values in inputs.items():
+        graph[node]["inputs"].update(values)
+    path.write_text(json.dumps(graph), encoding="utf-8")
+    return str(path)
+
+
 def _lines(path: Path, text: str | bytes) -> str:
     path.write_bytes(text if isinstance(text, bytes) else text.encode())
     return str(path)
@@ -69,6 +79,33 @@ CASES = {
     "10 sigmas: a billion steps": (
         lambda d: ["sigmas", "--scheduler", "simple", "--steps", "1000000000"],
         "steps must be at most 100000 (the whole schedule is computed and held), got 1000000000",
+    ),
+    "1 workflow validate: an empty latent 100 px wide": (
+        lambda d: ["workflow", "validate", _yaml(d / "w.yaml", {"stages.0.latent.width": 100})],
+        "{d}/w.yaml: 1 invalid field(s)\n  (top level): stages.0.latent: 100×224 px is not a "
+        "multiple of 16 px on both sides (the DiT patchifies 2×2 latents)",
+    ),
+    "7 workflow validate: scale-derived stage past 16384 px": (
+        lambda d: [
+            "workflow",
+            "validate",
+            _yaml(
+                d / "w.yaml",
+                {
+                    "stages.0.latent.width": 512,
+                    "stages.0.latent.height": 512,
+                    "stages.1.latent": {"source": "upscale", "scale": 8.0},
+                    "stages.2.latent": {"source": "upscale", "scale": 8.0},
+                },
+            ),
+        ],
+        "{d}/w.yaml: 1 invalid field(s)\n  (top level): stages.2.latent: scale 8 makes "
+        "32768×32768 px; a side may be at most 16384 px",
+    ),
+    "40 workflow import: a graph 100 px wide": (
+        lambda d: ["workflow", "import", _graph(d / "g.json", {"300": {"width": 100}})],
+        "imported graph 'g': 1 invalid field(s)\n  (top level): stages.0.latent: 100×224 px is "
+        "not a multiple of 16 px on both sides (the DiT patchifies 2×2 latents)",
     ),
     "117 sigmas: shift NaN": (
         lambda d: ["sigmas", "--scheduler", "beta", "--steps", "4", "--shift", "nan"],
@@ -251,3 +288,15 @@ def test_113_workflow_import_into_a_folder_is_refused_and_leaves_nothing(
         == f"zimage-trt: error: cannot write the workflow to {tmp_path}/existing: it is a folder\n"
     )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["existing"]  # no stray temp file
+
+
+def test_3_a_stage_under_64_px_is_reported_as_it_runs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An empty latent is made at its own size (LatentUpscale alone clamps to 64 px), so the
+    table — and the engine preflight, which uses the same sizes — show 16×48 px, latent 6×2."""
+    path = _yaml(tmp_path / "w.yaml", {"stages.0.latent.width": 16, "stages.0.latent.height": 48})
+    assert main(["workflow", "validate", path]) == 0
+    base = capsys.readouterr().out.splitlines()[2].split()
+    assert base[:4] == ["base", "16×48", "16×6×2", "3→32"]
+    assert load_workflow(path).latent_sizes() == [(6, 2), (54, 42), (108, 84)]

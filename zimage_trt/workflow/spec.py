@@ -302,21 +302,31 @@ class Workflow(_Spec):
         return self
 
     def latent_sizes(self) -> list[tuple[int, int]]:
-        """Each stage's latent (height, width), following upscales from stage to stage."""
+        """Each stage's latent (height, width), following upscales from stage to stage, exactly as
+        the run makes them (``sampling.latents``): an empty or encoded latent at its size, which
+        must be a multiple of 16 px; LatentUpscale to its size with each side at least 64 px;
+        LatentUpscaleBy rounding the scaled latent, at most MAX_SIDE px a side."""
         sizes: list[tuple[int, int]] = []
         for i, stage in enumerate(self.stages):
             src = stage.latent
             if src.scale is not None:
                 h, w = sizes[-1]
                 h, w = round(h * src.scale), round(w * src.scale)
+                if max(h, w) * VAE_SCALE > MAX_SIDE:
+                    raise ValueError(
+                        f"stages.{i}.latent: scale {src.scale:g} makes {w * VAE_SCALE}×"
+                        f"{h * VAE_SCALE} px; a side may be at most {MAX_SIDE} px"
+                    )
             else:
                 assert src.width is not None and src.height is not None
-                h, w = max(src.height, 64) // VAE_SCALE, max(src.width, 64) // VAE_SCALE
+                if src.source == "upscale":  # LatentUpscale clamps each side to >= 64 px
+                    h, w = max(src.height, 64) // VAE_SCALE, max(src.width, 64) // VAE_SCALE
+                else:  # an empty or encoded latent is made at exactly this size
+                    if src.height % SIDE_MULTIPLE or src.width % SIDE_MULTIPLE:
+                        raise ValueError(_not_multiple(i, src.width, src.height))
+                    h, w = src.height // VAE_SCALE, src.width // VAE_SCALE
             if (h * VAE_SCALE) % SIDE_MULTIPLE or (w * VAE_SCALE) % SIDE_MULTIPLE:
-                raise ValueError(
-                    f"stages.{i}.latent: {w * VAE_SCALE}×{h * VAE_SCALE} px is not a multiple of "
-                    f"{SIDE_MULTIPLE} px on both sides (the DiT patchifies 2×2 latents)"
-                )
+                raise ValueError(_not_multiple(i, w * VAE_SCALE, h * VAE_SCALE))
             sizes.append((h, w))
         return sizes
 
@@ -364,6 +374,13 @@ class Workflow(_Spec):
         if path.is_dir():
             raise ValueError(f"cannot write the workflow to {path}: it is a folder")
         write_text(path, self.to_yaml())
+
+
+def _not_multiple(index: int, width: int, height: int) -> str:
+    return (
+        f"stages.{index}.latent: {width}×{height} px is not a multiple of {SIDE_MULTIPLE} px on "
+        "both sides (the DiT patchifies 2×2 latents)"
+    )
 
 
 class _BlockDumper(yaml.SafeDumper):
