@@ -20,8 +20,8 @@ import pytest
 import yaml
 
 from zimage_trt.cli import main
-from zimage_trt.runtime.images import save_new_image
-from zimage_trt.workflow import load_workflow
+from zimage_trt.runtime.images import METADATA_WORKFLOW, save_new_image
+from zimage_trt.workflow import Workflow, load_workflow
 
 SEED_MAX = 2**64 - 1
 
@@ -300,3 +300,97 @@ def test_3_a_stage_under_64_px_is_reported_as_it_runs(
     base = capsys.readouterr().out.splitlines()[2].split()
     assert base[:4] == ["base", "16×48", "16×6×2", "3→32"]
     assert load_workflow(path).latent_sizes() == [(6, 2), (54, 42), (108, 84)]
+
+
+def _cheap(**changes: object) -> Workflow:
+    """One 64×64 stage, Euler, 2 steps, cfg 1 (the audit's cheap.yaml), with changes."""
+    data: dict[str, object] = {
+        "name": "cheap",
+        "stages": [{"latent": {"source": "empty", "width": 64, "height": 64},
+                    "sampler": {"name": "euler"}, "scheduler": {"name": "simple", "steps": 2},
+                    "seed": 1}],
+        "output": {"prefix": "cheap"},
+    }  # fmt: skip
+    data.update(changes)
+    return Workflow.from_dict(data)
+
+
+def _png_carrying(path: Path, wf: Workflow) -> Path:
+    from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_itxt(METADATA_WORKFLOW, wf.to_yaml())
+    Image.new("RGB", (64, 64)).save(path, pnginfo=info)
+    return path
+
+
+def test_50_a_crafted_png_cannot_make_reproduce_read_a_local_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    secret = tmp_path / "SECRET.txt"
+    secret.write_text("the secret")
+    png = _png_carrying(
+        tmp_path / "evil.png", _cheap(prompts={"negative_file": str(secret)}, name="evil")
+    )
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert main(["reproduce", str(png), "--model", "tiny", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1] == (
+        f"zimage-trt: error: the workflow in {png}: prompts.negative_file names a local file to "
+        f"read ({str(secret)!r}); a workflow that comes from an image may not read local files "
+        "(zimage-trt's own PNGs carry the negative prompt inline)"
+    )
+    assert "loading the" not in err and sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_50_a_crafted_png_cannot_choose_where_reproduce_writes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    attacker = tmp_path / "attacker_chosen_dir"
+    png = _png_carrying(tmp_path / "shared.png", _cheap(output={"folder": str(attacker),
+                                                               "prefix": "cheap"}))  # fmt: skip
+    monkeypatch.chdir(tmp_path)
+    assert main(["reproduce", str(png), "--model", "tiny", "-q"]) == 0
+    out = capsys.readouterr().out
+    assert not attacker.exists()  # the default output folder, here, was used instead
+    assert [p.relative_to(tmp_path).as_posix() for p in (tmp_path / "output").rglob("*.png")] == [
+        "output/cheap_00001_.png"
+    ]
+    assert f"wrote {tmp_path}/output/cheap_00001_.png" in out
+
+
+def _png_bytes(width: int, height: int) -> bytes:
+    """A PNG signature and an IHDR claiming ``width``×``height`` pixels, then IEND (no data)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
+
+
+BAD_IMAGES = {
+    "42 JPEG bytes named .png": b"\xff\xd8\xff\xe0" + b"\0" * 64,
+    "45 PNG truncated to 40 bytes": _png_bytes(8, 8)[:40],
+    "46 IHDR of 100000×100000 pixels": _png_bytes(100_000, 100_000),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_IMAGES))
+def test_an_unreadable_image_is_refused_naming_it(
+    case: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    png = tmp_path / "bad.png"
+    png.write_bytes(BAD_IMAGES[case])
+    assert main(["reproduce", str(png), "--model", "tiny", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"zimage-trt: error: {png} is not a readable image (")
+    assert "Traceback" not in err and not (tmp_path / "out").exists()
+    assert main(["workflow", "import", str(png)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and str(png) in err

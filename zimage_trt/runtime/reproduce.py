@@ -19,6 +19,7 @@ from zimage_trt.runtime.images import METADATA_WORKFLOW
 from zimage_trt.runtime.pipeline import Pipeline
 from zimage_trt.runtime.requests import GenerateRequest, Generation, Progress
 from zimage_trt.workflow import Workflow
+from zimage_trt.workflow.trust import untrusted
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -54,20 +55,32 @@ def _same_shape(a: np.ndarray, b: np.ndarray) -> None:
 
 
 def workflow_from_image(path: str | Path) -> tuple[Workflow, str]:
-    """The workflow embedded in a PNG, and where it came from."""
-    with Image.open(path) as image:
-        info: dict[str, Any] = dict(image.info)
+    """The workflow embedded in a PNG, and where it came from. It is not trusted: it may not
+    read local files by path nor choose where images go (``workflow.trust``)."""
+    info: dict[Any, Any] = dict(_open(path).info)
     text = info.get(METADATA_WORKFLOW)
     if isinstance(text, str):
-        return Workflow.from_yaml(text, f"{path} ({METADATA_WORKFLOW})"), "zimage-trt workflow"
+        wf = Workflow.from_yaml(text, f"{path} ({METADATA_WORKFLOW})")
+        return untrusted(wf, f"the workflow in {path}"), "zimage-trt workflow"
     if "prompt" in info or "workflow" in info:
         from zimage_trt.workflow.comfy_import import import_graph
 
-        return import_graph(path), "ComfyUI graph"
+        return untrusted(import_graph(path), f"the ComfyUI graph in {path}"), "ComfyUI graph"
     raise ValueError(
         f"{path} carries no workflow: neither a zimage-trt '{METADATA_WORKFLOW}' "
         "chunk nor ComfyUI's 'prompt'/'workflow' chunks"
     )
+
+
+def _open(path: str | Path) -> Image.Image:
+    """The image, read whole; one clear error for anything that is not a readable image (PIL
+    refuses more than twice ``Image.MAX_IMAGE_PIXELS`` pixels before decoding them)."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise ValueError(f"{path} is not a readable image ({exc})") from None
 
 
 @dataclass
@@ -89,8 +102,7 @@ def reproduce(
     progress: Progress | None = None,
 ) -> Reproduction:
     wf, source = workflow_from_image(path)
-    with Image.open(path) as image:
-        original = np.asarray(image.convert("RGB"))
+    original = np.asarray(_open(path).convert("RGB"))
     pipeline = Pipeline.open(
         model=model, workflow=wf, device=device, dtype=dtype,
         search=(Path(path).resolve().parent, Path.cwd()),

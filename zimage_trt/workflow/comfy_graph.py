@@ -122,7 +122,13 @@ def read_source(source: str | Path | dict[str, Any]) -> tuple[Any, Any, str]:
         raise ComfyImportError(f"no such file {str(path)!r}")
     raw = path.read_bytes()
     if not raw.startswith(b"\x89PNG"):
-        return _parse_json(raw.decode("utf-8"), str(path)), None, path.stem
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ComfyImportError(
+                f"{path} is neither a PNG nor UTF-8 JSON: not a ComfyUI graph"
+            ) from None
+        return _parse_json(text, str(path)), None, path.stem
     prompt, workflow = _png_chunks(path)
     if prompt is not None:
         ui = _parse_json(workflow, f"{path} (workflow chunk)") if workflow is not None else None
@@ -135,8 +141,12 @@ def read_source(source: str | Path | dict[str, Any]) -> tuple[Any, Any, str]:
 def _png_chunks(path: Path) -> tuple[str | None, str | None]:
     from PIL import Image  # only PNG imports need Pillow
 
-    with Image.open(path) as img:
-        info = dict(img.info)
+    try:
+        with Image.open(path) as img:
+            img.load()
+            info = dict(img.info)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise ComfyImportError(f"{path} is not a readable PNG ({exc})") from None
     prompt, workflow = info.get("prompt"), info.get("workflow")
     return (
         prompt if isinstance(prompt, str) else None,
