@@ -53,6 +53,21 @@ def _graph(path: Path, inputs: dict[str, dict[str, object]]) -> str:
     return str(path)
 
 
+def _build(d: Path) -> list[str]:
+    return ["build", "--model", "tiny", "--resolutions", "256x256", "--backend", "onnxruntime"]
+
+
+def _user_folder(path: Path, manifest: bool = False) -> str:
+    """A folder of the user's: notes, a workflow, onnx/keep.txt, tokenizer/notes.txt."""
+    for name, text in (("notes.txt", "mine"), ("workflow.yaml", "mine"),
+                       ("onnx/keep.txt", "keep"), ("tokenizer/notes.txt", "notes")):  # fmt: skip
+        (path / name).parent.mkdir(parents=True, exist_ok=True)
+        (path / name).write_text(text)
+    if manifest:
+        (path / "manifest.json").write_text('{"not": "ours"}')
+    return str(path)
+
+
 def _lines(path: Path, text: str | bytes) -> str:
     path.write_bytes(text if isinstance(text, bytes) else text.encode())
     return str(path)
@@ -106,6 +121,33 @@ CASES = {
         lambda d: ["workflow", "import", _graph(d / "g.json", {"300": {"width": 100}})],
         "imported graph 'g': 1 invalid field(s)\n  (top level): stages.0.latent: 100×224 px is "
         "not a multiple of 16 px on both sides (the DiT patchifies 2×2 latents)",
+    ),
+    "100 build: --out is a file": (
+        lambda d: [*_build(d), "--out", str(d / "afile")],
+        "--out {d}/afile is a file, not a folder",
+    ),
+    "101 build: --out a user's folder": (
+        lambda d: [*_build(d), "--out", _user_folder(d / "userdir")],
+        "{d}/userdir is not empty (notes.txt, onnx, tokenizer, …) and is not an engine folder "
+        "(no manifest.json); build into an empty or new folder, or pass --force to write the "
+        "engines beside what is there (nothing of it is deleted; same-named files are replaced)",
+    ),
+    "101 build: --out a folder with someone else's manifest.json": (
+        lambda d: [*_build(d), "--out", _user_folder(d / "userdir", manifest=True)],
+        "{d}/userdir holds a manifest.json that is not a readable engine manifest "
+        "({d}/userdir/manifest.json has format None; this zimage-trt reads format 1: rebuild "
+        "the folder); build into an empty or new folder, or pass --force to build there anyway "
+        "(it is replaced)",
+    ),
+    "111 make-tiny into a model folder": (
+        lambda d: ["make-tiny", _user_folder(d / "userdir")],
+        "{d}/userdir is not empty (notes.txt, onnx, tokenizer, …) and holds no tiny model; "
+        "make-tiny writes a whole model folder: name an empty or new folder, or pass --force to "
+        "write into this one (files of the same names are replaced, nothing else is touched)",
+    ),
+    "112 make-tiny onto a file": (
+        lambda d: ["make-tiny", str(d / "afile")],
+        "{d}/afile is a file, not a folder",
     ),
     "117 sigmas: shift NaN": (
         lambda d: ["sigmas", "--scheduler", "beta", "--steps", "4", "--shift", "nan"],
@@ -394,3 +436,33 @@ def test_an_unreadable_image_is_refused_naming_it(
     assert main(["workflow", "import", str(png)]) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and str(png) in err
+
+
+def test_make_tiny_force_writes_beside_what_is_there(tmp_path: Path) -> None:
+    folder = Path(_user_folder(tmp_path / "userdir"))
+    assert main(["make-tiny", str(folder), "--force"]) == 0
+    assert (folder / "notes.txt").read_text() == "mine"  # nothing of the user's is touched
+    assert (folder / "tokenizer" / "notes.txt").read_text() == "notes"
+    assert (folder / "tokenizer" / "tokenizer.json").is_file()
+    assert main(["make-tiny", str(folder)]) == 0  # a tiny model's folder: written again
+
+
+def test_a_forced_build_deletes_nothing_of_the_folder_it_did_not_write(tmp_path: Path) -> None:
+    """The tokenizer copy (the one step that replaced a folder whole) copies file by file into a
+    tokenizer/ folder that is not the engine folder's own."""
+    from zimage_trt.build_engines.build import _copy_tokenizer
+    from zimage_trt.models.model_files import resolve_model
+    from zimage_trt.models.sources import ModelSources
+    from zimage_trt.models.tiny import tiny_model_dir
+
+    sources = ModelSources(resolve_model(tiny_model_dir()), [])
+    assert sources.files.tokenizer is not None
+    folder = Path(_user_folder(tmp_path / "userdir"))
+    assert _copy_tokenizer(sources, folder, ours=False) == "tokenizer"
+    assert (folder / "tokenizer" / "notes.txt").read_text() == "notes"
+    copied = sorted(p.name for p in sources.files.tokenizer.iterdir())
+    assert sorted(p.name for p in (folder / "tokenizer").iterdir()) == sorted(
+        [*copied, "notes.txt"]
+    )
+    assert _copy_tokenizer(sources, folder, ours=True) == "tokenizer"  # its own: replaced whole
+    assert sorted(p.name for p in (folder / "tokenizer").iterdir()) == copied

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from zimage_trt import __version__
-from zimage_trt.atomic import write_json
+from zimage_trt.atomic import atomic_path, write_json
 from zimage_trt.build_engines.coverage import CoverageReport, check_tensorrt_coverage
 from zimage_trt.build_engines.networks import PRECISIONS, Network, ShapePoint, dtype_names
 from zimage_trt.build_engines.onnx_export import OPSET, export_network, module_weights
@@ -81,11 +81,14 @@ def run_build(
     options: BuildOptions,
     out: Path,
     *,
+    force: bool = False,
     log: Log = _stderr,
 ) -> BuildResult:
+    """Build ``plan`` into the folder ``out``: an engine folder (whose engines are reused where
+    their cache keys match), an empty or new folder, or — with ``force`` — any folder, beside
+    whatever it holds (nothing the build did not write is deleted)."""
     start = time.perf_counter()
-    out.mkdir(parents=True, exist_ok=True)
-    previous = _previous_manifest(out, log)
+    previous = _claim_folder(out, force, log)
     weights = _weights_record(plan.sources, options.lora_ignore_unmatched)
     versions = _versions(options.backend)
     machine = _machine(options.backend)
@@ -191,7 +194,7 @@ def run_build(
         modules.clear()
         gc.collect()
 
-    tokenizer = _copy_tokenizer(plan.sources, out)
+    tokenizer = _copy_tokenizer(plan.sources, out, ours=previous is not None)
     if plan.workflow is not None:  # negative prompt inlined: the folder travels as one piece
         prompts = plan.workflow.prompts.model_copy(
             update={"negative": plan.workflow.prompts.negative_text() or None,
@@ -249,14 +252,37 @@ def _example(lim: ShapePoint) -> ShapePoint:
     return ShapePoint(2, min(40, max(2, lim.tokens)), h, w)
 
 
-def _previous_manifest(out: Path, log: Log) -> Manifest | None:
-    if not (out / MANIFEST).is_file():
-        return None
+def _claim_folder(out: Path, force: bool, log: Log) -> Manifest | None:
+    """The manifest of the engine folder ``out`` (None: a new or empty folder, or ``force``);
+    any other non-empty folder, or a file, is refused before any work."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder")
+    previous = None
+    if (out / MANIFEST).is_file():
+        try:
+            previous = read_manifest(out)
+        except ManifestError as exc:
+            if not force:
+                raise ValueError(
+                    f"{out} holds a {MANIFEST} that is not a readable engine manifest ({exc}); "
+                    "build into an empty or new folder, or pass --force to build there anyway "
+                    "(it is replaced)"
+                ) from None
+            log(f"ignoring the existing {MANIFEST}: {exc}")
+    if previous is None and not force and out.is_dir():
+        found = sorted(p.name for p in out.iterdir())
+        if found:
+            shown = ", ".join(found[:3]) + (", …" if len(found) > 3 else "")
+            raise ValueError(
+                f"{out} is not empty ({shown}) and is not an engine folder (no {MANIFEST}); "
+                "build into an empty or new folder, or pass --force to write the engines beside "
+                "what is there (nothing of it is deleted; same-named files are replaced)"
+            )
     try:
-        return read_manifest(out)
-    except ManifestError as exc:
-        log(f"ignoring the existing {MANIFEST}: {exc}")
-        return None
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"cannot make the engine folder {out}: {exc.strerror}") from None
+    return previous
 
 
 def _verified(out: Path, manifest: Manifest | None, name: str) -> bool:
@@ -406,12 +432,21 @@ def _meta_module(name: str, net: Network, plan: BuildPlan, options: BuildOptions
     return net.module(None, None, load_vae_weights(files.vae, dtype, meta=True))
 
 
-def _copy_tokenizer(sources: ModelSources, out: Path) -> str | None:
-    """The tokenizer travels with the engines (``generate --engines`` reads no model folder)."""
+def _copy_tokenizer(sources: ModelSources, out: Path, *, ours: bool) -> str | None:
+    """The tokenizer travels with the engines (``generate --engines`` reads no model folder). An
+    engine folder's own ``tokenizer/`` (``ours``) is replaced whole; in a folder that is not an
+    engine folder (``--force``) the files are copied into it one by one, and nothing else in it
+    is deleted."""
     folder = sources.files.tokenizer
     if folder is None:
         return None
     target = out / "tokenizer"
+    if target.exists() and not ours:
+        for file in sorted(p for p in folder.rglob("*") if p.is_file()):
+            dest = target / file.relative_to(folder)
+            with atomic_path(dest) as tmp_file:
+                shutil.copyfile(file, tmp_file)
+        return "tokenizer"
     tmp = out / ".tokenizer.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(folder, tmp)

@@ -67,7 +67,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         return 0
     if args.out is None:
         raise ValueError("--out DIR is required (the engine folder to write)")
-    result = run_build(plan, options, args.out, log=log)
+    result = run_build(plan, options, args.out, force=args.force, log=log)
     rows = [r for report in result.engines for r in report.parity]
     print()
     print("ONNX checks (TensorRT coverage per graph; parity with torch at each shape)")
@@ -160,6 +160,12 @@ def add_build_parser(sub: Any) -> None:
         "--out", "-o", type=Path, default=None, metavar="DIR", help="the engine folder to write"
     )
     p.add_argument("--dry-run", action="store_true", help="print the profile table and stop")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="build into a non-empty folder that is not an engine folder (nothing in it is "
+        "deleted; same-named files are replaced)",
+    )
     p.add_argument(
         "--no-parity",
         action="store_true",

@@ -12,7 +12,7 @@ from zimage_trt.cli.common import RAW, examples
 def cmd_make_tiny(args: argparse.Namespace) -> int:
     from zimage_trt.models.tiny import make_tiny
 
-    paths = make_tiny(args.dir)
+    paths = make_tiny(args.dir, force=args.force)
     print(
         f"wrote a tiny Z-Image (real architectures, random weights; its images are noise) to "
         f"{paths.root}"
@@ -31,4 +31,10 @@ def add_parser(sub: Any) -> None:
         epilog=examples("zimage-trt make-tiny ./tiny-zimage"),
     )
     p.add_argument("dir", type=Path, metavar="DIR")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="write into a non-empty folder that holds no tiny model (same-named files are "
+        "replaced, nothing else is touched)",
+    )
     p.set_defaults(func=cmd_make_tiny)

@@ -46,6 +46,7 @@ from zimage_trt.models.vae import FluxVAE, VAEConfig
 
 TINY_VERSION = "1"  # bump whenever what make_tiny writes changes: it names the cache folder
 CACHE_ENV = "ZIMAGE_TRT_CACHE"
+TINY_MARKER = ".zimage-trt-tiny.json"  # marks a folder make_tiny wrote (it may write there again)
 DIFFUSERS_VERSION = "0.36.0"  # the first diffusers with Z-Image
 SEEDS = {"dit": 0, "text_encoder": 1, "vae": 2, "lora": 3}
 LORA_RANK, LORA_ALPHA = 4, 2.0
@@ -278,11 +279,13 @@ def _gguf_qtype(name: str, tensor: Tensor) -> str:
 # The model folder
 
 
-def make_tiny(dir: str | Path) -> TinyPaths:
+def make_tiny(dir: str | Path, *, force: bool = False) -> TinyPaths:
     """Write the tiny model (see the module docstring) into ``dir``; every file atomically, the
-    same bytes on every call."""
+    same bytes on every call. A folder that is not empty and holds no tiny model is refused unless
+    ``force`` (then same-named files are replaced and nothing else is touched)."""
     paths = TinyPaths.at(dir)
     root = paths.root
+    _claim_folder(root, force)
     dit = tiny_dit_weights()
     text_encoder = tiny_text_encoder_weights()
     vae = tiny_vae_weights()
@@ -339,6 +342,28 @@ def make_tiny(dir: str | Path) -> TinyPaths:
          "ss_network_alpha": str(LORA_ALPHA)},
     )  # fmt: skip
     return paths
+
+
+def _claim_folder(root: Path, force: bool) -> None:
+    """Refuse a file, an unwritable folder, or a non-empty folder that is not a tiny model (no
+    marker) unless ``force``; then mark the folder as a tiny model."""
+    if root.exists() and not root.is_dir():
+        raise ValueError(f"{root} is a file, not a folder")
+    marker = root / TINY_MARKER
+    if root.is_dir() and not force and not marker.is_file():
+        found = sorted(p.name for p in root.iterdir())
+        if found:
+            shown = ", ".join(found[:3]) + (", …" if len(found) > 3 else "")
+            raise ValueError(
+                f"{root} is not empty ({shown}) and holds no tiny model; make-tiny writes a "
+                "whole model folder: name an empty or new folder, or pass --force to write into "
+                "this one (files of the same names are replaced, nothing else is touched)"
+            )
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        write_json(marker, {"tiny_version": TINY_VERSION})
+    except OSError as exc:
+        raise ValueError(f"cannot write the tiny model to {root}: {exc.strerror}") from None
 
 
 def cache_dir() -> Path:
