@@ -3,13 +3,17 @@ torch pipeline for the reference workflow."""
 
 from __future__ import annotations
 
+import datetime
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
 from zimage_trt.build_engines.build import BuildResult, run_build
 from zimage_trt.build_engines.plan import BuildOptions, plan_build
+from zimage_trt.cli import main
 from zimage_trt.runtime.pipeline import Pipeline
 from zimage_trt.workflow import load_workflow
 
@@ -60,3 +64,34 @@ def built_tensorrt_double(tmp_path_factory: pytest.TempPathFactory) -> DoubleBui
 def reference_pipeline() -> Pipeline:
     """The torch backend opened on the tiny model for the reference workflow (tiny LoRA at 1)."""
     return Pipeline.open(model="tiny", workflow="zimage-121101", log=lambda msg: None)
+
+
+#: a catalogue case (issue 12): argv built from a scratch folder, the expected message
+#: (``{d}`` = that folder, ``{date}`` = today), and the exit code
+Case = tuple[Callable[[Path], list[str]], str, int]
+
+
+@pytest.fixture
+def refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Callable[[Case], str]:
+    """Run a catalogue case through ``main(argv)`` in a scratch folder holding ``afile``: assert
+    its exit code, that stderr ends with exactly ``zimage-trt: error: MESSAGE``, no traceback, no
+    model loaded, nothing written or changed in the folder. Returns stderr."""
+
+    def check(case: Case) -> str:
+        build, expected, code = case
+        (tmp_path / "afile").write_text("keep me")
+        argv = build(tmp_path)
+        before = sorted(p.name for p in tmp_path.iterdir())
+        capsys.readouterr()
+        assert main(argv) == code
+        err = capsys.readouterr().err
+        date = datetime.date.today().isoformat()
+        message = f"zimage-trt: error: {expected}".replace("{d}", str(tmp_path))
+        lines = message.replace("{date}", date).splitlines()
+        assert err.splitlines()[-len(lines) :] == lines
+        assert "Traceback" not in err and "loading the" not in err  # no model was loaded
+        assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written
+        assert (tmp_path / "afile").read_text() == "keep me"
+        return err
+
+    return check

@@ -154,7 +154,7 @@ def test_a_manifest_for_another_backend_or_format_is_refused(
     manifest = json.loads((folder / MANIFEST).read_text())
     manifest["format"] = 99
     (folder / MANIFEST).write_text(json.dumps(manifest))
-    with pytest.raises(ManifestError, match="has format 99; this zimage-trt reads format 1"):
+    with pytest.raises(ManifestError, match="has format 99; this zimage-trt reads format 2"):
         Pipeline.open(engines=folder)
 
 
@@ -398,5 +398,5 @@ def test_inspect_describes_a_folder_and_checks_it_against_this_machine(
     copy = tmp_path / "engines"
     shutil.copytree(folder, copy)
     (copy / "denoiser.refit.json").write_text("{}")
-    assert main(["inspect", str(copy), "--verify"]) == 2
+    assert main(["inspect", str(copy), "--verify"]) == 3
     assert "denoiser.refit.json is 2 bytes, the manifest says" in capsys.readouterr().err

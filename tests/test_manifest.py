@@ -27,6 +27,7 @@ from zimage_trt.engines.manifest import (
     cache_key,
     check_file,
     file_record,
+    manifest_checksum,
     read_manifest,
     select_profile,
     verify_files,
@@ -230,8 +231,12 @@ def make_manifest(folder: Path, payload: bytes = b"plan bytes " * 100) -> Manife
     )
 
 
-def write_manifest(folder: Path, data: Any) -> Path:
+def write_manifest(folder: Path, data: Any, sign: bool = True) -> Path:
+    """Write ``data`` as the folder's manifest; a dict with its checksum (as the builder does)
+    unless ``sign`` is False (an edit after the build)."""
     path = folder / MANIFEST
+    if isinstance(data, dict) and sign:
+        data = {**data, "checksum": manifest_checksum(data)}
     path.write_text(data if isinstance(data, str) else json.dumps(data), encoding="utf-8")
     return path
 
@@ -266,7 +271,7 @@ def test_read_manifest_invalid_json(tmp_path: Path) -> None:
     )
 
 
-@pytest.mark.parametrize(("version", "shown"), [(2, "2"), ("1", "'1'"), (None, "None")])
+@pytest.mark.parametrize(("version", "shown"), [(1, "1"), ("2", "'2'"), (None, "None")])
 def test_read_manifest_wrong_format_version(tmp_path: Path, version: Any, shown: str) -> None:
     data = make_manifest(tmp_path).model_dump(mode="json")
     if version is None:
@@ -277,7 +282,84 @@ def test_read_manifest_wrong_format_version(tmp_path: Path, version: Any, shown:
     with pytest.raises(ManifestError) as info:
         read_manifest(tmp_path)
     assert str(info.value) == (
-        f"{path} has format {shown}; this zimage-trt reads format 1: rebuild the folder"
+        f"{path} has format {shown}; this zimage-trt reads format 2: rebuild the folder"
+    )
+
+
+def test_a_manifest_edited_after_the_build_is_refused(tmp_path: Path) -> None:
+    """Audit case 90: profile ranges widened by hand went unnoticed; the checksum catches any
+    edit (it guards against damage and hand edits, not against someone who re-signs)."""
+    data = make_manifest(tmp_path).model_dump(mode="json")
+    data["checksum"] = manifest_checksum(data)
+    data["engines"]["denoiser"]["profiles"][1]["shapes"]["latents"]["max"][2] = 10**6
+    path = write_manifest(tmp_path, data, sign=False)
+    with pytest.raises(ManifestError) as info:
+        read_manifest(tmp_path)
+    assert str(info.value) == (
+        f"{path} was changed after the build (its checksum does not match its contents); "
+        "rebuild the folder"
+    )
+    del data["checksum"]
+    write_manifest(tmp_path, data, sign=False)
+    with pytest.raises(ManifestError, match="was changed after the build"):
+        read_manifest(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (  # audit case 92: the loaded file was not among the hashed ones
+            lambda d: d["engines"]["denoiser"].update(file="/etc/passwd"),
+            "engines.denoiser.file names '/etc/passwd', which is not a path inside the folder",
+        ),
+        (
+            lambda d: d["engines"]["denoiser"].update(file="other.plan"),
+            "engine 'denoiser' loads 'other.plan', which is not among its hashed files",
+        ),
+        (  # audit case 93: hashed files and the workflow outside the folder
+            lambda d: d["engines"]["denoiser"]["files"].update(
+                {"../../../../etc/hostname": {"sha256": "0" * 64, "bytes": 1}}
+            ),
+            "engines.denoiser.files names '../../../../etc/hostname', which is not a path inside "
+            "the folder",
+        ),
+        (
+            lambda d: d.update(workflow_file="../../outside/cheap.yaml"),
+            "workflow_file names '../../outside/cheap.yaml', which is not a path inside the folder",
+        ),
+        (
+            lambda d: d.update(workflow_file="workflow.yaml"),
+            "workflow_file 'workflow.yaml' is not among the hashed files",
+        ),
+        (
+            lambda d: d.update(tokenizer="tokenizer"),
+            "the tokenizer folder 'tokenizer' has no hashed files",
+        ),
+    ],
+)
+def test_every_file_a_manifest_names_is_hashed_and_inside_the_folder(
+    tmp_path: Path, edit: Any, message: str
+) -> None:
+    data = make_manifest(tmp_path).model_dump(mode="json")
+    edit(data)
+    path = write_manifest(tmp_path, data)  # signed: the checks hold whatever the checksum says
+    with pytest.raises(ManifestError) as info:
+        read_manifest(tmp_path)
+    assert str(info.value) == f"{path}: {message}; rebuild the folder"
+
+
+def test_a_hashed_file_that_links_outside_the_folder_is_refused(tmp_path: Path) -> None:
+    folder = tmp_path / "engines"
+    folder.mkdir()
+    manifest = make_manifest(folder)
+    outside = tmp_path / "outside.plan"
+    (folder / "denoiser.plan").rename(outside)
+    (folder / "denoiser.plan").symlink_to(outside)
+    with pytest.raises(ManifestError) as info:
+        verify_files(folder, manifest)
+    assert str(info.value) == (
+        f"engine 'denoiser': {folder}/denoiser.plan leads outside the folder (to {outside}); "
+        "rebuild the folder"
     )
 
 

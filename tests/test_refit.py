@@ -239,7 +239,7 @@ def test_a_swap_without_the_base_dit_says_to_pass_it(
     monkeypatch.chdir(tmp_path)  # the workflow's DiT file is nowhere to be found
     code = main(["generate", "--engines", str(built.folder), "--lora", f"{lora}:0.5", "-q",
                  "--out", str(tmp_path / "out")])  # fmt: skip
-    assert code == 2
+    assert code == 3
     err = capsys.readouterr().err.strip()
     assert err.startswith("zimage-trt: error: DiT 'z_image_turbo_bf16.safetensors' not found")
     assert err.endswith(

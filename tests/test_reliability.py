@@ -8,17 +8,19 @@ claimed atomically, so concurrent writers never lose an image and the counter ru
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
+import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
 
+from zimage_trt.build_engines.build import BuildResult
 from zimage_trt.cli import main
 from zimage_trt.runtime.images import METADATA_WORKFLOW, save_new_image
 from zimage_trt.workflow import Workflow, load_workflow
@@ -130,12 +132,12 @@ CASES = {
         lambda d: [*_build(d), "--out", _user_folder(d / "userdir")],
         "{d}/userdir is not empty (notes.txt, onnx, tokenizer, …) and is not an engine folder "
         "(no manifest.json); build into an empty or new folder, or pass --force to write the "
-        "engines beside what is there (nothing of it is deleted; same-named files are replaced)",
+        "engines beside what is there (nothing of it is replaced or deleted)",
     ),
     "101 build: --out a folder with someone else's manifest.json": (
         lambda d: [*_build(d), "--out", _user_folder(d / "userdir", manifest=True)],
         "{d}/userdir holds a manifest.json that is not a readable engine manifest "
-        "({d}/userdir/manifest.json has format None; this zimage-trt reads format 1: rebuild "
+        "({d}/userdir/manifest.json has format None; this zimage-trt reads format 2: rebuild "
         "the folder); build into an empty or new folder, or pass --force to build there anyway "
         "(it is replaced)",
     ),
@@ -233,6 +235,25 @@ CASES = {
         f"output prefix {'x' * 60!r}…: the name part {'x' * 40!r}… is 324 bytes; file names "
         "hold at most 255",
     ),
+    "53 a 100,000-character prompt on the torch backend": (
+        lambda d: _generate(d, "-p", "fox " * 25000),
+        "the prompt is 25009 tokens (chat template included); the torch backend takes at most "
+        "8192: shorten it",
+    ),
+    "53 prompts file: line 2 too long": (
+        lambda d: _generate(
+            d, "--prompts-file", _lines(d / "p.jsonl", f'"a"\n{json.dumps("fox " * 9000)}\n')
+        ),
+        "{d}/p.jsonl:2: the prompt is 9009 tokens (chat template included); the torch backend "
+        "takes at most 8192: shorten it",
+    ),
+    "53 a negative prompt too long (cfg 2 encodes it)": (
+        lambda d: _generate(
+            d, "-w", "zimage-121101", "--negative-prompt-file", _lines(d / "n.txt", "cat " * 9000)
+        ),
+        "the negative prompt is 9008 tokens (chat template included); the torch backend takes "
+        "at most 8192: shorten it",
+    ),
     "21 %date% prefix escaping the output folder": (
         lambda d: _generate(d, "-w", _yaml(d / "w.yaml", {"output.prefix": "%date:..%/escaped"})),
         "output prefix '../escaped_base_preview' escapes the output folder '{d}/out'",
@@ -241,24 +262,9 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_refused_before_any_work(
-    case: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_refused_before_any_work(case: str, refused: Callable[..., str]) -> None:
     build, expected = CASES[case]
-    (tmp_path / "afile").write_text("keep me")
-    argv = build(tmp_path)
-    before = sorted(p.name for p in tmp_path.iterdir())
-    assert main(argv) == 2
-    err = capsys.readouterr().err
-    date = datetime.date.today().isoformat()
-    message = expected.replace("{d}", str(tmp_path)).replace("{date}", date)
-    assert err.splitlines()[-len(message.splitlines()) :] == [
-        f"zimage-trt: error: {message}".splitlines()[0],
-        *message.splitlines()[1:],
-    ]
-    assert "Traceback" not in err and "loading the" not in err  # no model was loaded
-    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written
-    assert (tmp_path / "afile").read_text() == "keep me"
+    refused((build, expected, 2))
 
 
 def _pixels(seed: int) -> np.ndarray:
@@ -416,10 +422,10 @@ def _png_bytes(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
 
 
-BAD_IMAGES = {
-    "42 JPEG bytes named .png": b"\xff\xd8\xff\xe0" + b"\0" * 64,
-    "45 PNG truncated to 40 bytes": _png_bytes(8, 8)[:40],
-    "46 IHDR of 100000×100000 pixels": _png_bytes(100_000, 100_000),
+BAD_IMAGES = {  # the bytes, and workflow import's exit code (it reads text chunks only)
+    "42 JPEG bytes named .png": (b"\xff\xd8\xff\xe0" + b"\0" * 64, 2),  # not a graph
+    "45 PNG truncated to 40 bytes": (_png_bytes(8, 8)[:40], 3),  # a damaged file
+    "46 IHDR of 100000×100000 pixels": (_png_bytes(100_000, 100_000), 2),  # no graph in it
 }
 
 
@@ -428,12 +434,13 @@ def test_an_unreadable_image_is_refused_naming_it(
     case: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     png = tmp_path / "bad.png"
-    png.write_bytes(BAD_IMAGES[case])
-    assert main(["reproduce", str(png), "--model", "tiny", "--out", str(tmp_path / "out")]) == 2
+    data, import_code = BAD_IMAGES[case]
+    png.write_bytes(data)
+    assert main(["reproduce", str(png), "--model", "tiny", "--out", str(tmp_path / "out")]) == 3
     err = capsys.readouterr().err
-    assert err.startswith(f"zimage-trt: error: {png} is not a readable image (")
+    assert err.startswith(f"zimage-trt: error: {png} is not a readable ")
     assert "Traceback" not in err and not (tmp_path / "out").exists()
-    assert main(["workflow", "import", str(png)]) == 2
+    assert main(["workflow", "import", str(png)]) == import_code
     err = capsys.readouterr().err
     assert "Traceback" not in err and str(png) in err
 
@@ -447,22 +454,91 @@ def test_make_tiny_force_writes_beside_what_is_there(tmp_path: Path) -> None:
     assert main(["make-tiny", str(folder)]) == 0  # a tiny model's folder: written again
 
 
-def test_a_forced_build_deletes_nothing_of_the_folder_it_did_not_write(tmp_path: Path) -> None:
-    """The tokenizer copy (the one step that replaced a folder whole) copies file by file into a
-    tokenizer/ folder that is not the engine folder's own."""
-    from zimage_trt.build_engines.build import _copy_tokenizer
-    from zimage_trt.models.model_files import resolve_model
-    from zimage_trt.models.sources import ModelSources
-    from zimage_trt.models.tiny import tiny_model_dir
+CHEAP = {
+    "name": "cheap",
+    "stages": [{"latent": {"source": "empty", "width": 64, "height": 64},
+                "sampler": {"name": "euler"}, "scheduler": {"name": "simple", "steps": 2},
+                "cfg": 1.0, "seed": 1}],
+    "output": {"prefix": "cheap"},
+}  # fmt: skip
 
-    sources = ModelSources(resolve_model(tiny_model_dir()), [])
-    assert sources.files.tokenizer is not None
-    folder = Path(_user_folder(tmp_path / "userdir"))
-    assert _copy_tokenizer(sources, folder, ours=False) == "tokenizer"
-    assert (folder / "tokenizer" / "notes.txt").read_text() == "notes"
-    copied = sorted(p.name for p in sources.files.tokenizer.iterdir())
-    assert sorted(p.name for p in (folder / "tokenizer").iterdir()) == sorted(
-        [*copied, "notes.txt"]
+
+def test_ctrl_c_exits_130_and_leaves_no_partial_image(tmp_path: Path) -> None:
+    """Audit case 96's contract for every command: SIGINT mid-batch → exit 130, one line, no
+    traceback, every image on disk whole and no temporary file left."""
+    from PIL import Image
+
+    (tmp_path / "cheap.yaml").write_text(yaml.safe_dump(CHEAP))
+    (tmp_path / "p.txt").write_text(
+        "".join(json.dumps(f"a fox number {i}") + "\n" for i in range(40))
     )
-    assert _copy_tokenizer(sources, folder, ours=True) == "tokenizer"  # its own: replaced whole
-    assert sorted(p.name for p in (folder / "tokenizer").iterdir()) == copied
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "zimage_trt.cli", "generate", "--model", "tiny",
+         "-w", str(tmp_path / "cheap.yaml"), "--prompts-file", str(tmp_path / "p.txt"),
+         "--out", str(out)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    for line in proc.stdout:  # interrupt once the first image is written
+        if line.startswith("wrote "):
+            break
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert err.splitlines()[-1] == "zimage-trt: interrupted (nothing half-written was left)"
+    assert "Traceback" not in err
+    written = sorted(out.iterdir())
+    assert 1 <= len(written) < 40
+    assert all(p.suffix == ".png" and not p.name.startswith(".") for p in written)
+    for path in written:
+        with Image.open(path) as image:
+            image.verify()  # whole
+
+
+@pytest.mark.parametrize("where", ["image", "engine"])
+def test_a_full_disk_is_one_line_naming_the_file_and_leaves_nothing(
+    where: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Audit cases 99 and 106: ENOSPC while saving an image or streaming an engine's weights
+    (simulated: the write raises as a full disk does)."""
+    import errno
+
+    from zimage_trt.build_engines import onnx_export
+    from zimage_trt.runtime import images
+
+    def full(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    out = tmp_path / "out"
+    if where == "image":
+        monkeypatch.setattr(images, "_encode", full)
+        (tmp_path / "cheap.yaml").write_text(yaml.safe_dump(CHEAP))
+        argv = ["generate", "--model", "tiny", "-w", str(tmp_path / "cheap.yaml"),
+                "--out", str(out), "-q"]  # fmt: skip
+        target = out / "cheap_00001_.png"
+    else:
+        monkeypatch.setattr(onnx_export, "_stream_weights", full)
+        argv = ["build", "--model", "tiny", "--resolutions", "256x256", "--backend",
+                "onnxruntime", "--no-parity", "--out", str(out), "-q"]  # fmt: skip
+        target = out / "onnx" / "text_encoder.onnx.data"
+    assert main(argv) == 5
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1] == (
+        f"zimage-trt: error: {target}: the disk is full: free some space or write elsewhere"
+    )
+    assert "Traceback" not in err
+    left = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    assert left == []  # no partial file, no manifest
+
+
+def test_53_a_prompt_past_the_engines_caption_maximum_is_refused_before_they_load(
+    built: BuildResult, tmp_path: Path, refused: Callable[..., str]
+) -> None:
+    refused((
+        lambda d: ["generate", "--engines", str(built.folder), "-p", "fox " * 5000,
+                   "--out", str(d / "out")],
+        "the prompt is 5013 tokens (chat template included); these engines take at most 4096: "
+        "shorten it, or build engines with --caption-max 5013",
+        2,
+    ))  # fmt: skip

@@ -11,6 +11,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from zimage_trt.errors import WRITE_ERRNOS, os_error
+
 
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
@@ -22,6 +24,10 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     try:
         yield tmp
         os.replace(tmp, target)
+    except OSError as exc:
+        if exc.errno in WRITE_ERRNOS:  # a full disk, permissions: name the file being written
+            raise os_error(exc, target) from exc
+        raise
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from zimage_trt.bench.timing import Log, Timer, check_count, free_memory, summary
+from zimage_trt.errors import InputError
 from zimage_trt.sampling.latents import LATENT_CHANNELS, VAE_SCALE
 from zimage_trt.workflow import Workflow
 
@@ -140,7 +141,7 @@ def bench_diffusers_baseline(
         stage.latent.source,
     )
     if shape != (1, "diffusers_zimage", "euler", 1.0, "empty") or wf_single_stage.models.loras:
-        raise ValueError(
+        raise InputError(
             "the diffusers baseline needs one stage from an empty latent with the "
             "diffusers_zimage schedule, euler, cfg 1 and no LoRA; got "
             f"{len(wf_single_stage.stages)} stage(s), {stage.scheduler.name}, "

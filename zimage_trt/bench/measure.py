@@ -17,6 +17,7 @@ from torch import Tensor
 
 from zimage_trt.bench.roofline import dit_flops, flops_rate, gpu_bf16_peak, image_tokens
 from zimage_trt.bench.timing import Log, Timer, check_count, summary
+from zimage_trt.errors import InputError
 from zimage_trt.models.dit import DiTConfig
 from zimage_trt.runtime.pipeline import Pipeline
 from zimage_trt.runtime.requests import Generation
@@ -172,7 +173,7 @@ def component_calls(
 def _engine(pipeline: Pipeline, name: str) -> Callable[..., dict[str, Tensor]]:
     engine = getattr(pipeline.engines, name)
     if engine is None:
-        raise ValueError(f"the {pipeline.engines.backend} engines have no {name}")
+        raise InputError(f"the {pipeline.engines.backend} engines have no {name}")
     return engine
 
 

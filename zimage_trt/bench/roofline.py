@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from zimage_trt.errors import InputError
 from zimage_trt.models.dit import SEQ_MULTIPLE, DiTConfig
 
 # Dense (no sparsity) bf16 tensor peaks, FLOP/s, matched against torch's device name.
@@ -73,9 +74,9 @@ def dit_flops(cfg: DiTConfig, image_tokens: int, caption_tokens: int) -> DiTFlop
     timestep and adaLN MLPs (< 1 GFLOP) are left out.
     """
     if image_tokens < 1:
-        raise ValueError(f"image_tokens must be >= 1, got {image_tokens}")
+        raise InputError(f"image_tokens must be >= 1, got {image_tokens}")
     if caption_tokens < 1:
-        raise ValueError(f"caption_tokens must be >= 1, got {caption_tokens}")
+        raise InputError(f"caption_tokens must be >= 1, got {caption_tokens}")
     d, f = cfg.dim, cfg.ffn_dim
     per_token = 2.0 * (4 * d * d + 3 * d * f)
 

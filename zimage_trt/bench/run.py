@@ -29,6 +29,7 @@ from zimage_trt.bench.measure import bench_pipeline, pipeline_dit_config, stage_
 from zimage_trt.bench.roofline import gpu_bf16_peak
 from zimage_trt.bench.timing import Log, Timer, check_count, free_memory
 from zimage_trt.engines.compiled import compile_stats, compiled_engines
+from zimage_trt.errors import InputError
 from zimage_trt.models.dit import DiTConfig
 from zimage_trt.runtime.pipeline import Pipeline
 from zimage_trt.sampling.latents import LATENT_CHANNELS, VAE_SCALE
@@ -152,12 +153,12 @@ def _engine_dirs(dirs: Sequence[Path], backends: Sequence[str]) -> dict[str, Pat
     for folder in dirs:
         backend = read_manifest(folder).backend
         if backend not in backends:
-            raise ValueError(
+            raise InputError(
                 f"engine folder {folder} holds {backend} engines, but the backends asked for "
                 f"are {', '.join(backends)}; add {backend} to --backends"
             )
         if backend in by_backend:
-            raise ValueError(f"two {backend} engine folders given: {by_backend[backend]}, {folder}")
+            raise InputError(f"two {backend} engine folders given: {by_backend[backend]}, {folder}")
         by_backend[backend] = Path(folder)
     return by_backend
 
@@ -167,7 +168,7 @@ def parse_backends(text: str | Sequence[str]) -> list[str]:
     names = [b for b in names if b]
     unknown = [b for b in names if b not in BACKENDS]
     if unknown or not names:
-        raise ValueError(
+        raise InputError(
             f"unknown backend(s) {', '.join(unknown) or '(none given)'}; choose from: "
             + ", ".join(BACKENDS)
         )
@@ -238,7 +239,7 @@ def run_bench(
         try:
             import tensorrt  # noqa: F401
         except ImportError:
-            raise ValueError(
+            raise InputError(
                 "backend tensorrt asked for, but the tensorrt package is not installed "
                 "(pip install 'zimage-trt[tensorrt]' on a machine with an NVIDIA GPU)"
             ) from None

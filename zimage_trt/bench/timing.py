@@ -13,6 +13,8 @@ from typing import TypeVar
 import numpy as np
 import torch
 
+from zimage_trt.errors import InputError
+
 Log = Callable[[str], None]
 T = TypeVar("T")
 
@@ -29,7 +31,7 @@ def summary(samples: Sequence[float]) -> Summary:
     """Median, p90 (linear interpolation between ranks) and mean of timing samples."""
     values = np.asarray([float(s) for s in samples], dtype=np.float64)
     if values.size == 0:
-        raise ValueError("summary() needs at least one sample")
+        raise InputError("summary() needs at least one sample")
     return Summary(
         median=float(np.median(values)),
         p90=float(np.percentile(values, 90)),
@@ -68,7 +70,7 @@ class Timer:
 def check_count(name: str, value: int, minimum: int) -> None:
     """Reject a warm-up, iteration or repeat count that is not an integer >= ``minimum``."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+        raise InputError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
 def free_memory(device: torch.device) -> None:

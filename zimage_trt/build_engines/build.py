@@ -4,8 +4,10 @@ What is built comes from the plan (``build_engines.plan``). Phases, per engine: 
 graph (from the meta device, weights streamed), check it (TensorRT op/dtype coverage; parity with
 the torch forward at several shapes), then for the ``tensorrt`` backend build the plan with one
 optimization profile per stage. An engine whose cache key matches what the folder already holds
-(files verified by hash) is reused. The manifest is written last, atomically: a folder with a
-manifest is always whole.
+(files verified by hash), committed or finished by an interrupted build, is reused. The folder is
+written like a database (``build_engines.commit``): new files under new names, ``manifest.json``
+renamed last as the commit, superseded files deleted after it — a killed or failed build leaves
+the old folder serving.
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ from __future__ import annotations
 import datetime as dt
 import gc
 import resource
-import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -25,7 +26,8 @@ import torch
 from torch import nn
 
 from zimage_trt import __version__
-from zimage_trt.atomic import atomic_path, write_json
+from zimage_trt.atomic import write_json
+from zimage_trt.build_engines.commit import Transaction
 from zimage_trt.build_engines.coverage import CoverageReport, check_tensorrt_coverage
 from zimage_trt.build_engines.networks import PRECISIONS, Network, ShapePoint, dtype_names
 from zimage_trt.build_engines.onnx_export import OPSET, export_network, module_weights
@@ -46,13 +48,12 @@ from zimage_trt.engines.manifest import (
     file_record,
     read_manifest,
     sha256_file,
-    verify_files,
     weights_sha256,
 )
+from zimage_trt.errors import InputError, RunError
 from zimage_trt.models.dit import RopeTables, ZImageDiT, rope_table_lengths
 from zimage_trt.models.sources import ModelSources, load_fused_dit, lora_target_keys
 
-WORKFLOW_FILE = "workflow.yaml"
 Log = Callable[[str], None]
 
 
@@ -89,6 +90,7 @@ def run_build(
     whatever it holds (nothing the build did not write is deleted)."""
     start = time.perf_counter()
     previous = _claim_folder(out, force, log)
+    txn = Transaction(out, previous, log)
     weights = _weights_record(plan.sources, options.lora_ignore_unmatched)
     versions = _versions(options.backend)
     machine = _machine(options.backend)
@@ -99,16 +101,26 @@ def run_build(
     for index, name in enumerate(names, 1):
         net, profiles = plan.nets[name], plan.profiles[name]
         key = _engine_key(name, net, profiles, options, weights, versions, machine)
-        old = previous.engines.get(name) if previous else None
-        if old is not None and old.cache_key == key and _verified(out, previous, name):
-            log(f"[{index}/{len(names)}] {name}: up to date (cache key {key[:12]}), reused")
-            entries[name] = old
+        found = txn.reusable(name, key)
+        if found is not None:
+            log(f"[{index}/{len(names)}] {name}: {found[1]} (cache key {key[:12]}), reused")
+            entries[name] = found[0]
             reports.append(EngineReport(name, True, 0.0))
             continue
         t0 = time.perf_counter()
         log(f"[{index}/{len(names)}] {name}: exporting ONNX ({len(profiles)} profile(s))")
         module = _real_module(name, net, plan, options, modules, log)
-        onnx_path = out / "onnx" / f"{name}.onnx"
+        onnx_rel, _, plan_rel, refit_rel = txn.names(
+            name,
+            (
+                f"onnx/{name}.onnx",
+                f"onnx/{name}.onnx.data",
+                f"{name}.plan",
+                f"{name}{REFIT_SUFFIX}",
+            ),
+            key,
+        )
+        onnx_path = out / onnx_rel
         meta = _meta_module(name, net, plan, options)
         weights_map = module_weights(module)
         result = export_network(
@@ -122,7 +134,7 @@ def run_build(
         report = EngineReport(name, False, 0.0)
         report.coverage = check_tensorrt_coverage(onnx_path)
         if not report.coverage.ok:
-            raise RuntimeError(
+            raise RunError(
                 f"{name}: the ONNX graph has ops TensorRT cannot parse: {report.coverage.summary()}"
             )
         if options.check_parity:
@@ -146,7 +158,7 @@ def run_build(
             bad = [r for r in report.parity if not r.ok]
             if bad:
                 worst = max(bad, key=lambda r: r.max_abs / r.scale)
-                raise RuntimeError(
+                raise RunError(
                     f"{name}: ONNX output {worst.output} differs from torch by {worst.max_abs:.3g} "
                     f"at {worst.point} (limit {worst.tolerance * worst.scale:.3g})"
                 )
@@ -161,7 +173,7 @@ def run_build(
         if options.backend == "tensorrt":
             from zimage_trt.build_engines.tensorrt_builder import build_tensorrt_engine
 
-            plan_path = out / f"{name}.plan"
+            plan_path = out / plan_rel
             info = build_tensorrt_engine(
                 onnx_path, plan_path, profiles,
                 optimization_level=options.optimization_level,
@@ -174,7 +186,7 @@ def run_build(
             engine_file = _rel(out, plan_path)
             refit_names = info.refit_weights
         if refit_names:  # the ONNX initializers' names = the DiT's state-dict keys
-            refit_map = out / f"{name}{REFIT_SUFFIX}"
+            refit_map = out / refit_rel
             write_json(refit_map, {"weights": list(refit_names)})
             files[_rel(out, refit_map)] = file_record(refit_map)
         report.seconds = time.perf_counter() - t0
@@ -188,19 +200,26 @@ def run_build(
             build_seconds=report.seconds,
             refittable=bool(refit_names),
         )
+        txn.finished(name, entries[name])
         reports.append(report)
         if name in ("caption_path",) and "denoiser" in names:
             continue  # the denoiser shares the fused DiT
         modules.clear()
         gc.collect()
 
-    tokenizer = _copy_tokenizer(plan.sources, out, ours=previous is not None)
+    # the tokenizer travels with the engines (``generate --engines`` reads no model folder)
+    tokenizer, files = None, {}
+    if plan.sources.files.tokenizer is not None:
+        tokenizer, files = txn.place_folder("tokenizer", plan.sources.files.tokenizer)
+    workflow_file = None
     if plan.workflow is not None:  # negative prompt inlined: the folder travels as one piece
         prompts = plan.workflow.prompts.model_copy(
             update={"negative": plan.workflow.prompts.negative_text() or None,
                     "negative_file": None}
         )  # fmt: skip
-        plan.workflow.model_copy(update={"prompts": prompts}).save(out / WORKFLOW_FILE)
+        text = plan.workflow.model_copy(update={"prompts": prompts}).to_yaml()
+        workflow_file = txn.place_text("workflow", ".yaml", text)
+        files[workflow_file] = file_record(out / workflow_file)
     manifest = Manifest(
         backend=options.backend,  # type: ignore[arg-type]
         precision=options.precision,  # type: ignore[arg-type]
@@ -215,9 +234,10 @@ def run_build(
         caption_max=plan.caption.max,
         engines=entries,
         tokenizer=tokenizer,
-        workflow_file=WORKFLOW_FILE if plan.workflow is not None else None,
+        workflow_file=workflow_file,
+        files=files,
     )
-    write_json(out / MANIFEST, manifest.model_dump(mode="json"))
+    txn.commit(manifest)
     return BuildResult(manifest, reports, out)
 
 
@@ -256,14 +276,14 @@ def _claim_folder(out: Path, force: bool, log: Log) -> Manifest | None:
     """The manifest of the engine folder ``out`` (None: a new or empty folder, or ``force``);
     any other non-empty folder, or a file, is refused before any work."""
     if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file, not a folder")
+        raise InputError(f"--out {out} is a file, not a folder")
     previous = None
     if (out / MANIFEST).is_file():
         try:
             previous = read_manifest(out)
         except ManifestError as exc:
             if not force:
-                raise ValueError(
+                raise InputError(
                     f"{out} holds a {MANIFEST} that is not a readable engine manifest ({exc}); "
                     "build into an empty or new folder, or pass --force to build there anyway "
                     "(it is replaced)"
@@ -273,25 +293,16 @@ def _claim_folder(out: Path, force: bool, log: Log) -> Manifest | None:
         found = sorted(p.name for p in out.iterdir())
         if found:
             shown = ", ".join(found[:3]) + (", …" if len(found) > 3 else "")
-            raise ValueError(
+            raise InputError(
                 f"{out} is not empty ({shown}) and is not an engine folder (no {MANIFEST}); "
                 "build into an empty or new folder, or pass --force to write the engines beside "
-                "what is there (nothing of it is deleted; same-named files are replaced)"
+                "what is there (nothing of it is replaced or deleted)"
             )
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise ValueError(f"cannot make the engine folder {out}: {exc.strerror}") from None
+        raise InputError(f"cannot make the engine folder {out}: {exc.strerror}") from None
     return previous
-
-
-def _verified(out: Path, manifest: Manifest | None, name: str) -> bool:
-    assert manifest is not None
-    try:
-        verify_files(out, manifest, [name])
-    except ManifestError:
-        return False
-    return True
 
 
 def _weights_record(sources: ModelSources, lora_ignore_unmatched: bool) -> WeightsRecord:
@@ -430,26 +441,3 @@ def _meta_module(name: str, net: Network, plan: BuildPlan, options: BuildOptions
             None, load_text_encoder_weights(files.text_encoder, dtype, meta=True), None
         )
     return net.module(None, None, load_vae_weights(files.vae, dtype, meta=True))
-
-
-def _copy_tokenizer(sources: ModelSources, out: Path, *, ours: bool) -> str | None:
-    """The tokenizer travels with the engines (``generate --engines`` reads no model folder). An
-    engine folder's own ``tokenizer/`` (``ours``) is replaced whole; in a folder that is not an
-    engine folder (``--force``) the files are copied into it one by one, and nothing else in it
-    is deleted."""
-    folder = sources.files.tokenizer
-    if folder is None:
-        return None
-    target = out / "tokenizer"
-    if target.exists() and not ours:
-        for file in sorted(p for p in folder.rglob("*") if p.is_file()):
-            dest = target / file.relative_to(folder)
-            with atomic_path(dest) as tmp_file:
-                shutil.copyfile(file, tmp_file)
-        return "tokenizer"
-    tmp = out / ".tokenizer.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(folder, tmp)
-    shutil.rmtree(target, ignore_errors=True)
-    tmp.rename(target)
-    return "tokenizer"

@@ -35,6 +35,7 @@ import onnx
 import onnx.inliner
 from onnx import TensorProto, helper
 
+from zimage_trt.errors import InputError
 from zimage_trt.text_table import text_table
 
 OPS_FILE = "trt_onnx_ops.txt"
@@ -139,7 +140,7 @@ def _prepare(model: onnx.ModelProto | str | Path) -> onnx.ModelProto:
     else:
         size = model.ByteSize()
         if size > PROTOBUF_LIMIT:
-            raise ValueError(
+            raise InputError(
                 f"the model is {size / 2**30:.1f} GiB in memory, over protobuf's 2 GiB limit: "
                 "save it with external data and pass the .onnx path instead"
             )

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from torch.export import Dim
 
 from zimage_trt.engines.protocol import DTYPE_NAMES, ENGINE_IO
+from zimage_trt.errors import InputError
 from zimage_trt.models.dit import SEQ_MULTIPLE, CaptionPath, DiTConfig, ZImageDiT
 from zimage_trt.models.text_encoder import Qwen3Config, Qwen3TextEncoder
 from zimage_trt.models.vae import FluxVAE, VAEConfig, VAEDecoder, VAEEncoder
@@ -82,7 +83,7 @@ class Network:
         }
         module = wrappers[self.name]()
         if module is None:
-            raise ValueError(f"engine {self.name!r} needs the {self.component} network")
+            raise InputError(f"engine {self.name!r} needs the {self.component} network")
         return module
 
     def sample_inputs(self, point: ShapePoint, generator: torch.Generator) -> dict[str, Tensor]:
@@ -137,7 +138,7 @@ def networks(
 ) -> dict[str, Network]:
     """The five engines' I/O for a precision (``fp32`` or ``bf16``; never fp16 for Z-Image)."""
     if precision not in PRECISIONS:
-        raise ValueError(
+        raise InputError(
             f"precision {precision!r} is not supported; choose one of: {', '.join(PRECISIONS)} "
             "(fp16 gives NaN / black images with Z-Image)"
         )

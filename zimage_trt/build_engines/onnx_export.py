@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from zimage_trt.build_engines.networks import Network, ShapePoint
+from zimage_trt.errors import WRITE_ERRNOS, InputError, RunError, os_error
 
 if TYPE_CHECKING:
     import onnx_ir as ir
@@ -43,7 +44,7 @@ ALIGN = 64
 DATA_SUFFIX = ".data"
 
 
-class ExportError(RuntimeError):
+class ExportError(RunError):
     """The exporter or the graph clean-up failed; the message names the engine and the step."""
 
 
@@ -107,7 +108,7 @@ def _trace(
     network: Network, module: nn.Module, example: ShapePoint, limits: ShapePoint
 ) -> ir.Model:
     if any(1 in shape for shape in network.shapes(example).values()):
-        raise ValueError(f"{network.name}: the example shape {example} has an axis of size 1")
+        raise InputError(f"{network.name}: the example shape {example} has an axis of size 1")
     quiet = io.StringIO()
     try:
         with (
@@ -224,6 +225,10 @@ def _atomic_pair(graph: Path, data: Path) -> Iterator[tuple[Path, Path]]:
         yield tmp_graph, tmp_data
         os.replace(tmp_data, data)
         os.replace(tmp_graph, graph)
+    except OSError as exc:
+        if exc.errno in WRITE_ERRNOS:  # a full disk, permissions: name the file being written
+            raise os_error(exc, data) from exc
+        raise
     finally:
         tmp_graph.unlink(missing_ok=True)
         tmp_data.unlink(missing_ok=True)

@@ -22,6 +22,7 @@ from zimage_trt.build_engines.profiles import (
     workflow_stages,
 )
 from zimage_trt.engines.manifest import Profile
+from zimage_trt.errors import InputError
 from zimage_trt.models.checkpoints import load_dit, load_text_encoder_weights, load_vae_weights
 from zimage_trt.models.sources import ModelSources
 from zimage_trt.workflow import Stage, Workflow
@@ -53,17 +54,17 @@ class BuildOptions:
 
     def validate(self) -> None:
         if self.backend not in BUILD_BACKENDS:
-            raise ValueError(
+            raise InputError(
                 f"backend {self.backend!r} cannot be built; choose one of: "
                 f"{', '.join(BUILD_BACKENDS)} (the torch backend needs no build)"
             )
         if self.precision not in PRECISIONS:
-            raise ValueError(
+            raise InputError(
                 f"precision {self.precision!r} is not supported; choose one of: "
                 f"{', '.join(PRECISIONS)} (fp16 gives NaN / black images with Z-Image)"
             )
         if not 0 <= self.optimization_level <= 5:
-            raise ValueError(
+            raise InputError(
                 f"optimization level {self.optimization_level} is outside 0–5 (TensorRT's range)"
             )
 
@@ -92,7 +93,7 @@ def plan_build(
 ) -> BuildPlan:
     options.validate()
     if workflow is None and not resolutions:
-        raise ValueError("give a workflow or a list of resolutions to build profiles for")
+        raise InputError("give a workflow or a list of resolutions to build profiles for")
     wf = workflow if workflow is not None else Workflow(stages=[_dummy_stage()])
     sources = model_sources(wf, model, log=log)
     files = sources.files

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from zimage_trt.build_engines.networks import Network, ShapePoint
 from zimage_trt.engines.manifest import Profile, ShapeRange
+from zimage_trt.errors import InputError
 from zimage_trt.sampling.latents import MAX_SIDE, SIDE_MULTIPLE, VAE_SCALE
 from zimage_trt.workflow import Workflow
 
@@ -75,17 +76,17 @@ def parse_resolutions(text: str) -> list[tuple[int, int]]:
     for item in text.replace(" ", "").split(",") if text.strip() else ():
         match = RESOLUTION.match(item)
         if not match:
-            raise ValueError(f"resolution {item!r} is not WIDTHxHEIGHT (e.g. 1024x1024)")
+            raise InputError(f"resolution {item!r} is not WIDTHxHEIGHT (e.g. 1024x1024)")
         w, h = int(match[1]), int(match[2])
         for side in (w, h):
             if side % SIDE_MULTIPLE or not SIDE_MULTIPLE <= side <= MAX_SIDE:
-                raise ValueError(
+                raise InputError(
                     f"resolution {item}: {side} px must be a multiple of {SIDE_MULTIPLE} "
                     f"between {SIDE_MULTIPLE} and {MAX_SIDE}"
                 )
         sizes.append((w, h))
     if not sizes:
-        raise ValueError("no resolutions given")
+        raise InputError("no resolutions given")
     return sizes
 
 
@@ -108,10 +109,10 @@ def bucket_stage(text: str, stages: Sequence[StageShapes]) -> StageShapes:
     workflow stage inside it (else its max), serving any size in between."""
     parts = text.split("-")
     if len(parts) != 2:
-        raise ValueError(f"bucket {text!r} is not MINWxMINH-MAXWxMAXH (e.g. 512x512-1024x1024)")
+        raise InputError(f"bucket {text!r} is not MINWxMINH-MAXWxMAXH (e.g. 512x512-1024x1024)")
     (w0, h0), (w1, h1) = parse_resolutions(parts[0])[0], parse_resolutions(parts[1])[0]
     if w0 > w1 or h0 > h1:
-        raise ValueError(f"bucket {text!r}: the minimum {w0}x{h0} exceeds the maximum {w1}x{h1}")
+        raise InputError(f"bucket {text!r}: the minimum {w0}x{h0} exceeds the maximum {w1}x{h1}")
     lo_h, hi_h, lo_w, hi_w = h0 // VAE_SCALE, h1 // VAE_SCALE, w0 // VAE_SCALE, w1 // VAE_SCALE
     inside = [s for s in stages if lo_h <= s.height.opt <= hi_h and lo_w <= s.width.opt <= hi_w]
     best = max(inside, key=lambda s: s.height.opt * s.width.opt, default=None)
@@ -127,7 +128,7 @@ def bucket_stage(text: str, stages: Sequence[StageShapes]) -> StageShapes:
 
 def caption_span(caption_max: int, opt_tokens: int) -> Span:
     if caption_max < CAPTION_MIN_CEILING:
-        raise ValueError(
+        raise InputError(
             f"caption ceiling {caption_max} tokens is too small; use at least "
             f"{CAPTION_MIN_CEILING} (default {CAPTION_MAX})"
         )

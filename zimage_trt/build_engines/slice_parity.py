@@ -20,6 +20,7 @@ from torch import nn
 from zimage_trt.build_engines.networks import PRECISIONS, ShapePoint, networks
 from zimage_trt.build_engines.onnx_export import export_network, module_weights
 from zimage_trt.build_engines.parity import ParityRow, check_parity
+from zimage_trt.errors import InputError
 from zimage_trt.models.dit import CaptionPath, RopeTables, ZImageDiT, rope_table_lengths
 from zimage_trt.models.text_encoder import Qwen3TextEncoder
 
@@ -74,7 +75,7 @@ def slice_parity(
             _on_meta(lambda: Qwen3TextEncoder(cfg_te)).to(dtype),
         )
     else:
-        raise ValueError(f"{name}: no slice defined for {type(full).__name__}")
+        raise InputError(f"{name}: no slice defined for {type(full).__name__}")
     net = networks(precision, configs["dit"], configs["text_encoder"], configs["vae"])[name]
     with tempfile.TemporaryDirectory(prefix="zimage-trt-slice-") as tmp:
         graph = Path(tmp) / f"{name}-slice.onnx"

@@ -28,6 +28,7 @@ from zimage_trt.engines.tensorrt_env import (
     torch_dtype,
     version_tuple,
 )
+from zimage_trt.errors import InputError, MissingFileError, RunError
 
 if TYPE_CHECKING:
     import tensorrt
@@ -36,7 +37,7 @@ OPTIMIZATION_LEVELS = range(6)  # TensorRT's builder optimization levels 0…5 (
 ProgressFn = Callable[[str, int, int], None]  # (phase, steps done, steps in phase)
 
 
-class TensorRTBuildError(RuntimeError):
+class TensorRTBuildError(RunError):
     """TensorRT could not parse the ONNX file or build an engine from it."""
 
 
@@ -187,7 +188,7 @@ def _check_arguments(
     memory_pool_limit: int | None,
 ) -> None:
     if isinstance(optimization_level, bool) or optimization_level not in OPTIMIZATION_LEVELS:
-        raise ValueError(
+        raise InputError(
             f"optimization_level must be an integer from 0 to 5, got {optimization_level!r}"
         )
     if memory_pool_limit is not None and (
@@ -195,25 +196,25 @@ def _check_arguments(
         or not isinstance(memory_pool_limit, int)
         or memory_pool_limit <= 0
     ):
-        raise ValueError(
+        raise InputError(
             f"memory_pool_limit must be a positive number of bytes (or None for TensorRT's "
             f"default), got {memory_pool_limit!r}"
         )
     if not profiles:
-        raise ValueError("at least one optimization profile is needed, got none")
+        raise InputError("at least one optimization profile is needed, got none")
     names = [p.name for p in profiles]
     if len(set(names)) != len(names):
-        raise ValueError(f"profile names must be unique, got {names}")
+        raise InputError(f"profile names must be unique, got {names}")
     for profile in profiles:
         for name, r in profile.shapes.items():
             ordered = all(lo <= mid <= hi for lo, mid, hi in zip(r.min, r.opt, r.max, strict=False))
             if not (len(r.min) == len(r.opt) == len(r.max)) or not ordered:
-                raise ValueError(
+                raise InputError(
                     f"profile {profile.name!r}: {name} needs min ≤ opt ≤ max of one rank, got "
                     f"min {r.min}, opt {r.opt}, max {r.max}"
                 )
     if not onnx_path.is_file():
-        raise FileNotFoundError(f"ONNX file {onnx_path} does not exist")
+        raise MissingFileError(f"ONNX file {onnx_path} does not exist")
 
 
 def _check_profiles(
@@ -228,7 +229,7 @@ def _check_profiles(
         missing = sorted(set(inputs) - set(profile.shapes))
         unknown = sorted(set(profile.shapes) - set(inputs))
         if missing or unknown:
-            raise ValueError(
+            raise InputError(
                 f"profile {profile.name!r} must name exactly the inputs of {onnx_path.name} "
                 f"({', '.join(sorted(inputs))})"
                 + (f"; missing {', '.join(missing)}" if missing else "")
@@ -241,7 +242,7 @@ def _check_profiles(
             )
             if len(r.min) != len(dims) or not static_ok:
                 network_dims = "×".join("?" if d < 0 else str(d) for d in dims)
-                raise ValueError(
+                raise InputError(
                     f"profile {profile.name!r}: {name} range {r} does not fit the network's "
                     f"input {network_dims} (rank and static dimensions must match)"
                 )

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from zimage_trt.cli.common import RAW, examples, stderr_log
+from zimage_trt.errors import InputError
 
 
 def _parse_bytes(text: str) -> int:
@@ -17,9 +18,9 @@ def _parse_bytes(text: str) -> int:
     try:
         value = int(float(number) * units[unit])
     except (ValueError, KeyError):
-        raise ValueError(f"memory size {text!r} is not a number with K, M or G (e.g. 8G)") from None
+        raise InputError(f"memory size {text!r} is not a number with K, M or G (e.g. 8G)") from None
     if value <= 0:
-        raise ValueError(f"memory size {text!r} must be positive")
+        raise InputError(f"memory size {text!r} must be positive")
     return value
 
 
@@ -39,7 +40,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     from zimage_trt.workflow import load_workflow
 
     if args.workflow is not None and args.resolutions is not None:
-        raise ValueError("give --workflow or --resolutions, not both")
+        raise InputError("give --workflow or --resolutions, not both")
     resolutions = parse_resolutions(args.resolutions) if args.resolutions else []
     wf = load_workflow(args.workflow or "zimage-121101") if not resolutions else None
     precision = args.precision or ("bf16" if args.backend == "tensorrt" else "fp32")
@@ -66,7 +67,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         print("(dry run: nothing built)")
         return 0
     if args.out is None:
-        raise ValueError("--out DIR is required (the engine folder to write)")
+        raise InputError("--out DIR is required (the engine folder to write)")
     result = run_build(plan, options, args.out, force=args.force, log=log)
     rows = [r for report in result.engines for r in report.parity]
     print()
@@ -164,7 +165,7 @@ def add_build_parser(sub: Any) -> None:
         "--force",
         action="store_true",
         help="build into a non-empty folder that is not an engine folder (nothing in it is "
-        "deleted; same-named files are replaced)",
+        "replaced or deleted: the engines take names that are free)",
     )
     p.add_argument(
         "--no-parity",

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from zimage_trt.cli.common import RAW, examples, progress_bars, stderr_log
+from zimage_trt.errors import InputError
 from zimage_trt.runtime.requests import GenerateRequest
 from zimage_trt.text_table import text_table
 
@@ -55,16 +56,16 @@ def _requests(args: argparse.Namespace) -> list[GenerateRequest]:
         try:
             item = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise ValueError(f"{args.prompts_file}:{n}: not JSON ({exc.msg})") from None
+            raise InputError(f"{args.prompts_file}:{n}: not JSON ({exc.msg})") from None
         item = {"prompt": item} if isinstance(item, str) else item
         if not isinstance(item, dict) or set(item) - allowed:
-            raise ValueError(
+            raise InputError(
                 f"{args.prompts_file}:{n}: expected a string or an object with "
                 f"keys {sorted(allowed)}, got {line.strip()[:80]!r}"
             )
         requests.append(GenerateRequest(**{**base, **item}, source=f"{args.prompts_file}:{n}"))
     if not requests:
-        raise ValueError(f"prompts file {args.prompts_file} holds no prompts")
+        raise InputError(f"prompts file {args.prompts_file} holds no prompts")
     return requests
 
 
@@ -73,9 +74,9 @@ def _lines(path: Path) -> list[str]:
         return path.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError as exc:
         line = path.read_bytes()[: exc.start].count(b"\n") + 1
-        raise ValueError(f"{path}:{line}: not UTF-8 text ({exc.reason})") from None
+        raise InputError(f"{path}:{line}: not UTF-8 text ({exc.reason})") from None
     except IsADirectoryError:
-        raise ValueError(f"prompts file {path} is a folder, not a file") from None
+        raise InputError(f"prompts file {path} is a folder, not a file") from None
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

@@ -44,6 +44,7 @@ from torch import Tensor, nn
 
 from zimage_trt.engines.protocol import DTYPE_NAMES, ENGINE_IO, Engine, Engines
 from zimage_trt.engines.torch_engines import TorchEngine
+from zimage_trt.errors import InputError
 from zimage_trt.models.dit import SEQ_MULTIPLE
 from zimage_trt.text_table import text_table
 
@@ -98,7 +99,7 @@ def torch_compiler(
     blocks another engine owns and compiles with its own options (see ``compiled_engines``).
     """
     if scope not in SCOPES:
-        raise ValueError(f"compile scope {scope!r} is not one of: {', '.join(SCOPES)}")
+        raise InputError(f"compile scope {scope!r} is not one of: {', '.join(SCOPES)}")
     options: dict[str, Any] = {"dynamic": False, "fullgraph": True, "backend": backend}
     if backend == "inductor" and mode is not None:
         options["mode"] = mode
@@ -241,9 +242,9 @@ class CompiledEngine:
         regional: bool = False,
     ) -> None:
         if name not in ENGINE_IO:
-            raise ValueError(f"unknown engine {name!r}; engines: {', '.join(ENGINE_IO)}")
+            raise InputError(f"unknown engine {name!r}; engines: {', '.join(ENGINE_IO)}")
         if bucket < 1 or bucket % SEQ_MULTIPLE:
-            raise ValueError(
+            raise InputError(
                 f"caption bucket must be a positive multiple of {SEQ_MULTIPLE} tokens, got {bucket}"
             )
         self.name = name
@@ -259,7 +260,7 @@ class CompiledEngine:
     def __call__(self, **inputs: Tensor) -> dict[str, Tensor]:
         missing = [n for n in self.input_names if n not in inputs]
         if missing:
-            raise ValueError(f"engine {self.name!r} needs inputs {missing}")
+            raise InputError(f"engine {self.name!r} needs inputs {missing}")
         args = {n: inputs[n] for n in self.input_names}
         token_inputs = _TOKEN_INPUTS.get(self.name, ())
         length = args[token_inputs[0]].shape[1] if token_inputs else 0
@@ -315,7 +316,7 @@ def compiled_engines(
     altogether (tests pass an identity).
     """
     if engines.backend != "torch":
-        raise ValueError(
+        raise InputError(
             f"only the eager torch engines can be compiled, got the {engines.backend} backend"
         )
     stats = CompileStats()
@@ -326,7 +327,7 @@ def compiled_engines(
 
     def wrap(engine: Engine) -> CompiledEngine:
         if not isinstance(engine, TorchEngine):
-            raise ValueError(f"engine {engine.name!r} is not a torch module engine")
+            raise InputError(f"engine {engine.name!r} is not a torch module engine")
         engine_mode = mode or default_mode(engine.name, engines.device)
         # the VAE's stacks differ in width from level to level: it is compiled whole
         engine_scope = scope if engine.name in REGIONAL_ENGINES else "whole"

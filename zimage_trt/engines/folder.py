@@ -19,6 +19,7 @@ import torch
 from zimage_trt.engines.manifest import (
     Manifest,
     ManifestError,
+    check_file,
     format_profiles,
     read_manifest,
     verify_files,
@@ -50,6 +51,7 @@ def load_engine_folder(
     device: torch.device | None = None,
     cuda_graphs: bool = False,
     swap: LoraSwap | None = None,
+    tokenizer: QwenTokenizer | None = None,
     log: Callable[[str], None] = lambda msg: None,
 ) -> EngineFolder:
     """The engines of a built folder. ``cuda_graphs``: capture the TensorRT denoiser once per
@@ -119,8 +121,20 @@ def load_engine_folder(
         dtype=PRECISION_DTYPES[manifest.precision],
         profiles=manifest.profiles_by_engine(),
     )
-    tokenizer = QwenTokenizer.load(root / manifest.tokenizer if manifest.tokenizer else None)
+    if tokenizer is None:
+        tokenizer = folder_tokenizer(root, manifest)
     return EngineFolder(bundle, tokenizer, manifest)
+
+
+def folder_tokenizer(folder: str | Path, manifest: Manifest) -> QwenTokenizer:
+    """The tokenizer a folder was built with (its files hashed in the manifest)."""
+    root = Path(folder)
+    if manifest.tokenizer is None:
+        return QwenTokenizer.load(None)
+    for rel, record in manifest.files.items():
+        if rel.startswith(f"{manifest.tokenizer}/"):
+            check_file(root / rel, record, "the tokenizer", inside=root)
+    return QwenTokenizer.load(root / manifest.tokenizer)
 
 
 def describe_folder(folder: str | Path, *, verify: bool = False) -> str:

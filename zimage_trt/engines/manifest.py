@@ -12,24 +12,25 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterable, Mapping, Sequence
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from zimage_trt.errors import FileError, InputError
 from zimage_trt.text_table import text_table
 
 MANIFEST = "manifest.json"
 REFIT_SUFFIX = ".refit.json"  # <engine>.refit.json: the weight names a refittable engine takes
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: every file hashed and inside the folder, the manifest checksummed
 Shape = tuple[int, ...]
 
 
-class ManifestError(ValueError):
+class ManifestError(FileError):
     """An engine folder that cannot serve: missing, corrupt, or built for something else."""
 
 
-class ProfileError(ValueError):
+class ProfileError(InputError):
     """A request whose shapes lie outside every optimization profile built for an engine."""
 
 
@@ -145,6 +146,8 @@ class Manifest(_Model):
     caption_max: int
     engines: dict[str, EngineFile]
     tokenizer: str | None = None  # tokenizer folder copied into the engine folder (None: packaged)
+    # the folder's other files (the workflow, the tokenizer's files): relative path → hash, size
+    files: dict[str, FileRecord] = Field(default_factory=dict)
 
     def profiles(self, engine: str) -> list[Profile]:
         return self.engines[engine].profiles
@@ -172,7 +175,25 @@ def cache_key(parts: Mapping[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def manifest_checksum(data: Mapping[str, Any]) -> str:
+    """sha-256 of the manifest's canonical JSON without its ``checksum`` field."""
+    return cache_key({k: v for k, v in data.items() if k != "checksum"})
+
+
+def write_manifest(folder: str | Path, manifest: Manifest) -> Path:
+    """Write ``manifest.json`` atomically with its checksum (the rename is a build's commit)."""
+    from zimage_trt.atomic import write_json
+
+    data = manifest.model_dump(mode="json")
+    data["checksum"] = manifest_checksum(data)
+    path = Path(folder) / MANIFEST
+    write_json(path, data)
+    return path
+
+
 def read_manifest(folder: str | Path) -> Manifest:
+    """The folder's manifest, checked: its format, its checksum (an edited manifest is refused)
+    and that every file it names is listed with a hash and lies inside the folder."""
     path = Path(folder) / MANIFEST
     if not path.is_file():
         raise ManifestError(
@@ -180,33 +201,88 @@ def read_manifest(folder: str | Path) -> Manifest:
         )
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ManifestError(f"{path} is not valid JSON ({exc}); rebuild the folder") from None
-    if isinstance(data, dict) and data.get("format") != FORMAT_VERSION:
+    if not isinstance(data, dict):
+        raise ManifestError(f"{path} is not a JSON object; rebuild the folder")
+    if data.get("format") != FORMAT_VERSION:
         raise ManifestError(
             f"{path} has format {data.get('format')!r}; this zimage-trt reads format "
             f"{FORMAT_VERSION}: rebuild the folder"
         )
+    if data.get("checksum") != manifest_checksum(data):
+        raise ManifestError(
+            f"{path} was changed after the build (its checksum does not match its contents); "
+            "rebuild the folder"
+        )
     try:
-        return Manifest.model_validate(data)
+        manifest = Manifest.model_validate({k: v for k, v in data.items() if k != "checksum"})
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "top level"
         raise ManifestError(f"{path}: {where}: {first['msg']}; rebuild the folder") from None
+    _check_names(manifest, path)
+    return manifest
+
+
+def _check_names(manifest: Manifest, path: Path) -> None:
+    """Every name a manifest uses is a relative path inside the folder, and every file the
+    runtime opens is among the hashed ones."""
+    named = [(f"engines.{n}.files", rel) for n, e in manifest.engines.items() for rel in e.files]
+    named += [("files", rel) for rel in manifest.files]
+    named += [(f"engines.{n}.file", e.file) for n, e in manifest.engines.items()]
+    if manifest.workflow_file is not None:
+        named.append(("workflow_file", manifest.workflow_file))
+    if manifest.tokenizer is not None:
+        named.append(("tokenizer", manifest.tokenizer))
+    for where, rel in named:
+        parts = PurePosixPath(rel).parts
+        if not rel or rel.startswith(("/", "\\")) or "\\" in rel or ".." in parts or ":" in rel:
+            raise ManifestError(
+                f"{path}: {where} names {rel!r}, which is not a path inside the folder; "
+                "rebuild the folder"
+            )
+    for name, entry in manifest.engines.items():
+        if entry.file not in entry.files:
+            raise ManifestError(
+                f"{path}: engine {name!r} loads {entry.file!r}, which is not among its hashed "
+                "files; rebuild the folder"
+            )
+    if manifest.workflow_file is not None and manifest.workflow_file not in manifest.files:
+        raise ManifestError(
+            f"{path}: workflow_file {manifest.workflow_file!r} is not among the hashed files; "
+            "rebuild the folder"
+        )
+    if manifest.tokenizer is not None and not any(
+        rel.startswith(f"{manifest.tokenizer}/") for rel in manifest.files
+    ):
+        raise ManifestError(
+            f"{path}: the tokenizer folder {manifest.tokenizer!r} has no hashed files; "
+            "rebuild the folder"
+        )
 
 
 def verify_files(folder: str | Path, manifest: Manifest, engines: Iterable[str] = ()) -> None:
-    """Check size and sha-256 of each engine file (and its ONNX): a truncated or corrupt file is
-    reported, never run."""
+    """Check size and sha-256 of each engine's files (all engines when none are named, and then
+    the folder's other files too: workflow, tokenizer): a truncated, corrupt or replaced file is
+    reported, never run. A file that resolves outside the folder (a link) is refused."""
     root = Path(folder)
-    for name in engines or manifest.engines:
+    named = list(engines)
+    for name in named or manifest.engines:
         for rel, record in manifest.engines[name].files.items():
-            check_file(root / rel, record, f"engine {name!r}")
+            check_file(root / rel, record, f"engine {name!r}", inside=root)
+    if not named:
+        for rel, record in manifest.files.items():
+            check_file(root / rel, record, "the folder", inside=root)
 
 
-def check_file(path: Path, record: FileRecord, what: str) -> None:
+def check_file(path: Path, record: FileRecord, what: str, inside: Path | None = None) -> None:
     if not path.is_file():
         raise ManifestError(f"{what}: {path} is missing; rebuild the folder")
+    if inside is not None and not path.resolve().is_relative_to(inside.resolve()):
+        raise ManifestError(
+            f"{what}: {path} leads outside the folder (to {path.resolve()}); rebuild the folder"
+        )
     size = path.stat().st_size
     if size != record.bytes:
         raise ManifestError(

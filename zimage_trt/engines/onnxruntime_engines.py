@@ -17,6 +17,7 @@ from torch import Tensor
 
 from zimage_trt.engines.manifest import Profile, select_profile
 from zimage_trt.engines.protocol import dtype_from_name
+from zimage_trt.errors import InputError, UnavailableError
 
 
 def onnxruntime_providers(device: torch.device) -> list[str]:
@@ -26,7 +27,7 @@ def onnxruntime_providers(device: torch.device) -> list[str]:
     available = ort.get_available_providers()
     if device.type == "cuda":
         if "CUDAExecutionProvider" not in available:
-            raise RuntimeError(
+            raise UnavailableError(
                 "device cuda requested, but this onnxruntime has no CUDAExecutionProvider "
                 f"(it has: {', '.join(available)}); install onnxruntime-gpu or use --device cpu"
             )
@@ -52,7 +53,7 @@ class OnnxRuntimeEngine:
 
         providers = onnxruntime_providers(device)
         if device.type == "cpu" and "bfloat16" in {*inputs.values(), *outputs.values()}:
-            raise RuntimeError(
+            raise UnavailableError(
                 f"engine {name!r} is a bf16 graph: ONNX Runtime's CPU provider cannot run bf16; "
                 "run it on a GPU (--device cuda with onnxruntime-gpu) or build with "
                 "--precision fp32"
@@ -76,7 +77,7 @@ class OnnxRuntimeEngine:
     def __call__(self, **inputs: Tensor) -> dict[str, Tensor]:
         missing = [n for n in self.input_dtypes if n not in inputs]
         if missing:
-            raise ValueError(f"engine {self.name!r} needs inputs {missing}")
+            raise InputError(f"engine {self.name!r} needs inputs {missing}")
         shapes = {n: tuple(inputs[n].shape) for n in self.input_dtypes}
         select_profile(self.name, self.profiles, shapes, self.hint)
         feeds = {n: to_numpy(inputs[n].to(dtype)) for n, dtype in self.input_dtypes.items()}

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from zimage_trt.engines.manifest import Profile
+from zimage_trt.errors import InputError
 
 ENGINE_IO: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "text_encoder": (("input_ids", "attention_mask"), ("hidden",)),
@@ -48,7 +49,7 @@ def dtype_from_name(name: str) -> torch.dtype:
     for dtype, dtype_name in DTYPE_NAMES.items():
         if dtype_name == name:
             return dtype
-    raise ValueError(f"unknown dtype {name!r}; known: {', '.join(DTYPE_NAMES.values())}")
+    raise InputError(f"unknown dtype {name!r}; known: {', '.join(DTYPE_NAMES.values())}")
 
 
 class Engine(Protocol):

@@ -33,6 +33,7 @@ from zimage_trt.engines.manifest import (
     sha256_file,
     weights_sha256,
 )
+from zimage_trt.errors import MissingFileError
 from zimage_trt.workflow import Workflow
 
 DIT_ENGINES = ("caption_path", "denoiser")  # the engines holding the DiT's weights
@@ -105,7 +106,7 @@ def plan_lora_swap(
     try:
         sources = model_sources(wf, model, search=search, log=log)
     except FileNotFoundError as exc:
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"{exc}; swapping LoRAs on {folder} reads the LoRA files and the base DiT the "
             f"engines were built from ({manifest.weights.origin}): pass the DiT with --model"
         ) from None
@@ -122,7 +123,7 @@ def plan_lora_swap(
     loras = [(load_lora(path), strength) for path, strength, _ in sources.loras]
     fused = fuse_loras(base, loras, ignore_unmatched=lora_ignore_unmatched)
     keys = sorted({*fused, *(manifest.weights.lora_keys or ())})
-    maps = {name: _refit_names(Path(folder), name) for name in DIT_ENGINES}
+    maps = {name: _refit_names(Path(folder), manifest, name) for name in DIT_ENGINES}
     homeless = [k for k in keys if not any(k in names for names in maps.values())]
     if homeless:
         raise ManifestError(
@@ -140,8 +141,12 @@ def plan_lora_swap(
     return LoraSwap(records, weights, time.perf_counter() - start, {**base, **fused})
 
 
-def _refit_names(folder: Path, engine: str) -> set[str]:
-    path = folder / f"{engine}{REFIT_SUFFIX}"
+def _refit_names(folder: Path, manifest: Manifest, engine: str) -> set[str]:
+    """The weight names the engine takes, from its refit map (one of its hashed files)."""
+    maps = [rel for rel in manifest.engines[engine].files if rel.endswith(REFIT_SUFFIX)]
+    if not maps:
+        raise ManifestError(f"{folder}: engine {engine!r} has no refit map; rebuild the folder")
+    path = folder / maps[0]
     try:
         return set(json.loads(path.read_text(encoding="utf-8"))["weights"])
     except (OSError, ValueError, KeyError) as exc:

@@ -25,6 +25,7 @@ from torch import Tensor
 from zimage_trt.engines.manifest import Profile, ProfileError, Shape, select_profile
 from zimage_trt.engines.protocol import ENGINE_IO
 from zimage_trt.engines.tensorrt_env import dtype_name, require_tensorrt, torch_dtype
+from zimage_trt.errors import InputError, RunError, UnavailableError
 
 if TYPE_CHECKING:
     import tensorrt
@@ -72,7 +73,7 @@ def binding_plan(
     missing = [name for name in inputs if name not in input_shapes]
     unknown = sorted(set(input_shapes) - set(inputs))
     if missing or unknown:
-        raise ValueError(
+        raise InputError(
             f"inputs {sorted(input_shapes)} do not match the engine's inputs {inputs}"
             + (f"; missing {missing}" if missing else "")
             + (f"; unknown {unknown}" if unknown else "")
@@ -94,7 +95,7 @@ def binding_plan(
             continue
         shape = tuple(int(d) for d in output_shape(spec.name))
         if any(d < 0 for d in shape):
-            raise RuntimeError(
+            raise RunError(
                 f"output {spec.name!r} has a data-dependent shape {shape}; "
                 "the TensorRT backend needs shapes that follow from the input shapes"
             )
@@ -129,7 +130,7 @@ class SharedActivations:
 
     def reserve(self, size: int) -> None:
         if size < 0:
-            raise ValueError(f"activation size must be ≥ 0 bytes, got {size}")
+            raise InputError(f"activation size must be ≥ 0 bytes, got {size}")
         self.size = max(self.size, size)
 
     def block(self) -> Tensor:
@@ -185,7 +186,7 @@ class TensorRTEngine:
         more_weights: Mapping[str, Tensor] | None = None,
     ) -> None:
         if not profiles:
-            raise ValueError(f"engine {name!r}: no optimization profiles given")
+            raise InputError(f"engine {name!r}: no optimization profiles given")
         self.name = name
         self.profiles = list(profiles)
         self.device = torch.device(device)
@@ -200,7 +201,7 @@ class TensorRTEngine:
         self._runtime = trt.Runtime(self._logger)
         engine = self._runtime.deserialize_cuda_engine(plan)
         if engine is None:
-            raise RuntimeError(
+            raise UnavailableError(
                 f"engine {name!r}: TensorRT {trt.__version__} could not deserialize the plan "
                 "(built by another TensorRT version or for another GPU, or corrupt); rebuild it"
             )
@@ -228,7 +229,7 @@ class TensorRTEngine:
         for name, shape in shapes.items():
             # every call: the context may have served other shapes of its profile since
             if not context.set_input_shape(name, shape):
-                raise RuntimeError(f"engine {self.name!r}: TensorRT refused {name} shape {shape}")
+                raise RunError(f"engine {self.name!r}: TensorRT refused {name} shape {shape}")
         key = buffer_key(index, shapes)
         slot = self._slots.get(key) or self._allocate(key, context, shapes)
         self._bind_memory(index, context)
@@ -245,7 +246,7 @@ class TensorRTEngine:
         missing = [n for n in self.input_names if n not in inputs]
         unknown = sorted(set(inputs) - set(self.input_names))
         if missing or unknown:
-            raise ValueError(
+            raise InputError(
                 f"engine {self.name!r} takes inputs {list(self.input_names)}"
                 + (f"; missing {missing}" if missing else "")
                 + (f"; unknown {unknown}" if unknown else "")
@@ -298,10 +299,10 @@ class TensorRTEngine:
     ) -> None:
         for name, tensor in [*feeds.items(), *slot.outputs.items()]:
             if not context.set_tensor_address(name, tensor.data_ptr()):
-                raise RuntimeError(f"engine {self.name!r}: TensorRT refused the address of {name}")
+                raise RunError(f"engine {self.name!r}: TensorRT refused the address of {name}")
         if not context.execute_async_v3(self._stream()):
             shapes = ", ".join(f"{n} {tuple(t.shape)}" for n, t in feeds.items())
-            raise RuntimeError(f"engine {self.name!r}: TensorRT execution failed for {shapes}")
+            raise RunError(f"engine {self.name!r}: TensorRT execution failed for {shapes}")
 
     def _run_graphed(
         self, slot: _Slot, context: tensorrt.IExecutionContext, feeds: Mapping[str, Tensor]
@@ -337,12 +338,12 @@ class TensorRTEngine:
         def push(weight_name: str, tensor: Tensor) -> None:
             proto = refitter.get_weights_prototype(weight_name)
             if proto.size < 0:
-                raise RuntimeError(
+                raise RunError(
                     f"engine {self.name!r}: {weight_name!r} is not a refittable weight of the plan"
                 )
             host = tensor.detach().to("cpu", torch_dtype(proto.dtype.name)).contiguous()
             if host.numel() != proto.size:
-                raise RuntimeError(
+                raise RunError(
                     f"engine {self.name!r}: weight {weight_name!r} has {host.numel()} values, "
                     f"the plan's has {proto.size}"
                 )
@@ -350,25 +351,25 @@ class TensorRTEngine:
             if not refitter.set_named_weights(
                 weight_name, trt.Weights(proto.dtype, host.data_ptr(), host.numel())
             ):
-                raise RuntimeError(f"engine {self.name!r}: TensorRT refused weight {weight_name!r}")
+                raise RunError(f"engine {self.name!r}: TensorRT refused weight {weight_name!r}")
 
         for weight_name, tensor in weights.items():
             push(weight_name, tensor)
         missing = sorted(refitter.get_missing_weights())
         unknown = [n for n in missing if n not in more]
         if unknown:
-            raise RuntimeError(
+            raise RunError(
                 f"engine {self.name!r}: TensorRT needs {len(unknown)} more weight(s) to refit, "
                 f"not given: {', '.join(unknown[:5])}"
             )
         for weight_name in missing:
             push(weight_name, more[weight_name])
         if not refitter.refit_cuda_engine():
-            raise RuntimeError(f"engine {self.name!r}: TensorRT could not refit the plan")
+            raise RunError(f"engine {self.name!r}: TensorRT could not refit the plan")
 
     def _check_device(self) -> None:
         if self.device.type != "cuda":
-            raise ValueError(
+            raise InputError(
                 f"engine {self.name!r}: the TensorRT backend runs on a CUDA device, got "
                 f"{self.device}; use the onnxruntime or torch backend on CPU"
             )
@@ -396,26 +397,26 @@ class TensorRTEngine:
         plan_dtypes = {spec.name: dtype_name(spec.dtype) for spec in self.io}
         differ = {n: d for n, d in io_dtypes.items() if plan_dtypes.get(n) != d}
         if differ:
-            raise ValueError(
+            raise InputError(
                 f"engine {self.name!r}: the manifest gives dtypes {differ}, the plan has "
                 f"{ {n: plan_dtypes.get(n) for n in differ} }; rebuild"
             )
         if self.name in ENGINE_IO:
             want_in, want_out = ENGINE_IO[self.name]
             if set(self.input_names) != set(want_in) or set(self.output_names) != set(want_out):
-                raise ValueError(
+                raise InputError(
                     f"engine {self.name!r}: the plan has inputs {list(self.input_names)} and "
                     f"outputs {list(self.output_names)}; expected {list(want_in)} and "
                     f"{list(want_out)} (wrong plan file?)"
                 )
         if engine.num_optimization_profiles != len(self.profiles):
-            raise ValueError(
+            raise InputError(
                 f"engine {self.name!r}: the plan has {engine.num_optimization_profiles} "
                 f"optimization profiles, the manifest lists {len(self.profiles)}; rebuild"
             )
         for index, profile in enumerate(self.profiles):
             if set(profile.shapes) != set(self.input_names):
-                raise ValueError(
+                raise InputError(
                     f"engine {self.name!r}: profile {profile.name!r} names {sorted(profile.shapes)}"
                     f", the plan's inputs are {sorted(self.input_names)}"
                 )
@@ -423,7 +424,7 @@ class TensorRTEngine:
                 built = [_shape(d) for d in engine.get_tensor_profile_shape(name, index)]
                 wanted = [shape_range.min, shape_range.opt, shape_range.max]
                 if built != wanted:
-                    raise ValueError(
+                    raise InputError(
                         f"engine {self.name!r}: profile {index} ({profile.name}) gives {name} "
                         f"min/opt/max {wanted}, the plan was built with {built}; rebuild"
                     )
@@ -443,10 +444,10 @@ class TensorRTEngine:
             strategy = trt.ExecutionContextAllocationStrategy.USER_MANAGED
             context = self._engine.create_execution_context(strategy)
             if context is None:
-                raise RuntimeError(f"engine {self.name!r}: TensorRT could not create a context")
+                raise RunError(f"engine {self.name!r}: TensorRT could not create a context")
             self._bind_memory(index, context)
             if not context.set_optimization_profile_async(index, self._stream()):
-                raise RuntimeError(f"engine {self.name!r}: TensorRT refused profile {index}")
+                raise RunError(f"engine {self.name!r}: TensorRT refused profile {index}")
             self._contexts[index] = context
         return context
 

@@ -8,6 +8,8 @@ import re
 
 import torch
 
+from zimage_trt.errors import UnavailableError
+
 MIN_TENSORRT = (10, 0)
 
 # TensorRT DataType member name → torch dtype (the types our graphs use at their boundaries).
@@ -24,8 +26,8 @@ TRT_TORCH_DTYPES: dict[str, torch.dtype] = {
 _TORCH_TRT_NAMES = {dtype: name for name, dtype in TRT_TORCH_DTYPES.items()}
 
 
-def missing_tensorrt_error(detail: str = "") -> RuntimeError:
-    return RuntimeError(
+def missing_tensorrt_error(detail: str = "") -> UnavailableError:
+    return UnavailableError(
         "TensorRT is not installed"
         + (f" ({detail})" if detail else "")
         + "; install it (`pip install tensorrt`, ≥ 10) on an NVIDIA GPU machine, or use the "
@@ -48,7 +50,7 @@ def require_tensorrt() -> str:
         # tensorrt-stubs alone make `tensorrt` an importable, empty namespace package
         raise missing_tensorrt_error("only type stubs found")
     if version_tuple(version) < MIN_TENSORRT:
-        raise RuntimeError(
+        raise UnavailableError(
             f"TensorRT {version} is too old; zimage-trt needs TensorRT "
             f"≥ {'.'.join(map(str, MIN_TENSORRT))}"
         )
@@ -102,7 +104,7 @@ def tensorrt_version() -> str:
 def gpu_identity(device: int = 0) -> dict[str, str]:
     """The GPU a plan is built for (plans are specific to it): name, compute capability, CUDA."""
     if not torch.cuda.is_available():
-        raise RuntimeError(
+        raise UnavailableError(
             "no CUDA GPU is visible to torch; TensorRT engines are built on the NVIDIA GPU that "
             "will run them (use `zimage-trt build --backend onnxruntime` elsewhere)"
         )

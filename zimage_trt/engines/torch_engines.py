@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from zimage_trt.engines.protocol import ENGINE_IO, Engines
+from zimage_trt.errors import InputError, UnavailableError
 from zimage_trt.models.checkpoints import load_text_encoder_weights, load_vae_weights
 from zimage_trt.models.dit import CaptionPath, ZImageDiT
 from zimage_trt.models.sources import ModelSources, load_fused_dit
@@ -20,9 +21,17 @@ from zimage_trt.models.vae import FluxVAE, VAEDecoder, VAEEncoder
 def pick_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available; use --device cpu")
-    return torch.device(device)
+    try:
+        chosen = torch.device(device)
+    except RuntimeError:
+        raise InputError(
+            f"device {device!r} is not a device; choose auto, cpu, cuda or cuda:N"
+        ) from None
+    if chosen.type == "cuda" and not torch.cuda.is_available():
+        raise UnavailableError(
+            f"device {device!r} requested but CUDA is not available; use --device cpu"
+        )
+    return chosen
 
 
 def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
@@ -36,7 +45,7 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     if dtype not in choices:
-        raise ValueError(
+        raise InputError(
             f"dtype {dtype!r} is not supported; choose one of: auto, bf16, fp32 "
             "(fp16 gives NaN / black images with Z-Image)"
         )
@@ -48,7 +57,7 @@ class TorchEngine:
 
     def __init__(self, name: str, module: nn.Module) -> None:
         if name not in ENGINE_IO:
-            raise ValueError(f"unknown engine {name!r}; engines: {', '.join(ENGINE_IO)}")
+            raise InputError(f"unknown engine {name!r}; engines: {', '.join(ENGINE_IO)}")
         self.name = name
         self.module = module.eval()
         self.input_names, self.output_names = ENGINE_IO[name]
@@ -56,7 +65,7 @@ class TorchEngine:
     def __call__(self, **inputs: Tensor) -> dict[str, Tensor]:
         missing = [n for n in self.input_names if n not in inputs]
         if missing:
-            raise ValueError(f"engine {self.name!r} needs inputs {missing}")
+            raise InputError(f"engine {self.name!r} needs inputs {missing}")
         with torch.inference_mode():
             out = self.module(*(inputs[n] for n in self.input_names))
         outs: Sequence[Tensor] = out if isinstance(out, tuple) else (out,)
@@ -82,7 +91,7 @@ def torch_engines(
     """
     vae_dtype = vae_dtype or dtype
     if torch.float16 in (dtype, vae_dtype):
-        raise ValueError(
+        raise InputError(
             "float16 is not supported for the DiT or the VAE (Z-Image gives NaN / "
             "black images in fp16); use bfloat16 or float32"
         )

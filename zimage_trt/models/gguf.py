@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 import os
+import struct
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from zimage_trt.errors import FileError, MissingFileError, MissingLibraryError
 from zimage_trt.models.gguf_quants import QUANT_TYPES, SUPPORTED_QTYPES, dequantize
 
 if TYPE_CHECKING:
@@ -93,7 +95,7 @@ def _import_gguf() -> ModuleType:
     try:
         import gguf
     except ModuleNotFoundError as error:
-        raise ModuleNotFoundError(
+        raise MissingLibraryError(
             "reading or writing GGUF files needs the 'gguf' package: pip install gguf "
             "(or pip install 'zimage-trt[build]')"
         ) from error
@@ -166,6 +168,40 @@ def _scalar_metadata(reader: GGUFReader) -> dict[str, MetadataValue]:
     return metadata
 
 
+_DAMAGED = "it is truncated or damaged (an interrupted download?): download or copy it again"
+# the fewest bytes a GGUF header entry takes: a metadata key/value (name length, type, a 1-byte
+# value) and a tensor description (name length, dimension count, type, data offset)
+_MIN_KV_BYTES = 8 + 4 + 1
+_MIN_TENSOR_INFO_BYTES = 8 + 4 + 4 + 8
+_GGUF_PREFIX = 24  # magic, version, tensor count, metadata count
+
+
+def check_gguf_header(path: Path) -> bool:
+    """Refuse a GGUF file whose header counts cannot fit in it (a truncated or damaged header)
+    before the ``gguf`` reader walks off its end. Returns whether the file starts with the GGUF
+    magic; other files are left to the reader, which says what they are not."""
+    with path.open("rb") as f:
+        prefix = f.read(_GGUF_PREFIX)
+        size = os.fstat(f.fileno()).st_size
+    if prefix[:4] != b"GGUF":
+        return False
+    if len(prefix) < _GGUF_PREFIX:
+        raise FileError(
+            f"{path}: not a readable GGUF file (it ends after {size} bytes, inside its "
+            f"{_GGUF_PREFIX}-byte header); {_DAMAGED}"
+        )
+    order = ">" if struct.unpack("<I", prefix[4:8])[0] & 0xFFFF == 0 else "<"
+    tensors, kvs = struct.unpack(order + "QQ", prefix[8:])
+    needed = _GGUF_PREFIX + tensors * _MIN_TENSOR_INFO_BYTES + kvs * _MIN_KV_BYTES
+    if needed > size:
+        raise FileError(
+            f"{path}: not a readable GGUF file (its header lists {tensors} tensors and {kvs} "
+            f"metadata entries, which need at least {needed} bytes; the file has {size}); "
+            f"{_DAMAGED}"
+        )
+    return True
+
+
 def read_gguf(path: str | os.PathLike[str]) -> GGUFFile:
     """Open a GGUF file memory-mapped: architecture, scalar metadata, tensors (not dequantized).
 
@@ -175,12 +211,15 @@ def read_gguf(path: str | os.PathLike[str]) -> GGUFFile:
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"GGUF file not found: {path}")
+        raise MissingFileError(f"GGUF file not found: {path}")
     gguf = _import_gguf()
+    magic = check_gguf_header(path)
     try:
         reader = gguf.GGUFReader(path, "r")
-    except ValueError as error:
-        raise ValueError(f"{path}: not a readable GGUF file ({error})") from error
+    except Exception as error:  # ValueError, or IndexError past the end of a damaged file
+        detail = str(error) if isinstance(error, ValueError) else f"{type(error).__name__}: {error}"
+        hint = f"; {_DAMAGED}" if magic else ""  # a GGUF file, but damaged
+        raise FileError(f"{path}: not a readable GGUF file ({detail}){hint}") from error
     if reader.byte_order != "I":
         raise ValueError(f"{path}: big-endian GGUF files are not supported")
     tensors: dict[str, GGUFTensor] = {}

@@ -56,6 +56,7 @@ from typing import Literal, TypeAlias
 import torch
 from torch import Tensor
 
+from zimage_trt.errors import FileError, InputError, MissingFileError
 from zimage_trt.models.lora_keys import (
     TEXT_ENCODER_PREFIX,
     LoRA,
@@ -66,6 +67,7 @@ from zimage_trt.models.lora_keys import (
     plan_lora,
     text_encoder_key_map,
 )
+from zimage_trt.models.safetensors_io import CheckpointError, read_safetensors_header
 
 MergeDtype: TypeAlias = Literal["float32", "float16"]
 # (lora, strength) or (lora, strength, text-encoder strength) — LoraLoader's strength_model and
@@ -78,7 +80,7 @@ _MERGE_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": to
 _KOHYA_ON_DIFFUSERS = re.compile(r"^lora_unet_.*(_to_[qkv]|_to_out_0|_norm_[qk]|_2-1)$")
 
 
-class LoraMatchError(ValueError):
+class LoraMatchError(InputError):
     """LoRA keys that match no weight; ``unmatched`` maps each LoRA's name to its keys."""
 
     def __init__(self, message: str, unmatched: Mapping[str, Sequence[str]]) -> None:
@@ -105,18 +107,54 @@ def _state_dict_sha256(tensors: Mapping[str, Tensor]) -> str:
 
 def load_lora(source: str | os.PathLike[str] | Mapping[str, Tensor]) -> LoRA:
     """A LoRA from a ``.safetensors`` file (hashed by its bytes) or a state dict (hashed by
-    its keys, dtypes, shapes and bytes)."""
+    its keys, dtypes, shapes and bytes).
+
+    A file is refused unread unless it is ``.safetensors`` (pickles are never loaded); its header
+    is checked against its size first (a truncated download is named as such), and a file that
+    holds no tensors is refused."""
     if isinstance(source, Mapping):
         tensors = dict(source)
         return LoRA("<state dict>", tensors, _state_dict_sha256(tensors))
     path = Path(source)
     if path.suffix != ".safetensors":
-        raise ValueError(f"LoRA {str(path)!r}: only .safetensors LoRA files are supported")
+        raise FileError(f"LoRA {str(path)!r}: only .safetensors LoRA files are supported")
     if not path.is_file():
-        raise FileNotFoundError(f"LoRA file {str(path)!r} does not exist")
+        raise MissingFileError(f"LoRA file {str(path)!r} does not exist")
+    try:
+        header, _ = read_safetensors_header(path)  # a damaged file is named before it is read
+    except CheckpointError as err:
+        raise FileError(f"LoRA {err}") from err
+    if not header:
+        raise FileError(
+            f"LoRA {path}: holds no tensors (an empty or unfinished file); use a LoRA that was "
+            "saved completely, or leave it out"
+        )
+    from safetensors import SafetensorError
     from safetensors.torch import load_file  # a build-time dependency, not a runtime one
 
-    return LoRA(path.name, load_file(path), _file_sha256(path))
+    try:
+        tensors = load_file(path)
+    except SafetensorError as err:  # the file changed since its header was checked
+        raise FileError(f"LoRA {path}: unreadable safetensors file ({err})") from err
+    return LoRA(path.name, tensors, _file_sha256(path), path)
+
+
+def _check_finite(lora: LoRA, skip: Sequence[str]) -> None:
+    """Refuse a LoRA holding NaN or Inf values, naming its first bad key (in sorted order); the
+    keys in ``skip`` (unmatched, hence unused) are not looked at."""
+    skipped = set(skip)
+    for key in sorted(lora.tensors):
+        tensor = lora.tensors[key]
+        if key in skipped or not tensor.is_floating_point():
+            continue
+        finite = torch.isfinite(tensor)
+        if not bool(finite.all()):
+            bad = tensor.numel() - int(finite.sum())
+            raise FileError(
+                f"LoRA {lora.source}: {key!r} holds {bad} NaN/Inf value(s) of "
+                f"{tensor.numel()}; the file is damaged or was saved from a diverged training: "
+                "use another copy or another LoRA"
+            )
 
 
 def _spec_parts(spec: LoraSpec) -> tuple[LoRA, float, float]:
@@ -229,7 +267,15 @@ def _fused(
         rows = patch.target.rows
         view = work if rows is None else work.narrow(0, rows[0], rows[1])
         _apply_patch(view, patch)
-    return work.to(weight.dtype)  # round to nearest, as ComfyUI for bf16/fp16/fp32
+    fused = work.to(weight.dtype)  # round to nearest, as ComfyUI for bf16/fp16/fp32
+    overflowed = not fused.is_meta and not bool(torch.isfinite(fused).all())
+    if overflowed and bool(torch.isfinite(weight).all()):  # not the weight's own NaN/Inf
+        names = ", ".join(sorted({f"{p.lora} at {p.strength:g}" for p in patches}))
+        raise InputError(
+            f"fusing LoRA {names} into {key!r} gives NaN/Inf values in {compute}: lower the "
+            "strength"
+        )
+    return fused
 
 
 def _key_list(keys: Sequence[str]) -> str:
@@ -307,6 +353,7 @@ def fuse_loras(
         patches, unmatched_dit, unmatched_te = plan_lora(
             lora, strength, te_strength, dit_map, te_map, weights, text_encoder_weights
         )
+        _check_finite(lora, [*unmatched_dit, *unmatched_te])
         name = lora.name if name_counts[lora.name] == 1 else f"{lora.name} (#{index + 1})"
         dit_unmatched[name] = unmatched_dit
         te_unmatched[name] = unmatched_te

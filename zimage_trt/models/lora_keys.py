@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -49,11 +50,18 @@ _COMFY_TE_PREFIXES = ("text_encoders.qwen3_4b.transformer.", "text_encoders.tran
 
 @dataclass(frozen=True, eq=False)
 class LoRA:
-    """A LoRA's tensors as stored, its display name and the sha256 of its content."""
+    """A LoRA's tensors as stored, its display name, the sha256 of its content and the file it
+    was read from (None for a state dict)."""
 
     name: str
     tensors: Mapping[str, Tensor] = field(repr=False)
     sha256: str
+    path: Path | None = None
+
+    @property
+    def source(self) -> str:
+        """The file, or the name of an in-memory LoRA, for error messages."""
+        return self.name if self.path is None else str(self.path)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -20,7 +20,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from zimage_trt.models.safetensors_io import CheckpointError, ModelNotFoundError, key_list
+from zimage_trt.models.safetensors_io import (
+    CheckpointError,
+    ModelNotFoundError,
+    key_list,
+    read_safetensors_header,
+)
 from zimage_trt.models.tokenizer import QwenTokenizer
 
 DEFAULT_REPO = "Tongyi-MAI/Z-Image-Turbo"
@@ -36,12 +41,18 @@ HF_PATTERNS = ("model_index.json", "transformer/*", "text_encoder/*", "tokenizer
 # Which files hold a network
 
 
-def _index_shards(index: Path) -> list[Path]:
+def _listed_shards(index: Path) -> list[Path]:
+    """The shard files a ``*.safetensors.index.json`` names, in order of first mention."""
     try:
         weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-    except (OSError, ValueError, KeyError, TypeError) as err:
+        names = [str(name) for name in dict.fromkeys(weight_map.values())]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
         raise CheckpointError(f"{index}: not a safetensors index ({err})") from None
-    shards = [index.parent / name for name in dict.fromkeys(weight_map.values())]
+    return [index.parent / name for name in names]
+
+
+def _index_shards(index: Path) -> list[Path]:
+    shards = _listed_shards(index)
     missing = [p.name for p in shards if not p.is_file()]
     if missing:
         raise ModelNotFoundError(
@@ -91,6 +102,19 @@ def weight_files(source: str | Path) -> list[Path]:
     return [path]
 
 
+def check_headers(files: Sequence[Path]) -> None:
+    """Read the header of each weight file (no tensor data), so a truncated or damaged file is
+    refused, named, before any network loads: a safetensors header against the file's size, a
+    GGUF header's counts against it (the rest of a GGUF is checked when it is read)."""
+    from zimage_trt.models.gguf import check_gguf_header
+
+    for file in files:
+        if file.suffix == ".gguf":
+            check_gguf_header(file)
+        else:
+            read_safetensors_header(file)
+
+
 @dataclass(frozen=True)
 class ModelFiles:
     """Where each part of a Z-Image model is: a diffusers component folder, a weights file
@@ -114,6 +138,12 @@ class ModelFiles:
             "text_encoder": weight_files(self.text_encoder),
             "vae": weight_files(self.vae),
         }
+
+    def checked(self) -> ModelFiles:
+        """These files, once every weight file's header has been read (`check_headers`)."""
+        for files in self.weight_files().values():
+            check_headers(files)
+        return self
 
 
 def _env_flag(name: str) -> bool:
@@ -139,13 +169,16 @@ def _diffusers_missing(root: Path) -> list[str]:
     missing = []
     for component, stem in COMPONENTS.items():
         folder = root / component
-        try:
-            if folder.is_dir() and _folder_weights(folder) is not None:
-                weight_files(folder)  # all shards present
-                continue
-        except CheckpointError:
-            pass
-        missing.append(f"{component}/{stem}.safetensors (or .safetensors.index.json + shards)")
+        found = _folder_weights(folder) if folder.is_dir() else None
+        if found is None:
+            missing.append(f"{component}/{stem}.safetensors (or .safetensors.index.json + shards)")
+        elif found.name.endswith(".index.json"):  # an unreadable index raises, naming it
+            shards = _listed_shards(found)
+            missing += [
+                f"{component}/{shard.name} (shard {i} of {len(shards)} listed in {found.name})"
+                for i, shard in enumerate(shards, 1)
+                if not shard.is_file()
+            ]
     return missing
 
 
@@ -164,7 +197,7 @@ def _from_diffusers_folder(root: Path, origin: str) -> ModelFiles:
         tokenizer=tokenizer if (tokenizer / "tokenizer.json").is_file() else None,
         scheduler_config=scheduler if scheduler.is_file() else None,
         origin=origin,
-    )
+    ).checked()
 
 
 def _cached_snapshot(repo_dir: Path, revision: str | None) -> Path | None:
@@ -228,12 +261,15 @@ def resolve_model(ref: str | Path = DEFAULT_REPO, *, download: bool = True) -> M
     ``download`` and the environment allow), or ``tiny`` (the test model, made on first use).
 
     An existing path always wins over a repo id or ``tiny`` of the same spelling. Single files
-    (ComfyUI) go through `model_files` instead.
+    (ComfyUI) go through `model_files` instead. Every weight file's header is read here (as in
+    `model_files`), so a missing shard, a truncated or a damaged file is refused, named, before
+    any network loads.
     """
     path = Path(ref).expanduser()
     if path.is_dir():
         return _from_diffusers_folder(path.resolve(), f"diffusers folder {path.resolve()}")
     if path.is_file():
+        weight_files(path)  # a pickle is refused as such
         raise CheckpointError(
             f"{path} is a single file; name all three networks with model_files(transformer=, "
             "text_encoder=, vae=) (the Workflow's models: section)"
@@ -315,7 +351,7 @@ def model_files(
             tokenizer=tokenizer or base.tokenizer,
             scheduler_config=base.scheduler_config,
             origin=base.origin,
-        )
+        ).checked()
     if text_encoder is None or vae is None:
         missing = [n for n, v in (("text_encoder", text_encoder), ("vae", vae)) if v is None]
         raise CheckpointError(
@@ -332,4 +368,4 @@ def model_files(
         vae=_find(vae, folders, ("vae",), "VAE"),
         tokenizer=tokenizer,
         origin="single files",
-    )
+    ).checked()

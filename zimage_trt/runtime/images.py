@@ -17,11 +17,14 @@ from PIL.PngImagePlugin import PngInfo
 from torch import Tensor
 
 from zimage_trt import __version__
+from zimage_trt.errors import WRITE_ERRNOS, FileError, InputError, MissingFileError, os_error
 from zimage_trt.workflow import Workflow
+from zimage_trt.workflow.png_text import PNG_SIGNATURE, PngTextError, png_text
 
 FORMATS = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP"}
 METADATA_WORKFLOW = "zimage-trt.workflow"  # not ComfyUI's "workflow"/"prompt" (JSON graphs)
 NAME_MAX = 255  # bytes in one file name on the usual file systems
+MAX_IMAGE_PIXELS = 2**25  # an input image's pixels (8K UHD fits): at most 128 MiB decoded
 _NO_HARD_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK}
 
 
@@ -29,7 +32,7 @@ def to_uint8(image: Tensor) -> np.ndarray:
     """[1,3,H,W] VAE output in [−1, 1] → [H,W,3] uint8: clamp((x+1)/2), ×255, *truncated*
     (ComfyUI's ``process_output`` then ``SaveImage``'s numpy ``astype``)."""
     if image.ndim != 4 or image.shape[0] != 1 or image.shape[1] != 3:
-        raise ValueError(f"expected one RGB image [1,3,H,W], got {list(image.shape)}")
+        raise InputError(f"expected one RGB image [1,3,H,W], got {list(image.shape)}")
     pixels = ((image.float() + 1.0) / 2.0).clamp(0.0, 1.0)
     array = 255.0 * pixels[0].permute(1, 2, 0).cpu().numpy()
     return np.clip(array, 0, 255).astype(np.uint8)
@@ -54,18 +57,52 @@ def check_name(folder: Path, prefix: str, suffix: str) -> Path:
     """The first name ``prefix`` gives inside ``folder``, refused (``ValueError`` naming the
     prefix) when it escapes the folder, holds a NUL byte or a part too long for a file system."""
     if "\0" in prefix:
-        raise ValueError(f"output prefix {prefix!r} contains a NUL byte")
+        raise InputError(f"output prefix {prefix!r} contains a NUL byte")
     name = f"{prefix}_00001_.{suffix}"
     long = [part for part in Path(name).parts if len(part.encode()) > NAME_MAX]
     if long:
-        raise ValueError(
+        raise InputError(
             f"output prefix {prefix[:60]!r}…: the name part {long[0][:40]!r}… is "
             f"{len(long[0].encode())} bytes; file names hold at most {NAME_MAX}"
         )
     target = (folder / name).resolve()
     if folder.resolve() not in target.parents:
-        raise ValueError(f"output prefix {prefix!r} escapes the output folder {str(folder)!r}")
+        raise InputError(f"output prefix {prefix!r} escapes the output folder {str(folder)!r}")
     return target
+
+
+def open_image(path: str | Path, what: str = "") -> Image.Image:
+    """The image at ``path``, read whole; a FileError naming it (and ``what`` it is, e.g. the
+    workflow field) for anything that is not a readable image or has more than
+    ``MAX_IMAGE_PIXELS`` pixels (refused from its header, before decoding)."""
+    where = f"{what}: " if what else ""
+    if not Path(path).is_file():
+        raise MissingFileError(f"{where}{path}: no such file")
+    with open(path, "rb") as fp:
+        signed = fp.read(len(PNG_SIGNATURE)) == PNG_SIGNATURE
+    if signed:  # its chunks walked first: Pillow would allocate what a damaged length claims
+        try:
+            png_text(path)
+        except PngTextError as exc:
+            raise PngTextError(f"{where}{exc}") from None
+    try:
+        with Image.open(path) as image:
+            if image.width * image.height > MAX_IMAGE_PIXELS:
+                raise FileError(
+                    f"{where}{path} is {image.width}×{image.height} pixels; input images may "
+                    f"have at most {MAX_IMAGE_PIXELS:,} pixels"
+                )
+            image.load()
+            return image
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise FileError(f"{where}{path} is not a readable image ({exc})") from None
+
+
+def check_inputs(wf: Workflow) -> None:
+    """Before any work: every image a stage starts from exists and is a readable image."""
+    for index, stage in enumerate(wf.stages):
+        if stage.latent.source == "image" and stage.latent.image is not None:
+            open_image(stage.latent.image, f"stages.{index}.latent.image").close()
 
 
 def check_outputs(wf: Workflow, folder: str | Path | None = None) -> Path:
@@ -77,11 +114,11 @@ def check_outputs(wf: Workflow, folder: str | Path | None = None) -> Path:
     existing = next(p for p in (root, *root.absolute().parents) if p.exists())
     if not existing.is_dir():
         where = "" if existing == root else f": {existing} is a file"
-        raise ValueError(f"output folder {root} is not a folder{where}")
+        raise InputError(f"output folder {root} is not a folder{where}")
     try:
         os.rmdir(tempfile.mkdtemp(prefix=".zimage-trt-probe.", dir=existing))
     except OSError as exc:
-        raise ValueError(
+        raise InputError(
             f"output folder {root} cannot be written ({exc.strerror} in {existing})"
         ) from None
     prefix = wf.output.render_prefix()
@@ -118,6 +155,10 @@ def save_new_image(
                 return path
             except FileExistsError:
                 path = next_path(folder, prefix, suffix)
+    except OSError as exc:
+        if exc.errno in WRITE_ERRNOS:  # a full disk, permissions: name the image
+            raise os_error(exc, path) from exc
+        raise
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -139,7 +180,7 @@ def _claim(tmp: Path, path: Path) -> None:
 def _format(suffix: str) -> str:
     fmt = FORMATS.get(suffix.lower())
     if fmt is None:
-        raise ValueError(f"unknown image format {suffix!r}; choose one of: " + ", ".join(FORMATS))
+        raise InputError(f"unknown image format {suffix!r}; choose one of: " + ", ".join(FORMATS))
     return fmt
 
 

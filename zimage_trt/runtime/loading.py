@@ -18,12 +18,14 @@ from pathlib import Path
 
 import torch
 
-from zimage_trt.engines.folder import check_request, load_engine_folder
-from zimage_trt.engines.manifest import Manifest, read_manifest
+from zimage_trt.engines.folder import check_request, folder_tokenizer, load_engine_folder
+from zimage_trt.engines.manifest import Manifest, check_file, read_manifest
 from zimage_trt.engines.protocol import Engines
 from zimage_trt.engines.refit import LoraSwap, plan_lora_swap
 from zimage_trt.engines.torch_engines import load_torch_engines, pick_device, pick_dtype
+from zimage_trt.errors import InputError
 from zimage_trt.models.tokenizer import QwenTokenizer
+from zimage_trt.runtime.preflight import TORCH_CAPTION_MAX
 from zimage_trt.runtime.requests import DEFAULT_WORKFLOW
 from zimage_trt.workflow import LoraRef, Workflow, load_workflow
 from zimage_trt.workflow.resolve import model_sources
@@ -59,19 +61,24 @@ def open_workflow(
     """The workflow a pipeline opens for: ``workflow`` (a preset name, a YAML path or a Workflow,
     copied), else the one an engine folder was built for, else ``zimage-turbo``; with
     ``negative_prompt_file`` as its negative prompt and ``loras`` ((file, strength) pairs) in
-    place of its LoRAs."""
+    place of its LoRAs. A negative prompt file (that one or the workflow's) is read here and
+    its text inlined, so a missing or non-UTF-8 file is refused before any model loads."""
     if isinstance(workflow, Workflow):
         wf = workflow.model_copy(deep=True)
     elif workflow is not None:
         wf = load_workflow(workflow)
     elif engines is not None and (built := read_manifest(engines)).workflow_file:
-        wf = load_workflow(Path(engines) / built.workflow_file)
+        saved = Path(engines) / built.workflow_file  # hashed: read only if it is the built one
+        check_file(saved, built.files[built.workflow_file], "the folder's workflow", Path(engines))
+        wf = load_workflow(saved)
     else:
         wf = load_workflow(DEFAULT_WORKFLOW)
     if negative_prompt_file is not None:
         if not Path(negative_prompt_file).is_file():
             raise FileNotFoundError(f"negative prompt file {negative_prompt_file} not found")
         wf.prompts.negative, wf.prompts.negative_file = None, str(negative_prompt_file)
+    if wf.prompts.negative_file is not None:  # read now: a bad file is refused before any load
+        wf.prompts.negative_file, wf.prompts.negative = None, _negative_text(wf)
     if loras:
         for path, strength in loras:
             if not -LORA_STRENGTH_MAX <= strength <= LORA_STRENGTH_MAX:  # NaN fails too
@@ -83,11 +90,25 @@ def open_workflow(
     return wf
 
 
+def _negative_text(wf: Workflow) -> str:
+    """The negative prompt file's text; one that is not UTF-8 is refused naming its line."""
+    try:
+        return wf.prompts.negative_text()
+    except UnicodeDecodeError as exc:
+        path = Path(str(wf.prompts.negative_file))
+        line = path.read_bytes()[: exc.start].count(b"\n") + 1
+        raise InputError(f"{path}:{line}: not UTF-8 text ({exc.reason})") from None
+
+
 def lora_search(workflow: Workflow | str | Path | None) -> tuple[Path, ...]:
     """Where relative LoRA paths are looked for: the workflow file's folder, then here."""
     wf_file = Path(workflow) if isinstance(workflow, str | Path) else None
     workflow_dir = wf_file.resolve().parent if wf_file and wf_file.is_file() else None
     return tuple(p for p in (workflow_dir, Path.cwd()) if p is not None)
+
+
+#: called with the tokenizer, the longest prompt the backend takes, and the backend's name
+PromptCheck = Callable[[QwenTokenizer, int, str], None]
 
 
 def load_model(
@@ -100,14 +121,20 @@ def load_model(
     lora_ignore_unmatched: bool = False,
     compile: bool = False,
     compile_scope: str = "whole",
+    check_prompts: PromptCheck | None = None,
     log: Log = _stderr,
 ) -> Loaded:
     """The workflow's models (or ``model``: a folder, a repo id or ``tiny``) on the torch
     backend, its LoRAs fused (``compile``: each engine compiled per stage shape, whole networks
-    or their repeated blocks by ``compile_scope``, see ``engines.compiled``)."""
+    or their repeated blocks by ``compile_scope``, see ``engines.compiled``).
+    ``check_prompts`` gets the tokenizer and the backend's caption maximum before any weight
+    loads."""
     torch_device = pick_device(device) if isinstance(device, str) else device
     torch_dtype = pick_dtype(dtype, torch_device) if isinstance(dtype, str) else dtype
     sources = model_sources(wf, None if model is None else str(model), search=search, log=log)
+    tokenizer = sources.files.load_tokenizer()
+    if check_prompts is not None:
+        check_prompts(tokenizer, TORCH_CAPTION_MAX, "torch")
     engines = load_torch_engines(
         sources,
         device=torch_device,
@@ -119,7 +146,7 @@ def load_model(
         from zimage_trt.engines.compiled import compiled_engines
 
         engines = compiled_engines(engines, scope=compile_scope)
-    return Loaded(engines, sources.files.load_tokenizer(), wf)
+    return Loaded(engines, tokenizer, wf)
 
 
 def load_folder(
@@ -133,6 +160,7 @@ def load_folder(
     cuda_graphs: bool = False,
     search: tuple[Path, ...] = (),
     lora_ignore_unmatched: bool = False,
+    check_prompts: PromptCheck | None = None,
     log: Log = _stderr,
 ) -> Loaded:
     """A built folder's engines for ``wf``: refused with the reason when the folder holds
@@ -141,6 +169,9 @@ def load_folder(
     ``model``). ``strict_model``: refuse a ``model`` that no swap needs."""
     folder = Path(folder)
     manifest = read_manifest(folder)
+    tokenizer = folder_tokenizer(folder, manifest)
+    if check_prompts is not None:
+        check_prompts(tokenizer, manifest.caption_max, manifest.backend)
     if backend not in (None, "torch", manifest.backend):  # torch: the default, i.e. not chosen
         raise ValueError(
             f"--backend {backend} asked for, but {folder} holds {manifest.backend} engines"
@@ -160,6 +191,7 @@ def load_folder(
             "hold the workflow's LoRAs, so it is not needed"
         )
     loaded = load_engine_folder(
-        folder, device=torch_device, cuda_graphs=cuda_graphs, swap=swap, log=log
-    )
+        folder, device=torch_device, cuda_graphs=cuda_graphs, swap=swap, tokenizer=tokenizer,
+        log=log,
+    )  # fmt: skip
     return Loaded(loaded.engines, loaded.tokenizer, wf, loaded.manifest, swap)

@@ -26,10 +26,18 @@ from torch import Tensor
 from zimage_trt.engines.manifest import Manifest
 from zimage_trt.engines.protocol import Engines
 from zimage_trt.engines.refit import LoraSwap, show_loras
+from zimage_trt.errors import InputError, NonFiniteError
 from zimage_trt.models.tokenizer import QwenTokenizer
 from zimage_trt.runtime import loading
-from zimage_trt.runtime.images import check_outputs, png_metadata, save_new_image, to_uint8
-from zimage_trt.runtime.preflight import preflight
+from zimage_trt.runtime.images import (
+    check_inputs,
+    check_outputs,
+    open_image,
+    png_metadata,
+    save_new_image,
+    to_uint8,
+)
+from zimage_trt.runtime.preflight import TORCH_CAPTION_MAX, check_prompt_lengths, preflight
 from zimage_trt.runtime.requests import (
     CacheStats,
     GenerateRequest,
@@ -119,33 +127,43 @@ class Pipeline:
             workflow, engines, loras=loras, negative_prompt_file=negative_prompt_file
         )
         if backend is not None and backend not in loading.BACKENDS:
-            raise ValueError(
+            raise InputError(
                 f"backend {backend!r} is not known; choose one of: {', '.join(loading.BACKENDS)}"
             )
         if engines is not None and compile:
-            raise ValueError(
+            raise InputError(
                 "--compile serves the torch backend (--model); an engine folder is compiled already"
             )
         if engines is None and backend not in (None, "torch"):
-            raise ValueError(
+            raise InputError(
                 f"the {backend} backend serves a built engine folder: pass --engines DIR "
                 f"(make one with `zimage-trt build --backend {backend} --out DIR …`)"
             )
         for request in requests:
             with request.named():
+                check_inputs(request.workflow_for(wf))
                 check_outputs(request.workflow_for(wf), output)
         where = tuple(search) if search is not None else loading.lora_search(workflow)
+
+        def check_prompts(tokenizer: QwenTokenizer, caption_max: int, backend: str) -> None:
+            """Every prompt the caller will send, measured in tokens before any weight loads."""
+            for request in requests:
+                with request.named():
+                    check_prompt_lengths(request.workflow_for(wf), tokenizer, caption_max, backend)
+            if not requests:
+                check_prompt_lengths(wf, tokenizer, caption_max, backend)
+
         if engines is not None:
             loaded = loading.load_folder(
                 wf, engines, model=model, strict_model=strict_model, backend=backend,
                 device=device, cuda_graphs=cuda_graphs, search=where,
-                lora_ignore_unmatched=lora_ignore_unmatched, log=log,
+                lora_ignore_unmatched=lora_ignore_unmatched, check_prompts=check_prompts, log=log,
             )  # fmt: skip
         else:
             loaded = loading.load_model(
                 wf, model, device=device, dtype=dtype, search=where,
                 lora_ignore_unmatched=lora_ignore_unmatched, compile=compile,
-                compile_scope=compile_scope, log=log,
+                compile_scope=compile_scope, check_prompts=check_prompts, log=log,
             )  # fmt: skip
         pipeline = cls(
             loaded.engines, loaded.tokenizer, cache_size, workflow=loaded.workflow,
@@ -214,7 +232,7 @@ class Pipeline:
         held = [(lora.path, lora.strength) for lora in self.workflow.models.loras]
         wanted = [(lora.path, lora.strength) for lora in wf.models.loras]
         if wanted != held:
-            raise ValueError(
+            raise InputError(
                 f"this pipeline holds LoRAs {show_loras(held)}; the request asks for "
                 f"{show_loras(wanted)}: open a pipeline with that workflow"
             )
@@ -261,11 +279,11 @@ class Pipeline:
 
     def encode_image(self, path: str, width: int, height: int) -> Tensor:
         if self.engines.vae_encoder is None:
-            raise ValueError(
+            raise InputError(
                 f"the {self.engines.backend} engines have no VAE encoder; an image "
                 f"input ({path}) needs one"
             )
-        picture = Image.open(path).convert("RGB")
+        picture = open_image(path).convert("RGB")
         if picture.size != (width, height):
             picture = picture.resize((width, height), Image.Resampling.LANCZOS)
         pixels = torch.from_numpy(np.asarray(picture, dtype=np.float32) / 255.0)
@@ -276,7 +294,8 @@ class Pipeline:
     def preflight(self, wf: Workflow) -> None:
         """Every engine call the workflow will make, checked against the built profiles before
         any work (compiled engines only; ProfileError names the engine, shape and ranges)."""
-        preflight(wf, self.engines.profiles, self.prompts.tokenizer, self.engines.backend)
+        cap = self.manifest.caption_max if self.manifest is not None else TORCH_CAPTION_MAX
+        preflight(wf, self.engines.profiles, self.prompts.tokenizer, self.engines.backend, cap)
 
     def run(self, wf: Workflow, progress: Progress | None = None) -> Generation:
         self.preflight(wf)
@@ -319,9 +338,7 @@ class Pipeline:
                     callback=step,
                 )
             except FloatingPointError as exc:
-                raise FloatingPointError(
-                    f"stage {name!r}, step {done[0] + 1}/{steps}: {exc}"
-                ) from None
+                raise NonFiniteError(f"stage {name!r}, step {done[0] + 1}/{steps}: {exc}") from None
             latent = result.latent
             skipped = result.cache.calls_skipped if result.cache is not None else 0
             seconds[name] = time.perf_counter() - t0

@@ -10,10 +10,43 @@ from __future__ import annotations
 import math
 
 from zimage_trt.engines.manifest import Profile, ProfileError, select_profile
+from zimage_trt.errors import InputError
 from zimage_trt.models.tokenizer import QwenTokenizer
 from zimage_trt.workflow import Workflow
 
 EngineCall = tuple[str, dict[str, tuple[int, ...]]]  # engine, input name → shape
+#: the longest prompt, in tokens with the chat template, that the torch backend takes (engine
+#: folders take their ``caption_max``, 4096 by default): the text encoder's memory grows with it
+TORCH_CAPTION_MAX = 8192
+
+
+def prompt_tokens(wf: Workflow, tokenizer: QwenTokenizer) -> list[int]:
+    """Token counts of the prompts a run encodes: the positive, and the negative where a stage
+    has cfg ≠ 1."""
+    needs_uncond = any(not math.isclose(s.cfg, 1.0) for s in wf.stages)
+    texts = [wf.prompts.positive_text] + ([wf.prompts.negative_text()] if needs_uncond else [])
+    return [len(tokenizer.encode_prompt(t)) for t in texts]
+
+
+def check_prompt_lengths(
+    wf: Workflow, tokenizer: QwenTokenizer, caption_max: int, backend: str
+) -> list[int]:
+    """Refuse a prompt longer than the backend takes (InputError naming which prompt, its length
+    and the cap); returns the token counts."""
+    tokens = prompt_tokens(wf, tokenizer)
+    for what, n in zip(("prompt", "negative prompt"), tokens, strict=False):
+        if n > caption_max:
+            fix = (
+                f"shorten it, or build engines with --caption-max {n}"
+                if backend != "torch"
+                else "shorten it"
+            )
+            taken = "the torch backend takes" if backend == "torch" else "these engines take"
+            raise InputError(
+                f"the {what} is {n} tokens (chat template included); {taken} at most "
+                f"{caption_max}: {fix}"
+            )
+    return tokens
 
 
 def engine_calls(wf: Workflow, tokens: list[int]) -> list[EngineCall]:
@@ -40,15 +73,18 @@ def engine_calls(wf: Workflow, tokens: list[int]) -> list[EngineCall]:
 
 
 def preflight(
-    wf: Workflow, profiles: dict[str, list[Profile]], tokenizer: QwenTokenizer, backend: str
+    wf: Workflow,
+    profiles: dict[str, list[Profile]],
+    tokenizer: QwenTokenizer,
+    backend: str,
+    caption_max: int = TORCH_CAPTION_MAX,
 ) -> None:
-    """Raise ``ProfileError`` unless every call of ``wf`` lies inside a built profile (no
-    profiles: eager engines, which serve any shape)."""
+    """Raise ``InputError`` for a prompt longer than ``caption_max`` tokens, ``ProfileError``
+    unless every call of ``wf`` lies inside a built profile (no profiles: eager engines, which
+    serve any shape)."""
+    tokens = check_prompt_lengths(wf, tokenizer, caption_max, backend)
     if not profiles:
         return
-    needs_uncond = any(not math.isclose(s.cfg, 1.0) for s in wf.stages)
-    texts = [wf.prompts.positive_text] + ([wf.prompts.negative_text()] if needs_uncond else [])
-    tokens = [len(tokenizer.encode_prompt(t)) for t in texts]
     hint = (
         f"zimage-trt build --model MODEL --workflow {wf.name}.yaml --backend "
         f"{backend} --caption-max {max(max(tokens), 4096)} --out DIR"

@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 from scipy.ndimage import gaussian_filter
 
-from zimage_trt.runtime.images import METADATA_WORKFLOW
+from zimage_trt.errors import InputError
+from zimage_trt.runtime.images import METADATA_WORKFLOW, open_image
 from zimage_trt.runtime.pipeline import Pipeline
 from zimage_trt.runtime.requests import GenerateRequest, Generation, Progress
 from zimage_trt.workflow import Workflow
@@ -51,13 +51,13 @@ def ssim(a: np.ndarray, b: np.ndarray) -> float:
 
 def _same_shape(a: np.ndarray, b: np.ndarray) -> None:
     if a.shape != b.shape:
-        raise ValueError(f"images differ in size: {a.shape} vs {b.shape}")
+        raise InputError(f"images differ in size: {a.shape} vs {b.shape}")
 
 
 def workflow_from_image(path: str | Path) -> tuple[Workflow, str]:
     """The workflow embedded in a PNG, and where it came from. It is not trusted: it may not
     read local files by path nor choose where images go (``workflow.trust``)."""
-    info: dict[Any, Any] = dict(_open(path).info)
+    info: dict[Any, Any] = dict(open_image(path).info)
     text = info.get(METADATA_WORKFLOW)
     if isinstance(text, str):
         wf = Workflow.from_yaml(text, f"{path} ({METADATA_WORKFLOW})")
@@ -66,21 +66,10 @@ def workflow_from_image(path: str | Path) -> tuple[Workflow, str]:
         from zimage_trt.workflow.comfy_import import import_graph
 
         return untrusted(import_graph(path), f"the ComfyUI graph in {path}"), "ComfyUI graph"
-    raise ValueError(
+    raise InputError(
         f"{path} carries no workflow: neither a zimage-trt '{METADATA_WORKFLOW}' "
         "chunk nor ComfyUI's 'prompt'/'workflow' chunks"
     )
-
-
-def _open(path: str | Path) -> Image.Image:
-    """The image, read whole; one clear error for anything that is not a readable image (PIL
-    refuses more than twice ``Image.MAX_IMAGE_PIXELS`` pixels before decoding them)."""
-    try:
-        with Image.open(path) as image:
-            image.load()
-            return image
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise ValueError(f"{path} is not a readable image ({exc})") from None
 
 
 @dataclass
@@ -102,7 +91,7 @@ def reproduce(
     progress: Progress | None = None,
 ) -> Reproduction:
     wf, source = workflow_from_image(path)
-    original = np.asarray(_open(path).convert("RGB"))
+    original = np.asarray(open_image(path).convert("RGB"))
     pipeline = Pipeline.open(
         model=model, workflow=wf, device=device, dtype=dtype,
         search=(Path(path).resolve().parent, Path.cwd()),

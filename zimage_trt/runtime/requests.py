@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from torch import Tensor
 
+from zimage_trt.errors import InputError
 from zimage_trt.sampling.noise import SEED_MAX
 from zimage_trt.workflow import Workflow, load_workflow
 
@@ -103,7 +104,7 @@ def apply_overrides(
     for name, text in (("prompt", prompt), ("negative_prompt", negative_prompt),
                        ("trigger_word", trigger_word)):  # fmt: skip
         if text is not None and not isinstance(text, str):
-            raise ValueError(f"{name} {text!r} must be a string")
+            raise InputError(f"{name} {text!r} must be a string")
     if prompt is not None:
         wf.prompts.positive = prompt
     if trigger_word is not None:
@@ -112,7 +113,7 @@ def apply_overrides(
         wf.prompts.negative_file, wf.prompts.negative = None, negative_prompt
     seeds = _seeds(seed)
     if len(seeds) > len(wf.stages):
-        raise ValueError(f"{len(seeds)} seeds given for a workflow of {len(wf.stages)} stage(s)")
+        raise InputError(f"{len(seeds)} seeds given for a workflow of {len(wf.stages)} stage(s)")
     for stage, value in zip(wf.stages, seeds, strict=False):
         stage.seed = value
     return wf
@@ -123,8 +124,8 @@ def _seeds(seed: object) -> list[int]:
     seeds = []
     for value in values:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"seed {seed!r} must be an integer or a list of integers")
+            raise InputError(f"seed {seed!r} must be an integer or a list of integers")
         if not 0 <= value <= SEED_MAX:
-            raise ValueError(f"seed {value} is outside 0 … {SEED_MAX}")
+            raise InputError(f"seed {value} is outside 0 … {SEED_MAX}")
         seeds.append(value)
     return seeds

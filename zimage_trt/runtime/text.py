@@ -14,6 +14,7 @@ from typing import Generic, TypeVar
 import torch
 from torch import Tensor
 
+from zimage_trt.errors import InputError
 from zimage_trt.models.tokenizer import PAD_ID, QwenTokenizer
 
 TextEncoderFn = Callable[[Tensor, Tensor], Tensor]
@@ -25,7 +26,7 @@ class LRUCache(Generic[V]):
 
     def __init__(self, size: int) -> None:
         if size < 0:
-            raise ValueError(f"cache_size must be >= 0, got {size}")
+            raise InputError(f"cache_size must be >= 0, got {size}")
         self.size = size
         self._items: OrderedDict[str, V] = OrderedDict()
 

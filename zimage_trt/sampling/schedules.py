@@ -331,6 +331,55 @@ SCHEDULER_OPTIONS: dict[str, tuple[str, ...]] = {
     "diffusers_zimage": (),
 }
 
+# What each option holds: "number" (finite), "int", "bool", "str", or "number|None".
+OPTION_KINDS: dict[str, str] = {
+    **dict.fromkeys(("alpha", "beta", "sigma_min", "sigma_max", "rho"), "number"),
+    **dict.fromkeys(("base_shift", "max_shift", "shift", "mu"), "number"),
+    **dict.fromkeys(("start_at_step", "end_at_step", "base_image_seq_len"), "int"),
+    **dict.fromkeys(("max_image_seq_len", "num_train_timesteps"), "int"),
+    **dict.fromkeys(("invert_sigmas", "stochastic_sampling", "use_beta_sigmas"), "bool"),
+    **dict.fromkeys(("use_dynamic_shifting", "use_exponential_sigmas"), "bool"),
+    "use_karras_sigmas": "bool",
+    "shift_terminal": "number|None",
+    "time_shift_type": "str",
+}
+_KIND_NAMES = {
+    "number": "a finite number",
+    "number|None": "a finite number or null",
+    "int": "an integer below 2**63 in size",
+    "bool": "true or false",
+    "str": "a string",
+}
+
+
+def _option_ok(kind: str, value: Any) -> bool:
+    if kind == "number|None" and value is None:
+        return True
+    if isinstance(value, bool) or kind == "bool":
+        return kind == "bool" and isinstance(value, bool)
+    if kind == "str":
+        return isinstance(value, str)
+    if kind == "int":
+        return isinstance(value, int) and abs(value) < 2**63
+    if not isinstance(value, numbers.Real):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:  # an int past the float range
+        return False
+
+
+def _check_option_types(name: str, options: dict[str, Any]) -> None:
+    """Each option of the kind the schedule computes with (a string or NaN would otherwise
+    surface as a TypeError deep in the math, or as NaN sigmas)."""
+    for option, value in options.items():
+        kind = OPTION_KINDS[option]
+        if not _option_ok(kind, value):
+            raise ValueError(
+                f"option {option!r} of scheduler {name!r} must be {_KIND_NAMES[kind]}, "
+                f"got {value!r}"
+            )
+
 
 def _schedule_for(name: str, ms: FlowSampling, options: dict[str, Any]) -> Callable[[int], Tensor]:
     if name == "simple":
@@ -372,6 +421,7 @@ def calculate_sigmas(
             raise ValueError(
                 f"unknown option {option!r} for scheduler {name!r}; accepted options: {allowed}"
             )
+    _check_option_types(name, options)
     _check_steps(steps)
     if not 0.0 <= denoise <= 1.0:
         raise ValueError(f"denoise must be in [0, 1], got {denoise!r}")

@@ -12,10 +12,13 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
+
+from zimage_trt.errors import InputError
+from zimage_trt.workflow.png_text import PNG_SIGNATURE, png_text
 
 
-class ComfyImportError(ValueError):
+class ComfyImportError(InputError):
     """A ComfyUI graph that cannot be imported; the message names the node, class and input."""
 
 
@@ -113,56 +116,58 @@ MODE_MUTED, MODE_BYPASSED = 2, 4
 # Reading the source
 
 
-def read_source(source: str | Path | dict[str, Any]) -> tuple[Any, Any, str]:
-    """(graph data, the UI graph where a PNG carries it beside the prompt, workflow name)."""
+def read_source(source: str | Path | dict[str, Any]) -> tuple[Any, Any, str, str]:
+    """(graph data, the UI graph where a PNG carries it beside the prompt, workflow name, where
+    the graph came from for messages: the file, its chunk, or '' for a dict)."""
     if isinstance(source, dict):
-        return source, None, "imported"
+        return source, None, "imported", ""
     path = Path(source)
     if not path.is_file():
         raise ComfyImportError(f"no such file {str(path)!r}")
     raw = path.read_bytes()
-    if not raw.startswith(b"\x89PNG"):
+    if not raw.startswith(PNG_SIGNATURE):
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError:
             raise ComfyImportError(
                 f"{path} is neither a PNG nor UTF-8 JSON: not a ComfyUI graph"
             ) from None
-        return _parse_json(text, str(path)), None, path.stem
+        return _parse_json(text, str(path)), None, path.stem, str(path)
     prompt, workflow = _png_chunks(path)
     if prompt is not None:
-        ui = _parse_json(workflow, f"{path} (workflow chunk)") if workflow is not None else None
-        return _parse_json(prompt, f"{path} (prompt chunk)"), ui, path.stem
+        where = f"{path} (prompt chunk)"
+        ui = None
+        if workflow is not None:  # only its SaveImage prefixes are read: damage is no matter
+            try:
+                ui = _parse_json(workflow, f"{path} (workflow chunk)")
+            except ComfyImportError:
+                ui = None
+        return _parse_json(prompt, where), ui, path.stem, where
     if workflow is not None:
-        return _parse_json(workflow, f"{path} (workflow chunk)"), None, path.stem
+        where = f"{path} (workflow chunk)"
+        return _parse_json(workflow, where), None, path.stem, where
     raise ComfyImportError(f"{path}: the PNG has no ComfyUI 'prompt' or 'workflow' text chunk")
 
 
 def _png_chunks(path: Path) -> tuple[str | None, str | None]:
-    from PIL import Image  # only PNG imports need Pillow
-
-    try:
-        with Image.open(path) as img:
-            img.load()
-            info = dict(img.info)
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise ComfyImportError(f"{path} is not a readable PNG ({exc})") from None
-    prompt, workflow = info.get("prompt"), info.get("workflow")
-    return (
-        prompt if isinstance(prompt, str) else None,
-        workflow if isinstance(workflow, str) else None,
-    )
+    """The 'prompt' and 'workflow' text chunks, read without decoding the image (a damaged PNG
+    is a PngTextError, a FileError naming it)."""
+    info = png_text(path)
+    return info.get("prompt"), info.get("workflow")
 
 
 def _parse_json(text: str, where: str) -> Any:
     try:
         return json.loads(text)
-    except json.JSONDecodeError as exc:
+    except RecursionError:
+        raise ComfyImportError(f"{where}: not a ComfyUI graph: JSON nested too deeply") from None
+    except ValueError as exc:  # JSONDecodeError, or an integer of more than 4300 digits
         raise ComfyImportError(f"{where}: not valid JSON: {exc}") from None
 
 
-def normalize(data: Any) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
-    """API-form nodes {id: {class_type, inputs, _meta}} and the muted nodes {id: class}."""
+def normalize(data: Any, where: str = "") -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+    """API-form nodes {id: {class_type, inputs, _meta}} and the muted nodes {id: class};
+    ``where`` names the source in the message for data that is no graph at all."""
     if isinstance(data, dict) and isinstance(data.get("nodes"), list):
         return _ui_to_api(data)
     if isinstance(data, dict) and isinstance(data.get("prompt"), dict):
@@ -172,11 +177,58 @@ def normalize(data: Any) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
         and data
         and all(isinstance(n, dict) and "class_type" in n for n in data.values())
     ):
-        return {str(k): v for k, v in data.items()}, {}
+        nodes = {str(k): v for k, v in data.items()}
+        for nid, node in nodes.items():
+            _check_api_node(nid, node)
+        return nodes, {}
     raise ComfyImportError(
         "not a ComfyUI graph: expected the API format ({id: {class_type, inputs}}) or the UI "
-        "format (nodes, links)"
+        "format (nodes, links)" + (f"; {where} holds neither" if where else "")
     )
+
+
+def _check_api_node(nid: str, node: dict[str, Any]) -> None:
+    """An API-form node's own fields have the types ComfyUI writes (its inputs are read later)."""
+    cls = node["class_type"]
+    if not isinstance(cls, str):
+        raise ComfyImportError(f"node {nid}: 'class_type' must be a string, got {_short(cls)}")
+    for key, what in (("inputs", "input names to values"), ("_meta", "fields such as 'title'")):
+        if node.get(key) is not None and not isinstance(node[key], dict):
+            raise ComfyImportError(
+                f"node {nid} (class {cls!r}): {key!r} must be a mapping of {what}, got "
+                f"{_kind(node[key])}"
+            )
+
+
+def _kind(value: Any) -> str:
+    """A JSON value's kind, as a message names it: 'a list', 'a string', 'null' …"""
+    kinds = {list: "a list", dict: "an object", str: "a string", bool: "a boolean"}
+    if value is None:
+        return "null"
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return f"the number {value!r}"
+    return kinds.get(type(value), type(value).__name__)
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    """``repr(value)``, cut to ``limit`` characters."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def cycle_text(path: list[str]) -> str:
+    """A loop of node ids, given in the order each takes its value from the next and ending
+    with the first again, as the data flows: ``"232 → 340 → 232"``, starting at the lowest id."""
+    loop = list(reversed(path[:-1]))
+    start = loop.index(min(loop, key=id_order))
+    loop = loop[start:] + loop[:start]
+    return " → ".join([*loop, loop[0]])
+
+
+def id_order(nid: str) -> tuple[bool, int, str]:
+    """Sort key for node ids: numbers by value first, then other ids as text."""
+    number = nid.isascii() and nid.isdecimal() and len(nid) <= 18
+    return (not number, int(nid) if number else 0, nid)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -187,44 +239,58 @@ _MISSING = object()
 _ERROR = "_error"  # an input key no ComfyUI node has: a UI node that could not be read
 
 
-def _ui_to_api(ui: dict[str, Any]) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
-    _reject_packed_nodes(ui)
-    nodes = {str(n["id"]): n for n in ui["nodes"]}
-    links: dict[Any, tuple[str, int, str]] = {}  # link id → (from node, from slot, type)
-    for link in ui.get("links") or []:
-        if isinstance(link, list) and len(link) >= 6:
-            links[link[0]] = (str(link[1]), int(link[2]), str(link[5]))
-        elif isinstance(link, dict):
-            links[link["id"]] = (
-                str(link["origin_id"]),
-                int(link["origin_slot"]),
-                str(link["type"]),
-            )
+class _Broken:
+    """A UI input that cannot be given a value (its link runs in a loop); raised only if the
+    import reads that input."""
 
-    def source(link_id: Any, depth: int = 0) -> Any:
-        """A link's value in API form: [node, slot], a literal, or _MISSING."""
-        if link_id is None or link_id not in links or depth > len(nodes):
-            return _MISSING
-        src, slot, kind = links[link_id]
-        node = nodes.get(src)
-        if node is None or node.get("mode") == MODE_MUTED:
-            return [src, slot]  # reported when (if) the graph reader follows it
-        if node.get("type") == "Reroute":
-            ins = node.get("inputs") or [{}]
-            return source(ins[0].get("link"), depth + 1)
-        if node.get("type") == "PrimitiveNode":
-            values = node.get("widgets_values") or []
-            return values[0] if values else _MISSING
-        if node.get("mode") == MODE_BYPASSED:
-            # ComfyUI passes the input in the output's slot if its type matches, else the first
-            # input of the output's type.
-            ins = node.get("inputs") or []
-            order = ([slot] if slot < len(ins) else []) + list(range(len(ins)))
-            for i in order:
-                if ins[i].get("link") is not None and ins[i].get("type") in (kind, "*"):
-                    return source(ins[i]["link"], depth + 1)
-            return _MISSING
-        return [src, slot]
+    def __init__(self, why: str) -> None:
+        self.why = why
+
+
+def _ui_to_api(ui: dict[str, Any]) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+    nodes = _ui_nodes(ui)
+    _reject_packed_nodes(ui, nodes)
+    links = _ui_links(ui)
+
+    def source(link_id: Any) -> Any:
+        """A link's value in API form: [node, slot], a literal, _MISSING or _Broken."""
+        passed: list[str] = []  # the Reroute/bypassed nodes on the way, each fed by the next
+        while True:
+            if link_id is None or link_id not in links:
+                return _MISSING
+            src, slot, kind = links[link_id]
+            node = nodes.get(src)
+            if node is None or node.get("mode") == MODE_MUTED:
+                return [src, slot]  # reported when (if) the graph reader follows it
+            if src in passed:
+                loop = cycle_text([*passed[passed.index(src) :], src])
+                return _Broken(f"passes through nodes {loop}, which form a cycle")
+            passed.append(src)
+            if node.get("type") == "Reroute":
+                ins = node.get("inputs") or [{}]
+                link_id = ins[0].get("link")
+            elif node.get("type") == "PrimitiveNode":
+                values = node.get("widgets_values")
+                if isinstance(values, dict):
+                    return values.get("value", _MISSING)
+                return values[0] if values else _MISSING
+            elif node.get("mode") == MODE_BYPASSED:
+                # ComfyUI passes the input in the output's slot if its type matches, else the
+                # first input of the output's type.
+                ins = node.get("inputs") or []
+                order = ([slot] if 0 <= slot < len(ins) else []) + list(range(len(ins)))
+                link_id = next(
+                    (
+                        ins[i]["link"]
+                        for i in order
+                        if ins[i].get("link") is not None and ins[i].get("type") in (kind, "*")
+                    ),
+                    None,
+                )
+                if link_id is None:
+                    return _MISSING
+            else:
+                return [src, slot]
 
     api: dict[str, dict[str, Any]] = {}
     muted: dict[str, str] = {}
@@ -246,6 +312,92 @@ def _ui_to_api(ui: dict[str, Any]) -> tuple[dict[str, dict[str, Any]], dict[str,
         if node.get("title"):
             api[nid]["_meta"] = {"title": node["title"]}
     return api, muted
+
+
+def _is_id(value: Any) -> TypeGuard[int | str]:
+    """A node or link id as the UI writes it: a number, or a string (subgraph nodes)."""
+    return isinstance(value, int | str) and not isinstance(value, bool)
+
+
+def _ui_nodes(ui: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The UI graph's nodes by id, each checked to hold the fields the import reads with the
+    types the frontend writes."""
+    nodes: dict[str, dict[str, Any]] = {}
+    for i, node in enumerate(ui["nodes"]):
+        if not isinstance(node, dict):
+            raise ComfyImportError(f"UI graph: nodes[{i}] is {_short(node)}, not a node object")
+        if not _is_id(node.get("id")):
+            where = f"UI graph: nodes[{i}] (class {_short(str(node.get('type')))})"
+            if "id" not in node:
+                raise ComfyImportError(f"{where} has no 'id'")
+            raise ComfyImportError(
+                f"{where} has id {_short(node['id'])}; a node id is a number or a string"
+            )
+        nid = str(node["id"])
+        who = f"node {nid} (class {_short(str(node.get('type')))})"
+        values = node.get("widgets_values")
+        if values is not None and not isinstance(values, list | dict):
+            raise ComfyImportError(f"{who}: 'widgets_values' must be a list, got {_kind(values)}")
+        slots = node.get("inputs")
+        if slots is not None and not isinstance(slots, list):
+            raise ComfyImportError(f"{who}: 'inputs' must be a list of slots, got {_kind(slots)}")
+        for j, slot in enumerate(slots or []):
+            if not isinstance(slot, dict):
+                raise ComfyImportError(f"{who}: inputs[{j}] is {_short(slot)}, not an input slot")
+            if not isinstance(slot.get("name"), str):
+                what = "no 'name'" if "name" not in slot else f"name {_short(slot['name'])}"
+                raise ComfyImportError(
+                    f"{who}: inputs[{j}] has {what}; an input slot is named by a string"
+                )
+            link = slot.get("link")
+            if link is not None and not _is_id(link):
+                raise ComfyImportError(
+                    f"{who}: input {slot['name']!r} has link {_short(link)}; expected a link "
+                    "id (a number) or null"
+                )
+        nodes[nid] = node
+    return nodes
+
+
+def _ui_links(ui: dict[str, Any]) -> dict[int | str, tuple[str, int, str]]:
+    """link id → (from node, from slot, type), from the list form (schema 0) or objects (1)."""
+    raw = ui.get("links")
+    if raw is None:
+        return {}
+    if not isinstance(raw, list):
+        raise ComfyImportError(f"UI graph: 'links' must be a list, got {_kind(raw)}")
+    fields = ("id", "origin_id", "origin_slot", "target_id", "target_slot", "type")
+    links: dict[int | str, tuple[str, int, str]] = {}
+    for k, link in enumerate(raw):
+        if link is None:
+            continue
+        if isinstance(link, list) and len(link) >= len(fields):
+            entry = dict(zip(fields, link, strict=False))
+        elif isinstance(link, dict):
+            entry = link
+        else:
+            raise ComfyImportError(
+                f"UI graph: links[{k}] is {_short(link)}; a link is [id, from node, from slot, "
+                "to node, to slot, type] or an object with those fields"
+            )
+        lid, origin, target = entry.get("id"), entry.get("origin_id"), entry.get("target_id")
+        name = f"link {lid}" if _is_id(lid) else f"UI graph: links[{k}]"
+        ends = [f"from node {origin}"] if _is_id(origin) else []
+        ends += [f"to node {target}"] if _is_id(target) else []
+        if ends:
+            name += f" ({' '.join(ends)})"
+        missing = [f"{f!r}" for f in ("id", "origin_id", "origin_slot", "type") if f not in entry]
+        if missing:
+            raise ComfyImportError(f"{name} has no {', '.join(missing)}")
+        slot = entry["origin_slot"]
+        if not _is_id(lid):
+            raise ComfyImportError(f"{name} has id {_short(lid)}; a link id is a number")
+        if not _is_id(origin):
+            raise ComfyImportError(f"{name}: origin node {_short(origin)} is not a node id")
+        if isinstance(slot, bool) or not isinstance(slot, int):
+            raise ComfyImportError(f"{name}: origin slot {_short(slot)} is not a slot number")
+        links[lid] = (str(origin), slot, str(entry["type"]))
+    return links
 
 
 def _widget_inputs(nid: str, cls: str, values: Any) -> dict[str, Any]:
@@ -280,13 +432,18 @@ def _widget_inputs(nid: str, cls: str, values: Any) -> dict[str, Any]:
     return inputs
 
 
-def _reject_packed_nodes(ui: dict[str, Any]) -> None:
-    groups = (ui.get("extra") or {}).get("groupNodes") or {}
+def _reject_packed_nodes(ui: dict[str, Any], nodes: dict[str, dict[str, Any]]) -> None:
+    extra, definitions = ui.get("extra"), ui.get("definitions")
+    groups = extra.get("groupNodes") if isinstance(extra, dict) else None
+    if not isinstance(groups, dict):
+        groups = {}
+    packed = definitions.get("subgraphs") if isinstance(definitions, dict) else None
     subgraphs = {
         str(s.get("id")): str(s.get("name") or s.get("id"))
-        for s in (ui.get("definitions") or {}).get("subgraphs") or []
+        for s in (packed if isinstance(packed, list) else [])
+        if isinstance(s, dict)
     }
-    for node in ui["nodes"]:
+    for nid, node in nodes.items():
         kind = str(node.get("type"))
         if node.get("mode") == MODE_MUTED:
             continue
@@ -297,7 +454,7 @@ def _reject_packed_nodes(ui: dict[str, Any]) -> None:
         else:
             continue
         raise ComfyImportError(
-            f"node {node.get('id')} is a group node/subgraph ({name!r}); convert it to normal "
+            f"node {nid} is a group node/subgraph ({name!r}); convert it to normal "
             "nodes in ComfyUI (right-click → Convert to nodes) before importing"
         )
 
@@ -312,6 +469,8 @@ def prefix_templates(ui: Any) -> dict[str, str]:
         return {}
     templates = {}
     for node in ui["nodes"]:
+        if not isinstance(node, dict) or not _is_id(node.get("id")):
+            continue
         values = node.get("widgets_values")
         if node.get("type") == "SaveImage" and isinstance(values, list) and values:
             prefix = values[0]
@@ -366,6 +525,8 @@ class Graph:
             raise ComfyImportError(
                 f"{self.who(nid)} has no input {name!r} (missing or not connected)"
             )
+        if isinstance(inputs[name], _Broken):
+            raise ComfyImportError(f"{self.who(nid)}: input {name!r} {inputs[name].why}")
         return inputs[name]
 
     def link(self, nid: str, name: str, allowed: tuple[str, ...]) -> tuple[str, int]:
@@ -393,21 +554,34 @@ class Graph:
             )
         return src, slot
 
-    def value(self, nid: str, name: str) -> Any:
-        """A widget input's value: a literal, or what a primitive/concatenate node gives."""
+    def value(self, nid: str, name: str, _within: tuple[str, ...] = ()) -> Any:
+        """A widget input's value: a literal, or what a primitive/concatenate node gives.
+        ``_within``: the constant nodes being read, each taking its value from the next."""
         if not is_link(self.raw(nid, name)):
             return self.raw(nid, name)
         src, _ = self.link(nid, name, CONSTANT_NODES)
+        within = (*_within, nid)
+        if src in within:
+            loop = cycle_text([*within[within.index(src) :], src])
+            raise ComfyImportError(
+                f"{self.who(nid)}: input {name!r} links back to node {src}; nodes {loop} form "
+                "a cycle"
+            )
         if self.cls(src) == "StringConcatenate":
-            parts = [self.string(src, "string_a"), self.string(src, "string_b")]
-            return self.string(src, "delimiter").join(parts)
-        return self.value(src, "value")
+            parts = [self._string(src, "string_a", within), self._string(src, "string_b", within)]
+            return self._string(src, "delimiter", within).join(parts)
+        return self.value(src, "value", within)
 
     def _bad(self, nid: str, name: str, value: Any, kind: str) -> ComfyImportError:
-        return ComfyImportError(f"{self.who(nid)}: input {name!r} must be {kind}, got {value!r}")
+        return ComfyImportError(
+            f"{self.who(nid)}: input {name!r} must be {kind}, got {_short(value, 200)}"
+        )
 
     def string(self, nid: str, name: str) -> str:
-        value = self.value(nid, name)
+        return self._string(nid, name, ())
+
+    def _string(self, nid: str, name: str, within: tuple[str, ...]) -> str:
+        value = self.value(nid, name, within)
         if not isinstance(value, str):
             raise self._bad(nid, name, value, "a string")
         return value
@@ -416,7 +590,10 @@ class Graph:
         value = self.value(nid, name)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise self._bad(nid, name, value, "a number")
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:
+            raise self._bad(nid, name, value, "a number in the float range") from None
 
     def integer(self, nid: str, name: str) -> int:
         value = self.value(nid, name)

@@ -22,6 +22,8 @@ from zimage_trt.workflow.comfy_graph import (
     SUPPORTED,
     ComfyImportError,
     Graph,
+    cycle_text,
+    id_order,
     is_link,
     normalize,
     prefix_templates,
@@ -62,6 +64,12 @@ SCHEDULER_NAMES = {
 
 SAMPLER_NODES = ("KSampler", "KSamplerAdvanced", "SamplerCustom", "SamplerCustomAdvanced")
 SAMPLER_DISPLAY_NAMES = {"KSamplerAdvanced": "KSampler (Advanced)"}
+SAMPLER_OUTPUTS = {
+    "KSampler": ("LATENT",),
+    "KSamplerAdvanced": ("LATENT",),
+    "SamplerCustom": ("output", "denoised_output"),
+    "SamplerCustomAdvanced": ("output", "denoised_output"),
+}
 MODEL_NODES = (
     "UNETLoader",
     "LoraLoader",
@@ -82,17 +90,13 @@ def import_graph(source: str | Path | dict[str, Any]) -> Workflow:
 
     Raises ComfyImportError (a ValueError) naming the node, class and input at fault.
     """
-    data, ui, name = read_source(source)
-    nodes, muted = normalize(data)
+    data, ui, name, where = read_source(source)
+    nodes, muted = normalize(data, where)
     return _build(Graph(nodes, muted), name, prefix_templates(ui))
 
 
 # ---------------------------------------------------------------------------------------------
 # Graph → stages
-
-
-def _id_key(nid: str) -> tuple[bool, int, str]:
-    return (not nid.isdigit(), int(nid) if nid.isdigit() else 0, nid)
 
 
 @dataclass
@@ -126,7 +130,7 @@ class _Stage:
 
 
 def _build(g: Graph, name: str, prefix_templates: dict[str, str]) -> Workflow:
-    outputs = sorted((n for n in g.nodes if g.cls(n) in OUTPUT_NODES), key=_id_key)
+    outputs = sorted((n for n in g.nodes if g.cls(n) in OUTPUT_NODES), key=id_order)
     if not outputs:
         raise ComfyImportError("the graph has no SaveImage or PreviewImage node; nothing to run")
     decoded: dict[str, list[str]] = {}  # sampler → output nodes showing its decoded latent
@@ -196,10 +200,16 @@ def _build(g: Graph, name: str, prefix_templates: dict[str, str]) -> Workflow:
 def _sampler_output(g: Graph, nid: str, name: str) -> str:
     """The sampler node whose main LATENT output feeds input ``name``."""
     src, slot = g.link(nid, name, SAMPLER_NODES)
+    outputs = SAMPLER_OUTPUTS[g.cls(src)]
+    if not 0 <= slot < len(outputs):
+        raise ComfyImportError(
+            f"{g.who(nid)}: input {name!r} takes output {slot} of {g.who(src)}, which has "
+            f"{len(outputs)} output{'s' if len(outputs) > 1 else ''} ({', '.join(outputs)})"
+        )
     if slot != 0:
         raise ComfyImportError(
-            f"{g.who(nid)}: input {name!r} takes output {slot} (denoised_output) of "
-            f"{g.who(src)}; only its first output ('output') can be imported"
+            f"{g.who(nid)}: input {name!r} takes output {slot} ({outputs[slot]}) of "
+            f"{g.who(src)}; only its first output ({outputs[0]!r}) can be imported"
         )
     return src
 
@@ -216,7 +226,8 @@ def _stage_chain(g: Graph, decoded: list[str]) -> list[tuple[str, dict[str, Any]
         latent[nid], previous[nid] = _latent_source(g, nid)
         if previous[nid] is not None:
             todo.append(str(previous[nid]))
-    roots = sorted((n for n, p in previous.items() if p is None), key=_id_key)
+    _refuse_latent_cycles(previous)
+    roots = sorted((n for n, p in previous.items() if p is None), key=id_order)
     if len(roots) != 1:
         raise ComfyImportError(
             f"the graph has {len(roots)} separate chains of stages (first samplers: nodes "
@@ -230,16 +241,33 @@ def _stage_chain(g: Graph, decoded: list[str]) -> list[tuple[str, dict[str, Any]
         if len(nexts) > 1:
             raise ComfyImportError(
                 f"the graph branches after sampler node {prev}: nodes "
-                f"{', '.join(sorted(nexts, key=_id_key))} all continue from its latent; only "
+                f"{', '.join(sorted(nexts, key=id_order))} all continue from its latent; only "
                 "one chain of stages can be imported"
             )
-    order = [roots[0]]
+    order = [roots[0]]  # with no cycle and no branch, this reaches every sampler
     while order[-1] in following:
         order.append(following[order[-1]][0])
-    if len(order) != len(previous):
-        loop = sorted(set(previous) - set(order), key=_id_key)
-        raise ComfyImportError(f"the latents of sampler nodes {', '.join(loop)} form a loop")
     return [(nid, latent[nid]) for nid in order]
+
+
+def _refuse_latent_cycles(previous: dict[str, str | None]) -> None:
+    """Refuse samplers whose latents go round in a loop (each fed, through upscales, by the one
+    before it): such a chain has no first stage."""
+    done: set[str] = set()
+    for start in sorted(previous, key=id_order):
+        path: list[str] = []
+        nid: str | None = start
+        while nid is not None and nid not in done:
+            if nid in path:
+                loop = cycle_text([*path[path.index(nid) :], nid])
+                raise ComfyImportError(
+                    f"the latents of sampler nodes {loop} form a cycle (each takes its "
+                    "latent_image from the one before); the first stage needs an empty latent "
+                    "(EmptySD3LatentImage)"
+                )
+            path.append(nid)
+            nid = previous.get(nid)
+        done.update(path)
 
 
 def _latent_source(g: Graph, sampler: str) -> tuple[dict[str, Any], str | None]:
@@ -404,12 +432,15 @@ def _flow_match_options(g: Graph, nid: str) -> dict[str, Any]:
 
 def _walk(g: Graph, nid: str, name: str, allowed: tuple[str, ...]) -> Iterator[str]:
     """The nodes up a MODEL or CLIP chain, nearest first."""
-    seen: set[str] = set()
+    seen: list[str] = []  # each node takes its input from the next
     src, _ = g.link(nid, name, allowed)
     while True:
         if src in seen:
-            raise ComfyImportError(f"{g.who(src)}: the {name} chain loops back to itself")
-        seen.add(src)
+            loop = cycle_text([*seen[seen.index(src) :], src])
+            raise ComfyImportError(
+                f"{g.who(src)}: the {name} chain loops back to itself; nodes {loop} form a cycle"
+            )
+        seen.append(src)
         yield src
         if g.cls(src) in ("UNETLoader", "CLIPLoader", "CLIPLoaderGGUF"):
             return

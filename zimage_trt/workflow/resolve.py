@@ -7,6 +7,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from zimage_trt.errors import MissingFileError
 from zimage_trt.models.model_files import model_files, resolve_model
 from zimage_trt.models.sources import ModelSources
 from zimage_trt.workflow.spec import Workflow
@@ -55,4 +56,4 @@ def _find_file(name: str, search: tuple[Path, ...]) -> Path:
             if candidate.is_file():
                 return candidate
     looked = ", ".join(str(f) for f in search) or "the current folder"
-    raise FileNotFoundError(f"LoRA file {name!r} not found (looked in {looked})")
+    raise MissingFileError(f"LoRA file {name!r} not found (looked in {looked})")

@@ -17,18 +17,20 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from torch import Tensor
 
 from zimage_trt.atomic import write_text
+from zimage_trt.errors import InputError
 from zimage_trt.sampling.latents import MAX_SIDE, SIDE_MULTIPLE, UPSCALE_METHODS, VAE_SCALE
 from zimage_trt.sampling.model_sampling import FlowSampling
 from zimage_trt.sampling.noise import SEED_MAX
 from zimage_trt.sampling.samplers import SAMPLERS
 from zimage_trt.sampling.schedules import SCHEDULERS, calculate_sigmas
 from zimage_trt.sampling.stage import CacheParams, LatentInput, StageParams
+from zimage_trt.workflow.png_text import PNG_SIGNATURE
 
 LORA_STRENGTH_MAX = 100.0
 ZIMAGE_SHIFT = 3.0  # Z-Image-Turbo's own model-sampling shift (ComfyUI supported_models.ZImage)
 
 
-class WorkflowError(ValueError):
+class WorkflowError(InputError):
     """A workflow that does not validate; the message lists every bad field by its path."""
 
 
@@ -344,16 +346,24 @@ class Workflow(_Spec):
 
     @classmethod
     def from_yaml(cls, text: str, source: str = "workflow") -> Workflow:
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise WorkflowError(f"{source}: not valid YAML: {exc}") from None
-        return cls.from_dict(data, source)
+        return cls.from_dict(_parse_yaml(text, source), source)
 
     @classmethod
     def load(cls, path: str | Path) -> Workflow:
+        """A workflow YAML file; every error names the file (and the line where YAML gives it),
+        and a ComfyUI graph or PNG given instead gets the command that imports it."""
         path = Path(path)
-        wf = cls.from_yaml(path.read_text(encoding="utf-8"), str(path))
+        data = _parse_yaml(_read_workflow_text(path), str(path))
+        try:
+            wf = cls.from_dict(data, str(path))
+        except WorkflowError as exc:
+            kind = _comfy_graph_kind(data)
+            if kind is None:
+                raise
+            raise WorkflowError(
+                f"{exc}\n{path} is a ComfyUI graph ({kind} format), not a zimage-trt workflow; "
+                f"import it first: zimage-trt workflow import {path} -o workflow.yaml"
+            ) from None
         neg = wf.prompts.negative_file
         if neg is not None and not Path(neg).is_absolute():
             wf.prompts.negative_file = str((path.parent / neg).resolve())
@@ -374,6 +384,64 @@ class Workflow(_Spec):
         if path.is_dir():
             raise ValueError(f"cannot write the workflow to {path}: it is a folder")
         write_text(path, self.to_yaml())
+
+
+def _read_workflow_text(path: Path) -> str:
+    """A workflow file's text: UTF-8, refused naming the file and line otherwise (a PNG with
+    the command that imports the graph ComfyUI saved in it)."""
+    raw = path.read_bytes()
+    if raw.startswith(PNG_SIGNATURE):
+        raise WorkflowError(
+            f"{path} is a PNG image, not a workflow YAML file; to use the ComfyUI graph saved "
+            f"in it, import it first: zimage-trt workflow import {path} -o workflow.yaml"
+        )
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise WorkflowError(
+            f"{path}:{line}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset "
+            f"{exc.start}: {exc.reason})"
+        ) from None
+
+
+def _parse_yaml(text: str, source: str) -> Any:
+    """``yaml.safe_load`` (no Python objects are ever constructed), every failure a
+    WorkflowError naming ``source``."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        problem = exc.problem or exc.context or "malformed"
+        where = f"{source}:{mark.line + 1}" if mark is not None else source
+        column = f"column {mark.column + 1}" if mark is not None else ""
+        context = ""
+        if exc.context and exc.problem and exc.context_mark is not None:
+            context = f"{exc.context} from line {exc.context_mark.line + 1}"
+        detail = "; ".join(part for part in (column, context) if part)
+        detail = f" ({detail})" if detail else ""
+        raise WorkflowError(f"{where}: not valid YAML: {problem}{detail}") from None
+    except yaml.reader.ReaderError as exc:  # a character YAML does not allow
+        line = text.count("\n", 0, exc.position) + 1
+        problem = str(exc).splitlines()[0]
+        raise WorkflowError(f"{source}:{line}: not valid YAML: {problem}") from None
+    except yaml.YAMLError as exc:
+        raise WorkflowError(f"{source}: not valid YAML: {' '.join(str(exc).split())}") from None
+    except RecursionError:
+        raise WorkflowError(f"{source}: not a workflow: YAML nested too deeply") from None
+    except ValueError as exc:  # a value YAML's constructors refuse: a 5000-digit int, 2001-13-45
+        raise WorkflowError(f"{source}: not valid YAML: {exc}") from None
+
+
+def _comfy_graph_kind(data: Any) -> str | None:
+    """'API' or 'UI' where ``data`` is a ComfyUI graph rather than a workflow, else None."""
+    if not isinstance(data, dict) or not data:
+        return None
+    if isinstance(data.get("nodes"), list) and "links" in data:
+        return "UI"
+    if all(isinstance(node, dict) and "class_type" in node for node in data.values()):
+        return "API"
+    return None
 
 
 def _not_multiple(index: int, width: int, height: int) -> str:

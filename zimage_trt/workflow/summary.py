@@ -38,7 +38,9 @@ class StagePlan:
 
 def plan_stage(stage: Stage, latent_hw: tuple[int, int]) -> StagePlan:
     sigmas = stage.sigmas()
-    evaluations = [float(s) for s in evaluated_sigmas(stage.sampler.name, sigmas, stage.sampler.r)]
+    # the stage's model sampling, as the run passes it: dpmpp_sde needs it where sigmas[0] >= 1
+    calls = evaluated_sigmas(stage.sampler.name, sigmas, stage.sampler.r, stage.model_sampling)
+    evaluations = [float(s) for s in calls]
     cache_ms = stage.cache_sampling()
     window = None
     if stage.cache is not None and cache_ms is not None:
