@@ -41,6 +41,12 @@ def _half_strength(path: Path) -> Path:
     return path
 
 
+def _sigint_default() -> None:
+    """In the child before exec: SIGINT back to its default, so Python turns it into
+    KeyboardInterrupt (a shell's background job, as CI may run, inherits it ignored)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_a_killed_rebuild_leaves_the_old_folder_serving_and_its_work_reusable(
     built: BuildResult, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -86,6 +92,7 @@ def test_a_killed_rebuild_leaves_the_old_folder_serving_and_its_work_reusable(
     proc = subprocess.Popen(
         [sys.executable, "-m", "zimage_trt.cli", *argv],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        preexec_fn=_sigint_default,
     )  # fmt: skip
     assert proc.stderr is not None
     lines = []

@@ -463,6 +463,12 @@ CHEAP = {
 }  # fmt: skip
 
 
+def _sigint_default() -> None:
+    """In the child before exec: SIGINT back to its default, so Python turns it into
+    KeyboardInterrupt (a shell's background job, as CI may run, inherits it ignored)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_exits_130_and_leaves_no_partial_image(tmp_path: Path) -> None:
     """Audit case 96's contract for every command: SIGINT mid-batch → exit 130, one line, no
     traceback, every image on disk whole and no temporary file left."""
@@ -477,7 +483,7 @@ def test_ctrl_c_exits_130_and_leaves_no_partial_image(tmp_path: Path) -> None:
         [sys.executable, "-m", "zimage_trt.cli", "generate", "--model", "tiny",
          "-w", str(tmp_path / "cheap.yaml"), "--prompts-file", str(tmp_path / "p.txt"),
          "--out", str(out)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_sigint_default,
     )  # fmt: skip
     assert proc.stdout is not None
     for line in proc.stdout:  # interrupt once the first image is written
