@@ -389,7 +389,8 @@ def test_read_manifest_missing_field_names_its_path(tmp_path: Path) -> None:
     with pytest.raises(ManifestError) as info:
         read_manifest(tmp_path)
     assert str(info.value) == (
-        f"{path}: backend: Input should be 'onnxruntime' or 'tensorrt'; rebuild the folder"
+        f"{path}: backend: Input should be 'onnxruntime', 'tensorrt' or 'tensorrt-rtx'; "
+        "rebuild the folder"
     )
 
 

@@ -94,6 +94,13 @@ def run_build(
     weights = _weights_record(plan.sources, options.lora_ignore_unmatched)
     versions = _versions(options.backend)
     machine = _machine(options.backend)
+    targets: tuple[str, ...] = ()
+    if options.backend == "tensorrt-rtx":
+        from zimage_trt.engines.tensorrt_env import rtx_targets
+
+        targets, why = rtx_targets(options.compute_capability)
+        log(f"TensorRT-RTX {versions['tensorrt_rtx']}: compiling for compute capabilities "
+            f"{', '.join(targets)} ({why})")  # fmt: skip
     entries: dict[str, EngineFile] = {}
     reports: list[EngineReport] = []
     names = list(plan.profiles)
@@ -170,7 +177,7 @@ def run_build(
         refit_names: Sequence[str] = ()
         if net.component == "transformer" and options.backend == "onnxruntime":
             refit_names = result.weight_names  # ONNX Runtime overrides initializers by name
-        if options.backend == "tensorrt":
+        if options.backend in ("tensorrt", "tensorrt-rtx"):
             from zimage_trt.build_engines.tensorrt_builder import build_tensorrt_engine
 
             plan_path = out / plan_rel
@@ -181,7 +188,10 @@ def run_build(
                 refittable=options.refittable and name in ("denoiser", "caption_path"),
                 timing_cache=options.timing_cache, log=log,
                 progress=_phase_logger(f"[{index}/{len(names)}] {name}", log),
+                library=options.backend.replace("-", "_"), compute_capabilities=targets,
             )  # fmt: skip
+            log(f"[{index}/{len(names)}] {name}: {info.engine_bytes / 2**20:.1f} MiB plan built "
+                f"in {info.seconds:.1f} s")  # fmt: skip
             files[_rel(out, plan_path)] = file_record(plan_path)
             engine_file = _rel(out, plan_path)
             refit_names = info.refit_weights
@@ -228,6 +238,10 @@ def run_build(
         peak_rss_bytes=peak_rss_bytes(),
         versions=versions,
         machine=machine,
+        library=(
+            {"name": "tensorrt_rtx", "version": versions["tensorrt_rtx"]} if targets else None
+        ),
+        targets={"compute_capabilities": list(targets)} if targets else None,
         options=_options_record(options),
         weights=weights,
         workflow=plan.source_label,
@@ -324,6 +338,10 @@ def _versions(backend: str) -> dict[str, str]:
         import onnxruntime
 
         versions["onnxruntime"] = onnxruntime.__version__
+    elif backend == "tensorrt-rtx":
+        from zimage_trt.engines.tensorrt_env import require_tensorrt_rtx
+
+        versions["tensorrt_rtx"] = require_tensorrt_rtx()
     else:
         from zimage_trt.engines.tensorrt_env import tensorrt_version
 
@@ -336,6 +354,8 @@ def _machine(backend: str) -> dict[str, str]:
         from zimage_trt.engines.tensorrt_env import gpu_identity
 
         return gpu_identity()
+    if backend == "tensorrt-rtx":
+        return {}  # compiled ahead of time: the manifest's targets say which GPUs run the plans
     import platform
 
     return {"cpu": platform.machine(), "system": platform.system()}
@@ -344,12 +364,16 @@ def _machine(backend: str) -> dict[str, str]:
 def _options_record(options: BuildOptions) -> dict[str, Any]:
     record: dict[str, Any] = {"opset": OPSET, "caption_max": options.caption_max,
                               "buckets": list(options.buckets)}  # fmt: skip
-    if options.backend == "tensorrt":
+    if options.backend in ("tensorrt", "tensorrt-rtx"):
         record.update(
             optimization_level=options.optimization_level,
             memory_pool_limit=options.memory_pool_limit,
             refittable=options.refittable,
         )
+    if options.backend == "tensorrt-rtx":
+        from zimage_trt.engines.tensorrt_env import rtx_targets
+
+        record["compute_capabilities"] = list(rtx_targets(options.compute_capability)[0])
     return record
 
 
@@ -365,7 +389,7 @@ def _engine_key(
     """Weights (with LoRAs), precision, profiles, versions, machine and builder options; a
     refittable TensorRT engine leaves the weights out (they are refit, not rebuilt)."""
     component = net.component
-    refit = options.backend == "tensorrt" and options.refittable
+    refit = options.backend in ("tensorrt", "tensorrt-rtx") and options.refittable
     parts: dict[str, Any] = {
         "engine": name,
         "precision": options.precision,

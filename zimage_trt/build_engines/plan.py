@@ -28,7 +28,7 @@ from zimage_trt.models.sources import ModelSources
 from zimage_trt.workflow import Stage, Workflow
 from zimage_trt.workflow.resolve import model_sources
 
-BUILD_BACKENDS = ("onnxruntime", "tensorrt")
+BUILD_BACKENDS = ("onnxruntime", "tensorrt", "tensorrt-rtx")
 Log = Callable[[str], None]
 
 
@@ -51,6 +51,8 @@ class BuildOptions:
     refittable: bool = False
     timing_cache: Path | None = None
     lora_ignore_unmatched: bool = False
+    # TensorRT-RTX: the GPUs' compute capabilities ("8.9,12.0"); None: this GPU, else defaults
+    compute_capability: str | None = None
 
     def validate(self) -> None:
         if self.backend not in BUILD_BACKENDS:
@@ -62,6 +64,22 @@ class BuildOptions:
             raise InputError(
                 f"precision {self.precision!r} is not supported; choose one of: "
                 f"{', '.join(PRECISIONS)} (fp16 gives NaN / black images with Z-Image)"
+            )
+        if self.backend == "tensorrt-rtx":
+            from zimage_trt.engines.tensorrt_env import check_rtx_refit, rtx_targets
+
+            rtx_targets(self.compute_capability)  # refuses a bad list before any work
+            if self.refittable:
+                check_rtx_refit()
+            if self.timing_cache is not None:
+                raise InputError(
+                    "TensorRT-RTX has no timing cache (it has no effect there and forces a GPU "
+                    "query); drop --timing-cache"
+                )
+        elif self.compute_capability is not None:
+            raise InputError(
+                f"--compute-capability is for --backend tensorrt-rtx; the {self.backend} backend "
+                "builds for the machine it runs on"
             )
         if not 0 <= self.optimization_level <= 5:
             raise InputError(

@@ -5,6 +5,13 @@ the network is created STRONGLY_TYPED; on 11.x strong typing is always on and th
 deprecated, so it is not passed. Written against the TensorRT 10.13 Python API (the stubs the
 type check reads); the 11.x branch follows NVIDIA's headers and has not been run here.
 
+The same function builds with TensorRT-RTX (``library="tensorrt_rtx"``), whose Python API is
+TensorRT's where this module uses it. The seam, where the two differ: RTX networks are always
+strongly typed, its plans are compiled ahead of time for the named compute capabilities
+(``_set_rtx_targets``, typed by the generated ``tensorrt_rtx`` stubs) and cannot be deserialized
+without a GPU — so the build facts (I/O names and dtypes, profiles) come from the network, never
+from a deserialized engine — and it has no timing cache.
+
 TensorRT is imported inside the functions: this module imports on machines without it, and
 says what to run instead when a build is asked for there.
 """
@@ -18,13 +25,16 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from zimage_trt.atomic import atomic_path
 from zimage_trt.engines.manifest import Profile
 from zimage_trt.engines.tensorrt_env import (
+    RTX_COMPUTE_CAPABILITIES,
+    check_rtx_refit,
     dtype_name,
     require_tensorrt,
+    require_tensorrt_rtx,
     torch_dtype,
     version_tuple,
 )
@@ -33,6 +43,7 @@ from zimage_trt.errors import InputError, MissingFileError, RunError
 if TYPE_CHECKING:
     import tensorrt
 
+LIBRARIES = ("tensorrt", "tensorrt_rtx")
 OPTIMIZATION_LEVELS = range(6)  # TensorRT's builder optimization levels 0…5 (default 3)
 ProgressFn = Callable[[str, int, int], None]  # (phase, steps done, steps in phase)
 
@@ -49,13 +60,15 @@ class TensorRTBuildInfo:
     engine_bytes: int
     sha256: str
     seconds: float
-    tensorrt_version: str
-    device_memory_size: int  # activation bytes (the maximum over the profiles)
+    tensorrt_version: str  # the library's version
+    device_memory_size: int | None  # activation bytes (max over profiles); None: not loadable here
     inputs: dict[str, str]  # name → dtype name as in the manifest ("bfloat16", "int64", …)
     outputs: dict[str, str]
     profiles: tuple[str, ...]  # profile names in the plan's profile order
     refit_weights: tuple[str, ...] = ()  # refittable weight names (refittable builds only)
     log: tuple[str, ...] = field(default=(), repr=False)  # TensorRT's warnings and errors
+    library: str = "tensorrt"
+    compute_capabilities: tuple[str, ...] = ()  # TensorRT-RTX: the GPUs the plan is for
 
 
 def _print_log(message: str) -> None:
@@ -73,6 +86,8 @@ def build_tensorrt_engine(
     timing_cache: Path | None = None,
     progress: ProgressFn | None = None,
     log: Callable[[str], None] = _print_log,
+    library: str = "tensorrt",
+    compute_capabilities: Sequence[str] = (),
 ) -> TensorRTBuildInfo:
     """Parse ``onnx_path`` (external data beside it), build one profile per ``Profile`` (in
     order), write the plan atomically to ``engine_path`` and describe it.
@@ -81,17 +96,23 @@ def build_tensorrt_engine(
     GPU and TensorRT version, chosen by the caller) is read if present and rewritten after the
     build; ``progress`` receives (phase, steps done, steps) from TensorRT's progress monitor and
     may raise to cancel the build; ``log`` receives TensorRT's warnings and errors.
+    ``library`` "tensorrt_rtx" builds with TensorRT-RTX for ``compute_capabilities`` ("8.9", …).
     """
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)
     _check_arguments(onnx_path, profiles, optimization_level, memory_pool_limit)
-    version = require_tensorrt()
-    import tensorrt as trt
+    rtx = _check_library(library, compute_capabilities, refittable)
+    if not rtx:
+        version = require_tensorrt()
+        import tensorrt as trt
+    else:  # TensorRT's API where this module uses it (the module docstring)
+        version = require_tensorrt_rtx()
+        import tensorrt_rtx as trt  # type: ignore[no-redef]
 
     record = _BuildRecord()
-    logger = _logger(log, record)
+    logger = _logger(log, record, trt)
     builder = trt.Builder(logger)
     flags = 0
-    if version_tuple(version) < (11,):
+    if not rtx and version_tuple(version) < (11,):
         # 10.x: strong typing is opt-in; 11.x: always on, the flag deprecated
         flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
     network = builder.create_network(flags)
@@ -119,10 +140,12 @@ def build_tensorrt_engine(
             )
         if config.add_optimization_profile(profile) < 0:
             raise TensorRTBuildError(f"TensorRT rejected optimization profile {stage.name!r}")
-    if timing_cache is not None:
+    if rtx:
+        _set_rtx_targets(config, compute_capabilities)
+    elif timing_cache is not None:
         _load_timing_cache(config, timing_cache, log)
     if progress is not None:
-        config.progress_monitor = _progress_monitor(progress, record)
+        config.progress_monitor = _progress_monitor(progress, record, trt)
 
     start = time.perf_counter()
     plan = builder.build_serialized_network(network, config)
@@ -137,20 +160,25 @@ def build_tensorrt_engine(
             + "(out of GPU memory is the usual cause: lower the optimization level, set a "
             "memory-pool limit, or narrow the profiles)"
         )
-    runtime = trt.Runtime(logger)  # held while the engine lives (TensorRT's lifetime rule)
-    engine = runtime.deserialize_cuda_engine(plan)
-    if engine is None:
-        raise TensorRTBuildError(f"TensorRT cannot load the plan it just built for {engine_path}")
-    inputs, outputs = _io_dtypes(engine)
-    device_memory = (
-        engine.device_memory_size_v2
-        if hasattr(engine, "device_memory_size_v2")
-        else engine.device_memory_size
-    )
-    refit_weights = tuple(refit_weight_names(engine)) if refittable else ()
-    del engine, runtime
+    inputs, outputs = _io_dtypes(network)
+    device_memory: int | None = None
+    refit_weights: tuple[str, ...] = ()
+    if not rtx or refittable:  # a GPU is here (refittable RTX builds need one)
+        runtime = trt.Runtime(logger)  # held while the engine lives (TensorRT's lifetime rule)
+        engine = runtime.deserialize_cuda_engine(plan)
+        if engine is None:
+            raise TensorRTBuildError(
+                f"TensorRT cannot load the plan it just built for {engine_path}"
+            )
+        device_memory = int(
+            engine.device_memory_size_v2
+            if hasattr(engine, "device_memory_size_v2")
+            else engine.device_memory_size
+        )
+        refit_weights = tuple(refit_weight_names(engine)) if refittable else ()
+        del engine, runtime
 
-    if timing_cache is not None:
+    if timing_cache is not None and not rtx:
         with atomic_path(timing_cache) as tmp:
             tmp.write_bytes(config.get_timing_cache().serialize())
     digest = hashlib.sha256(plan).hexdigest()
@@ -162,12 +190,14 @@ def build_tensorrt_engine(
         sha256=digest,
         seconds=seconds,
         tensorrt_version=version,
-        device_memory_size=int(device_memory),
+        device_memory_size=device_memory,
         inputs=inputs,
         outputs=outputs,
         profiles=tuple(p.name for p in profiles),
         refit_weights=refit_weights,
         log=tuple(record.messages),
+        library=library,
+        compute_capabilities=tuple(compute_capabilities) if rtx else (),
     )
 
 
@@ -217,6 +247,40 @@ def _check_arguments(
         raise MissingFileError(f"ONNX file {onnx_path} does not exist")
 
 
+def _check_library(library: str, compute_capabilities: Sequence[str], refittable: bool) -> bool:
+    """True for TensorRT-RTX; refuses what cannot build before any work."""
+    if library not in LIBRARIES:
+        raise InputError(f"library {library!r} is not one of {', '.join(LIBRARIES)}")
+    if library == "tensorrt":
+        if compute_capabilities:
+            raise InputError(
+                "compute capabilities are chosen for TensorRT-RTX builds only; TensorRT builds "
+                "for the GPU it runs on"
+            )
+        return False
+    bad = [cc for cc in compute_capabilities if cc not in RTX_COMPUTE_CAPABILITIES]
+    if bad or not compute_capabilities:
+        raise InputError(
+            f"TensorRT-RTX builds for one or more of {', '.join(RTX_COMPUTE_CAPABILITIES)}; got "
+            f"{', '.join(bad) if bad else 'none'}"
+        )
+    if refittable:
+        check_rtx_refit()
+    return True
+
+
+def _set_rtx_targets(config: Any, compute_capabilities: Sequence[str]) -> None:
+    """TensorRT-RTX: compile the plan ahead of time for each compute capability ("8.9" → SM89)."""
+    import tensorrt_rtx
+
+    rtx_config = config
+    rtx_config.num_compute_capabilities = len(compute_capabilities)
+    for index, cc in enumerate(compute_capabilities):
+        target = getattr(tensorrt_rtx.ComputeCapability, "SM" + cc.replace(".", ""))
+        if not rtx_config.set_compute_capability(target, index):
+            raise TensorRTBuildError(f"TensorRT-RTX refused compute capability {cc}")
+
+
 def _check_profiles(
     onnx_path: Path, network: tensorrt.INetworkDefinition, profiles: Sequence[Profile]
 ) -> None:
@@ -259,17 +323,15 @@ def _parser_errors(parser: tensorrt.OnnxParser) -> str:
     return "\n".join(lines) or "  (the parser reported no details)"
 
 
-def _io_dtypes(engine: tensorrt.ICudaEngine) -> tuple[dict[str, str], dict[str, str]]:
-    import tensorrt as trt
+def _io_dtypes(network: tensorrt.INetworkDefinition) -> tuple[dict[str, str], dict[str, str]]:
+    """The network's inputs and outputs, name → manifest dtype name, as the builder typed them
+    (no GPU needed, unlike asking a deserialized engine)."""
 
-    inputs, outputs = {}, {}
-    for i in range(engine.num_io_tensors):
-        name = engine.get_tensor_name(i)
-        dtype = dtype_name(torch_dtype(engine.get_tensor_dtype(name).name))
-        if engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT:
-            inputs[name] = dtype
-        else:
-            outputs[name] = dtype
+    def dtype(tensor: tensorrt.ITensor) -> str:
+        return dtype_name(torch_dtype(tensor.dtype.name))
+
+    inputs = {t.name: dtype(t) for t in map(network.get_input, range(network.num_inputs))}
+    outputs = {t.name: dtype(t) for t in map(network.get_output, range(network.num_outputs))}
     return inputs, outputs
 
 
@@ -296,9 +358,8 @@ class _BuildRecord:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
-def _logger(log: Callable[[str], None], record: _BuildRecord) -> tensorrt.ILogger:
-    """A TensorRT logger forwarding warnings and errors to ``log`` and into ``record``."""
-    import tensorrt as trt
+def _logger(log: Callable[[str], None], record: _BuildRecord, trt: Any) -> tensorrt.ILogger:
+    """A logger of library ``trt`` forwarding warnings and errors to ``log`` and ``record``."""
 
     class ForwardingLogger(trt.ILogger):
         def __init__(self) -> None:
@@ -317,10 +378,12 @@ def _logger(log: Callable[[str], None], record: _BuildRecord) -> tensorrt.ILogge
     return ForwardingLogger()
 
 
-def _progress_monitor(progress: ProgressFn, record: _BuildRecord) -> tensorrt.IProgressMonitor:
-    """Forwards TensorRT's build phases to ``progress``. An exception from ``progress`` cannot
-    cross TensorRT's threads: it cancels the build and the builder raises it afterwards."""
-    import tensorrt as trt
+def _progress_monitor(
+    progress: ProgressFn, record: _BuildRecord, trt: Any
+) -> tensorrt.IProgressMonitor:
+    """Forwards the build phases of library ``trt`` to ``progress``. An exception from
+    ``progress`` cannot cross TensorRT's threads: it cancels the build and the builder raises it
+    afterwards."""
 
     class Monitor(trt.IProgressMonitor):
         def __init__(self) -> None:
@@ -328,14 +391,17 @@ def _progress_monitor(progress: ProgressFn, record: _BuildRecord) -> tensorrt.IP
             self._steps: dict[str, int] = {}
 
         def phase_start(self, phase_name: str, parent_phase: str | None, num_steps: int) -> None:
+            if parent_phase is not None:  # nested phases (hundreds with TensorRT-RTX): not shown
+                return
             with record.lock:
                 self._steps[phase_name] = num_steps
             self._report(phase_name, 0, num_steps)
 
         def step_complete(self, phase_name: str, step: int) -> bool:
             with record.lock:
-                total = self._steps.get(phase_name, step + 1)
-            self._report(phase_name, step + 1, total)  # steps are numbered 0 … num_steps-1
+                total = self._steps.get(phase_name)
+            if total is not None:  # steps are numbered 0 … num_steps-1
+                self._report(phase_name, step + 1, total)
             return record.progress_error is None
 
         def phase_finish(self, phase_name: str) -> None:

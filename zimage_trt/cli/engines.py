@@ -43,7 +43,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         raise InputError("give --workflow or --resolutions, not both")
     resolutions = parse_resolutions(args.resolutions) if args.resolutions else []
     wf = load_workflow(args.workflow or "zimage-121101") if not resolutions else None
-    precision = args.precision or ("bf16" if args.backend == "tensorrt" else "fp32")
+    precision = args.precision or ("fp32" if args.backend == "onnxruntime" else "bf16")
     options = BuildOptions(
         backend=args.backend,
         precision=precision,
@@ -56,6 +56,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         refittable=args.refittable,
         timing_cache=args.timing_cache,
         lora_ignore_unmatched=args.lora_ignore_unmatched,
+        compute_capability=args.compute_capability,
     )
     log = stderr_log(args.quiet)
     plan = plan_build(options, model=args.model, workflow=wf, resolutions=resolutions, log=log)
@@ -134,15 +135,24 @@ def add_build_parser(sub: Any) -> None:
     )
     p.add_argument(
         "--backend",
-        choices=("tensorrt", "onnxruntime"),
+        choices=("tensorrt", "tensorrt-rtx", "onnxruntime"),
         default="tensorrt",
-        help="engines to build (default: tensorrt)",
+        help="engines to build (default: tensorrt; tensorrt-rtx builds ahead of time for RTX "
+        "GPUs, on any machine)",
+    )
+    p.add_argument(
+        "--compute-capability",
+        default=None,
+        metavar="CC,…",
+        help="tensorrt-rtx: the GPUs to compile for, e.g. 8.9,12.0 (7.5 8.0 8.6 8.9 12.0 12.1; "
+        "default: this GPU, else 8.6,8.9,12.0)",
     )
     p.add_argument(
         "--precision",
         choices=("bf16", "fp32"),
         default=None,
-        help="graph precision (default: bf16 for tensorrt, fp32 for onnxruntime); "
+        help="graph precision (default: bf16 for tensorrt and tensorrt-rtx, fp32 for "
+        "onnxruntime); "
         "fp16 is refused (NaN images with Z-Image)",
     )
     p.add_argument(

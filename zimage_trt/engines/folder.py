@@ -32,6 +32,8 @@ from zimage_trt.engines.refit import (
     show_loras,
     swap_refusal,
 )
+from zimage_trt.engines.tensorrt_env import RTX_COMPUTE_CAPABILITIES
+from zimage_trt.errors import UnavailableError
 from zimage_trt.models.tokenizer import QwenTokenizer
 from zimage_trt.text_table import text_table
 from zimage_trt.workflow import Workflow
@@ -153,6 +155,10 @@ def describe_folder(folder: str | Path, *, verify: bool = False) -> str:
     ]
     if m.machine:
         lines.append("built on: " + ", ".join(f"{k} {v}" for k, v in m.machine.items()))
+    if m.library is not None and m.targets is not None:
+        ccs = ", ".join(m.targets.get("compute_capabilities", []))
+        lines.append(f"compiled by: {m.library['name']} {m.library['version']} for compute "
+                     f"capabilities {ccs} (ahead of time)")  # fmt: skip
     lines.append(f"weights: {m.weights.origin}")
     loras = show_loras([(r.name, r.strength) for r in m.weights.loras])
     refusal = swap_refusal(m, root)
@@ -189,6 +195,8 @@ def check_machine(manifest: Manifest, device: torch.device) -> None:
                 "(pip install 'zimage-trt[onnxruntime]')"
             ) from None
         return
+    if manifest.backend == "tensorrt-rtx":
+        _check_rtx_machine(manifest)
     from zimage_trt.engines.tensorrt_env import gpu_identity, tensorrt_version
 
     if device.type != "cuda":
@@ -208,6 +216,32 @@ def check_machine(manifest: Manifest, device: torch.device) -> None:
                 f"machine has {here.get(key)!r}: TensorRT plans are specific to the GPU, "
                 "rebuild the folder here"
             )
+
+
+def _check_rtx_machine(manifest: Manifest) -> None:
+    """TensorRT-RTX plans run only on a GPU among the targets they were compiled for."""
+    targets = (manifest.targets or {}).get("compute_capabilities", [])
+    built = "these engines were compiled by TensorRT-RTX for compute capabilities " + ", ".join(
+        targets
+    )
+    if not torch.cuda.is_available():
+        raise UnavailableError(f"{built}; this machine has no CUDA GPU to run them")
+    major, minor = torch.cuda.get_device_capability(0)
+    here, gpu = f"{major}.{minor}", torch.cuda.get_device_name(0)
+    if here not in RTX_COMPUTE_CAPABILITIES:
+        raise UnavailableError(
+            f"{built}; this machine's GPU ({gpu}, {here}) is not a TensorRT-RTX target at all: "
+            "build with --backend tensorrt here"
+        )
+    if here not in targets:
+        raise UnavailableError(
+            f"{built}; this machine's GPU ({gpu}) is {here}: rebuild with "
+            f"--compute-capability {here}"
+        )
+    raise UnavailableError(
+        f"{built}, this GPU among them, but running TensorRT-RTX engines is not implemented yet "
+        "(the runtime side of issue 13); build --backend tensorrt or onnxruntime to serve here"
+    )
 
 
 def check_request(manifest: Manifest, wf: Workflow, folder: str | Path) -> bool:

@@ -132,13 +132,17 @@ class WeightsRecord(_Model):
 
 class Manifest(_Model):
     format: int = FORMAT_VERSION
-    backend: Literal["onnxruntime", "tensorrt"]
+    backend: Literal["onnxruntime", "tensorrt", "tensorrt-rtx"]
     precision: Literal["fp32", "bf16"]
     created: str  # ISO time
     build_seconds: float
     peak_rss_bytes: int
     versions: dict[str, str]  # zimage_trt, torch, onnx, onnxruntime | tensorrt
     machine: dict[str, str]  # gpu name, compute capability (TensorRT); cpu / providers (ORT)
+    # TensorRT-RTX: {"name": "tensorrt_rtx", "version": …} and the GPUs the plans were compiled
+    # for, {"compute_capabilities": ["8.9", "12.0"]} (built ahead of time, on any machine)
+    library: dict[str, str] | None = None
+    targets: dict[str, list[str]] | None = None
     options: dict[str, Any]  # builder options (optimization level, pool limits, refit, opset…)
     weights: WeightsRecord
     workflow: str  # the workflow (or resolution list) the profiles came from

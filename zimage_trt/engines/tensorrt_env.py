@@ -8,9 +8,14 @@ import re
 
 import torch
 
-from zimage_trt.errors import UnavailableError
+from zimage_trt.errors import InputError, UnavailableError
 
 MIN_TENSORRT = (10, 0)
+# TensorRT-RTX's build targets (its ComputeCapability enum: RTX 20…50 series, L4/L40S, RTX PRO
+# 6000 Blackwell, GB10); it has no data-centre Hopper or Blackwell target (H100/H200, B200).
+RTX_COMPUTE_CAPABILITIES = ("7.5", "8.0", "8.6", "8.9", "12.0", "12.1")
+# built for when no GPU is here to ask: RTX 30/40/50 series, L4/L40S, RTX PRO 6000 Blackwell
+RTX_DEFAULT_TARGETS = ("8.6", "8.9", "12.0")
 
 # TensorRT DataType member name → torch dtype (the types our graphs use at their boundaries).
 TRT_TORCH_DTYPES: dict[str, torch.dtype] = {
@@ -55,6 +60,55 @@ def require_tensorrt() -> str:
             f"≥ {'.'.join(map(str, MIN_TENSORRT))}"
         )
     return version
+
+
+def require_tensorrt_rtx() -> str:
+    """The installed TensorRT-RTX's version; a clear error naming the extra when there is none.
+    Callers then ``import tensorrt_rtx as trt`` themselves (typed by CI's generated stubs)."""
+    try:
+        import tensorrt_rtx
+    except ImportError as exc:
+        raise UnavailableError(
+            f"TensorRT-RTX is not installed ({exc}); install it with "
+            "`pip install 'zimage-trt[tensorrt-rtx]'` (it builds ahead of time, no GPU needed), "
+            "or use the onnxruntime backend (`zimage-trt build --backend onnxruntime`)"
+        ) from None
+    return str(tensorrt_rtx.__version__)
+
+
+def rtx_targets(text: str | None) -> tuple[tuple[str, ...], str]:
+    """The compute capabilities a TensorRT-RTX build is for, and why: ``text`` ("8.9,12.0"),
+    else this machine's GPU when TensorRT-RTX targets it, else ``RTX_DEFAULT_TARGETS``."""
+    if text is not None:
+        wanted = [part.strip() for part in text.split(",") if part.strip()]
+        bad = [cc for cc in wanted if cc not in RTX_COMPUTE_CAPABILITIES]
+        if bad or not wanted:
+            raise InputError(
+                f"--compute-capability {text!r}: {', '.join(bad) or 'none given'} is not a "
+                f"TensorRT-RTX target; choose from {', '.join(RTX_COMPUTE_CAPABILITIES)}"
+            )
+        return tuple(dict.fromkeys(wanted)), "as asked"
+    if torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability(0)
+        here = f"{major}.{minor}"
+        if here in RTX_COMPUTE_CAPABILITIES:
+            return (here,), f"this machine's GPU ({torch.cuda.get_device_name(0)})"
+        return RTX_DEFAULT_TARGETS, (
+            f"this machine's GPU ({torch.cuda.get_device_name(0)}, {here}) is not a "
+            "TensorRT-RTX target; built for the RTX defaults"
+        )
+    return RTX_DEFAULT_TARGETS, "no GPU here; built for the RTX defaults"
+
+
+def check_rtx_refit() -> None:
+    """A refittable TensorRT-RTX build needs a GPU at build time: refused up front without one."""
+    if not torch.cuda.is_available():
+        raise UnavailableError(
+            "TensorRT-RTX cannot build refittable engines without a GPU: it compiles them with "
+            'Myelin, which needs CUDA at build time (it fails with "MyelinCheckException … '
+            'CHECK(status == CUDA_SUCCESS) failed"); build without --refittable here, or on the '
+            "RTX GPU that will run them"
+        )
 
 
 def version_tuple(version: str) -> tuple[int, ...]:
