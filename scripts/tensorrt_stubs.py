@@ -121,8 +121,9 @@ def repair_stub(path: Path) -> list[str]:
 
 
 def _parses(def_line: str) -> bool:
+    text = def_line.strip()  # a def with its body on the next line gets one
     try:
-        ast.parse(def_line.strip() + " ...")
+        ast.parse(text + " ..." if text.endswith(":") else text)
     except SyntaxError:
         return False
     return True
@@ -145,7 +146,19 @@ def fix_stubs(root: Path) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--site", type=Path, help="the site-packages folder holding the stubs")
+    parser.add_argument(
+        "--stub", type=Path, action="append", default=[], metavar="FILE",
+        help="repair these stub files instead (the tensorrt_rtx stubs stubgen makes)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
+    if args.stub:
+        try:
+            changes = [change for path in args.stub for change in repair_stub(path)]
+        except (SystemExit, OSError) as exc:
+            print(exc, file=sys.stderr)
+            return 1
+        print("\n".join(changes) or "the stubs parse; nothing to change")
+        return 0
     candidates = (
         [str(args.site)] if args.site else [*site.getsitepackages(), site.getusersitepackages()]
     )

@@ -94,6 +94,39 @@ def test_mypy_checks_tensorrt_calls(tmp_path: Path) -> None:
     assert result.returncode == 1
 
 
+WRONG_RTX = """\
+import tensorrt_rtx as trt
+
+
+def wrong(config: trt.IBuilderConfig) -> None:
+    config.set_compute_capability("8.9", 0)
+    config.no_such_method()
+"""
+
+
+def test_mypy_checks_tensorrt_rtx_calls(tmp_path: Path) -> None:
+    """The stubs CI generates for TensorRT-RTX (stubgen, scripts/setup_typing.sh) type its
+    calls: a string for a ComputeCapability and a missing method fail the check."""
+    stubs = ROOT / "typings" / "tensorrt_rtx_bindings" / "tensorrt_rtx.pyi"
+    if not stubs.is_file():
+        pytest.skip("no tensorrt_rtx stubs (CI's typing set-up: bash scripts/setup_typing.sh)")
+    assert len(stubs.read_text().splitlines()) > 2000  # the whole API, not a placeholder
+    wrong = tmp_path / "wrong_rtx_calls.py"
+    wrong.write_text(WRONG_RTX)
+    result = subprocess.run(
+        [sys.executable, "-m", "mypy", "--no-error-summary", "--show-error-codes",
+         "zimage_trt/build_engines/tensorrt_builder.py", str(wrong)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    lines = [line for line in result.stdout.splitlines() if ": error:" in line]
+    assert [line for line in lines if wrong.name not in line] == [], result.stdout
+    assert [line.partition(f"{wrong.name}:")[2] for line in lines] == [
+        '5: error: Argument 1 to "set_compute_capability" of "IBuilderConfig" has incompatible '
+        'type "str"; expected "ComputeCapability"  [arg-type]',
+        '6: error: "IBuilderConfig" has no attribute "no_such_method"  [attr-defined]',
+    ], result.stdout + result.stderr
+
+
 BINDINGS = (
     "import typing\r\n"
     "class INetworkDefinition:\r\n"

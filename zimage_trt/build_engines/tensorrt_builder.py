@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from zimage_trt.atomic import atomic_path
 from zimage_trt.engines.manifest import Profile
@@ -42,6 +42,7 @@ from zimage_trt.errors import InputError, MissingFileError, RunError
 
 if TYPE_CHECKING:
     import tensorrt
+    import tensorrt_rtx
 
 LIBRARIES = ("tensorrt", "tensorrt_rtx")
 OPTIMIZATION_LEVELS = range(6)  # TensorRT's builder optimization levels 0…5 (default 3)
@@ -140,8 +141,8 @@ def build_tensorrt_engine(
             )
         if config.add_optimization_profile(profile) < 0:
             raise TensorRTBuildError(f"TensorRT rejected optimization profile {stage.name!r}")
-    if rtx:
-        _set_rtx_targets(config, compute_capabilities)
+    if rtx:  # typed by the tensorrt_rtx stubs (CI generates them), the rest by TensorRT's
+        _set_rtx_targets(cast("tensorrt_rtx.IBuilderConfig", config), compute_capabilities)
     elif timing_cache is not None:
         _load_timing_cache(config, timing_cache, log)
     if progress is not None:
@@ -269,15 +270,16 @@ def _check_library(library: str, compute_capabilities: Sequence[str], refittable
     return True
 
 
-def _set_rtx_targets(config: Any, compute_capabilities: Sequence[str]) -> None:
+def _set_rtx_targets(
+    config: tensorrt_rtx.IBuilderConfig, compute_capabilities: Sequence[str]
+) -> None:
     """TensorRT-RTX: compile the plan ahead of time for each compute capability ("8.9" → SM89)."""
     import tensorrt_rtx
 
-    rtx_config = config
-    rtx_config.num_compute_capabilities = len(compute_capabilities)
+    config.num_compute_capabilities = len(compute_capabilities)
     for index, cc in enumerate(compute_capabilities):
-        target = getattr(tensorrt_rtx.ComputeCapability, "SM" + cc.replace(".", ""))
-        if not rtx_config.set_compute_capability(target, index):
+        target = tensorrt_rtx.ComputeCapability.__members__["SM" + cc.replace(".", "")]
+        if not config.set_compute_capability(target, index):
             raise TensorRTBuildError(f"TensorRT-RTX refused compute capability {cc}")
 
 
