@@ -61,6 +61,9 @@ def test_every_engine_compiles_for_two_targets_at_fp32(
         assert (info.inputs, info.outputs) == (entry.inputs, entry.outputs), name
         assert info.profiles == tuple(p.name for p in entry.profiles)
         assert info.device_memory_size is None  # needs a deserialized engine, so a GPU
+        # the build report's layers: an fp32 graph's matrix products all run in fp32
+        assert set(info.layers["MATRIX_MULTIPLY"]) == {"float32"}, name
+        assert sum(n for by in info.layers.values() for n in by.values()) > 100
 
 
 def test_one_target_makes_a_smaller_plan_than_two(
@@ -81,8 +84,15 @@ def test_the_cli_builds_a_bf16_folder_that_refuses_to_run_without_a_gpu(
     argv = ["build", "--model", "tiny", "--backend", "tensorrt-rtx", "--compute-capability",
             "8.9,12.0", "--no-parity", "--out", str(out)]  # fmt: skip
     assert main(argv) == 0
-    err = capsys.readouterr().err
+    printed = capsys.readouterr()
+    err = printed.err
     version = tensorrt_rtx.__version__
+    report = printed.out.split("TensorRT networks (")[1].splitlines()[1:5]
+    assert [line.split(": ")[0] for line in report] == [
+        "text_encoder", "caption_path", "denoiser", "vae_decoder"
+    ]  # fmt: skip
+    for line in report:  # each: plan size and seconds, its targets, layers by precision
+        assert " for compute capabilities 8.9, 12.0; " in line and "bfloat16" in line, line
     assert f"TensorRT-RTX {version}: compiling for compute capabilities 8.9, 12.0 (as asked)" in err
     manifest = read_manifest(out)
     assert (manifest.backend, manifest.precision) == ("tensorrt-rtx", "bf16")

@@ -35,6 +35,7 @@ from zimage_trt.build_engines.parity import ParityRow, check_parity, parity_poin
 from zimage_trt.build_engines.plan import BuildOptions, BuildPlan
 from zimage_trt.build_engines.profiles import limits
 from zimage_trt.build_engines.slice_parity import slice_parity, whole_graph_fits
+from zimage_trt.build_engines.tensorrt_builder import TensorRTBuildInfo, build_tensorrt_engine
 from zimage_trt.engines.manifest import (
     MANIFEST,
     REFIT_SUFFIX,
@@ -68,6 +69,7 @@ class EngineReport:
     seconds: float
     coverage: CoverageReport | None = None
     parity: list[ParityRow] = field(default_factory=list)
+    plan: TensorRTBuildInfo | None = None  # TensorRT / TensorRT-RTX: what the builder made
 
 
 @dataclass
@@ -178,8 +180,6 @@ def run_build(
         if net.component == "transformer" and options.backend == "onnxruntime":
             refit_names = result.weight_names  # ONNX Runtime overrides initializers by name
         if options.backend in ("tensorrt", "tensorrt-rtx"):
-            from zimage_trt.build_engines.tensorrt_builder import build_tensorrt_engine
-
             plan_path = out / plan_rel
             info = build_tensorrt_engine(
                 onnx_path, plan_path, profiles,
@@ -192,6 +192,7 @@ def run_build(
             )  # fmt: skip
             log(f"[{index}/{len(names)}] {name}: {info.engine_bytes / 2**20:.1f} MiB plan built "
                 f"in {info.seconds:.1f} s")  # fmt: skip
+            report.plan = info
             files[_rel(out, plan_path)] = file_record(plan_path)
             engine_file = _rel(out, plan_path)
             refit_names = info.refit_weights

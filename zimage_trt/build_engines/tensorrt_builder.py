@@ -31,6 +31,7 @@ from zimage_trt.atomic import atomic_path
 from zimage_trt.engines.manifest import Profile
 from zimage_trt.engines.tensorrt_env import (
     RTX_COMPUTE_CAPABILITIES,
+    TRT_TORCH_DTYPES,
     check_rtx_refit,
     dtype_name,
     require_tensorrt,
@@ -70,6 +71,8 @@ class TensorRTBuildInfo:
     log: tuple[str, ...] = field(default=(), repr=False)  # TensorRT's warnings and errors
     library: str = "tensorrt"
     compute_capabilities: tuple[str, ...] = ()  # TensorRT-RTX: the GPUs the plan is for
+    # the network's layers as the builder typed them: layer type → output dtype → count
+    layers: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
 def _print_log(message: str) -> None:
@@ -162,6 +165,7 @@ def build_tensorrt_engine(
             "memory-pool limit, or narrow the profiles)"
         )
     inputs, outputs = _io_dtypes(network)
+    layers = layer_precisions(network)
     device_memory: int | None = None
     refit_weights: tuple[str, ...] = ()
     if not rtx or refittable:  # a GPU is here (refittable RTX builds need one)
@@ -199,6 +203,7 @@ def build_tensorrt_engine(
         log=tuple(record.messages),
         library=library,
         compute_capabilities=tuple(compute_capabilities) if rtx else (),
+        layers=layers,
     )
 
 
@@ -335,6 +340,41 @@ def _io_dtypes(network: tensorrt.INetworkDefinition) -> tuple[dict[str, str], di
     inputs = {t.name: dtype(t) for t in map(network.get_input, range(network.num_inputs))}
     outputs = {t.name: dtype(t) for t in map(network.get_output, range(network.num_outputs))}
     return inputs, outputs
+
+
+def layer_precisions(network: tensorrt.INetworkDefinition) -> dict[str, dict[str, int]]:
+    """The network's layers as the builder sees them before fusion, by type and the dtype of
+    their first output (strongly typed: the precision each runs at): {"MATRIX_MULTIPLY":
+    {"bfloat16": 120}, …}. Fused layers need a deserialized engine (its inspector): GPU only."""
+    counts: dict[str, dict[str, int]] = {}
+    for index in range(network.num_layers):
+        layer = network.get_layer(index)
+        name = layer.get_output(0).dtype.name if layer.num_outputs else "none"
+        dtype = dtype_name(TRT_TORCH_DTYPES[name]) if name in TRT_TORCH_DTYPES else name.lower()
+        by_dtype = counts.setdefault(layer.type.name, {})
+        by_dtype[dtype] = by_dtype.get(dtype, 0) + 1
+    return counts
+
+
+def format_plan(name: str, info: TensorRTBuildInfo) -> str:
+    """One engine's line of the build report: plan size, build seconds and targets, its layers by
+    precision, and the four commonest layer types."""
+    totals: dict[str, int] = {}
+    for by_dtype in info.layers.values():
+        for dtype, n in by_dtype.items():
+            totals[dtype] = totals.get(dtype, 0) + n
+    targets = ", ".join(info.compute_capabilities)
+    where = f" for compute capabilities {targets}" if targets else ""
+    precisions = ", ".join(f"{d} {n}" for d, n in sorted(totals.items(), key=lambda kv: -kv[1]))
+    common = sorted(info.layers.items(), key=lambda kv: -sum(kv[1].values()))[:4]
+    kinds = "; ".join(
+        f"{kind} " + ", ".join(f"{d} {n}" for d, n in by_dtype.items()) for kind, by_dtype in common
+    )
+    layers = f"{sum(totals.values())} layers ({precisions}); most: {kinds}" if totals else (
+        "no layers reported")  # fmt: skip
+    return (
+        f"{name}: {info.engine_bytes / 2**20:.1f} MiB plan in {info.seconds:.1f} s{where}; {layers}"
+    )
 
 
 def _load_timing_cache(

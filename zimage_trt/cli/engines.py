@@ -36,6 +36,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     from zimage_trt.build_engines.parity import format_parity
     from zimage_trt.build_engines.plan import BuildOptions, plan_build
     from zimage_trt.build_engines.profiles import parse_resolutions
+    from zimage_trt.build_engines.tensorrt_builder import format_plan
     from zimage_trt.engines.manifest import format_profiles
     from zimage_trt.workflow import load_workflow
 
@@ -80,6 +81,12 @@ def cmd_build(args: argparse.Namespace) -> int:
             print(f"{report.name}: {report.coverage.summary()}")
     if rows:
         print(format_parity(rows))
+    plans = [(report.name, report.plan) for report in result.engines if report.plan is not None]
+    if plans:
+        print("\nTensorRT networks (layers by the precision the builder typed them; fused "
+              "layers need a GPU: the engine inspector)")  # fmt: skip
+        for name, info in plans:
+            print(format_plan(name, info))
     m = result.manifest
     print(
         f"built {len(m.engines)} {m.backend} engines in {m.build_seconds:.1f} s, peak RAM "
