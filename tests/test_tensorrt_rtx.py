@@ -66,15 +66,18 @@ def test_every_engine_compiles_for_two_targets_at_fp32(
         assert sum(n for by in info.layers.values() for n in by.values()) > 100
 
 
-def test_one_target_makes_a_smaller_plan_than_two(
+def test_the_targets_shape_the_plan(
     built: BuildResult, fp32_plans: dict[str, TensorRTBuildInfo], tmp_path: Path
 ) -> None:
+    """Another target set compiles another plan (sizes stay close: benchmarks/results/
+    rtx-tiny-builds.md)."""
     entry = read_manifest(built.folder).engines["caption_path"]
     one = build_tensorrt_engine(
         built.folder / entry.file, tmp_path / "one.plan", entry.profiles,
-        library="tensorrt_rtx", compute_capabilities=("8.9",), log=lambda msg: None,
+        library="tensorrt_rtx", compute_capabilities=("8.6",), log=lambda msg: None,
     )  # fmt: skip
-    assert 0 < one.engine_bytes < fp32_plans["caption_path"].engine_bytes
+    assert one.compute_capabilities == ("8.6",) and one.engine_bytes > 100_000
+    assert one.sha256 != fp32_plans["caption_path"].sha256
 
 
 def test_the_cli_builds_a_bf16_folder_that_refuses_to_run_without_a_gpu(
