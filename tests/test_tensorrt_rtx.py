@@ -158,6 +158,30 @@ def test_what_cannot_build_is_refused_before_any_work(
     assert not out.exists()
 
 
+def test_a_profile_it_rejects_fails_with_its_message(built: BuildResult, tmp_path: Path) -> None:
+    """Ranges each sound on their own (ours are checked input by input) but contradicting each
+    other across inputs: the prompt's tokens span 1…16 in cap_feats and 32…64 in cap_mask."""
+    entry = read_manifest(built.folder).engines["caption_path"]
+    bad = Profile.model_validate({"name": "bad", "shapes": {
+        "cap_feats": {"min": [1, 1, 32], "opt": [1, 8, 32], "max": [1, 16, 32]},
+        "cap_mask": {"min": [1, 32], "opt": [1, 48], "max": [1, 64]},
+    }})  # fmt: skip
+    plan = tmp_path / "bad.plan"
+    with pytest.raises(TensorRTBuildError) as caught:
+        build_tensorrt_engine(
+            built.folder / entry.file, plan, [bad], library="tensorrt_rtx",
+            compute_capabilities=("8.9",), log=lambda msg: None,
+        )  # fmt: skip
+    lines = str(caught.value).splitlines()
+    assert lines[0] == f"TensorRT could not build bad.plan from {built.folder / entry.file}:"
+    assert lines[1].startswith(
+        "  IBuilder::buildSerializedNetwork: Error Code 4: API Usage Error (tokens: Input "
+        "dimensions with this name have different constant values or have contradictory "
+        "IOptimizationProfile kMIN/kMAX constraints."
+    )
+    assert len(lines) == 2 and not plan.exists()  # no out-of-memory hint for a usage error
+
+
 def test_an_op_it_cannot_parse_fails_naming_the_node(tmp_path: Path) -> None:
     graph = helper.make_graph(
         [helper.make_node("Frobnicate", ["x"], ["y"], name="block3/frob", domain="example.ops")],

@@ -158,12 +158,14 @@ def build_tensorrt_engine(
         raise record.progress_error
     if plan is None:
         errors = "\n".join(f"  {line}" for line in record.errors[-20:])
+        memory = not errors or "memory" in errors.lower()  # the hint only where it may apply
         raise TensorRTBuildError(
             f"TensorRT could not build {engine_path.name} from {onnx_path}"
-            + (f":\n{errors}\n" if errors else "; ")
-            + "(out of GPU memory is the usual cause: lower the optimization level, set a "
-            "memory-pool limit, or narrow the profiles)"
-        )
+            + (f":\n{errors}" if errors else "")
+            + (("\n" if errors else "; ") + "(out of GPU memory is the usual cause: lower the "
+               "optimization level, set a memory-pool limit, or narrow the profiles)"
+               if memory else "")
+        )  # fmt: skip
     inputs, outputs = _io_dtypes(network)
     layers = layer_precisions(network)
     device_memory: int | None = None
