@@ -120,6 +120,35 @@ def repair_stub(path: Path) -> list[str]:
     return changes
 
 
+# stubgen leaves untyped the methods whose docstring names a C++ type (``nvinfer1::IRuntimeCache``
+# in TensorRT-RTX's IRuntimeConfig): typed here from their docstrings, so that mypy checks the
+# runtime-cache calls too.
+CPP_TYPED = {
+    "    def create_runtime_cache(self, *args, **kwargs): ...":
+        "    def create_runtime_cache(self) -> IRuntimeCache: ...",
+    "    def get_runtime_cache(self, *args, **kwargs): ...":
+        "    def get_runtime_cache(self) -> IRuntimeCache: ...",
+    "    def set_runtime_cache(self, cache=...) -> bool: ...":
+        "    def set_runtime_cache(self, cache: IRuntimeCache | None = ...) -> bool: ...",
+}  # fmt: skip
+
+
+def type_cpp_methods(path: Path) -> list[str]:
+    """Type the methods of ``CPP_TYPED`` in one generated stub; returns the changes made."""
+    lines = path.read_bytes().decode("utf-8").splitlines(keepends=True)
+    changes = []
+    for index, line in enumerate(lines):
+        body = line.rstrip("\r\n")
+        if body in CPP_TYPED:
+            lines[index] = CPP_TYPED[body] + line[len(body) :]
+            changes.append(f"{path}:{index + 1}: typed {body.strip().split('(')[0][4:]}")
+    if changes:
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_bytes("".join(lines).encode("utf-8"))
+        os.replace(tmp, path)
+    return changes
+
+
 def _parses(def_line: str) -> bool:
     text = def_line.strip()  # a def with its body on the next line gets one
     try:
@@ -153,7 +182,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.stub:
         try:
-            changes = [change for path in args.stub for change in repair_stub(path)]
+            changes = [
+                change
+                for path in args.stub
+                for change in [*repair_stub(path), *type_cpp_methods(path)]
+            ]
         except (SystemExit, OSError) as exc:
             print(exc, file=sys.stderr)
             return 1

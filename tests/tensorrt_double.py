@@ -8,6 +8,12 @@ reads the inputs from the addresses we bound, applies ``compute`` and writes the
 addresses we bound — so a test sees whether the right buffers were bound, not only that calls
 were made.
 
+``FakeTensorRT(library="tensorrt_rtx")`` is the same double as ``tensorrt_rtx``: its engines
+create runtime configs (``create_runtime_config``) that carry a runtime cache, and a context made
+from one with the EAGER specialisation "JIT-compiles" a kernel the first time it runs a profile
+at a shape the cache does not hold (an event, and an entry the cache serializes), which is what
+TensorRT-RTX's runtime cache is for.
+
 What it is not: TensorRT. It checks our calls against our reading of the API; it proves nothing
 about TensorRT itself (parsing, tactics, numerics, CUDA graphs). mypy against tensorrt-stubs
 (``test_tensorrt_typecheck.py``) checks the calls' signatures, and a GPU run checks the rest.
@@ -17,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import hashlib
 import json
 import math
 import types
@@ -27,6 +34,7 @@ from typing import Any
 import torch
 
 PLAN_MAGIC = b"FAKE-TRT-PLAN\n"
+RUNTIME_CACHE_MAGIC = b"FAKE-RTX-RUNTIME-CACHE\n"
 CACHE_MAGIC = b"FAKE-TRT-TIMING-CACHE:"
 _TORCH = {
     "FLOAT": torch.float32,
@@ -317,18 +325,91 @@ class Engine:
     def get_tensor_profile_shape(self, name: str, profile_index: int) -> list[Dims]:
         return [Dims(s) for s in self.spec["profiles"][profile_index]["shapes"][name]]
 
-    def create_execution_context(self, strategy: _Member | None = None) -> Context:
-        context = Context(self, strategy)
+    def create_execution_context(self, strategy: _Member | RuntimeConfig | None = None) -> Context:
+        if isinstance(strategy, RuntimeConfig):  # TensorRT-RTX: from a runtime config
+            if self._trt.__name__ != "tensorrt_rtx" or strategy.engine is not self:
+                raise TypeError("create_execution_context: a runtime config of another engine")
+            context = Context(self, strategy.strategy, strategy)
+            label = f"{strategy.strategy.name} via runtime config"
+        else:
+            context = Context(self, strategy)
+            label = strategy.name if strategy else None
         self.contexts.append(context)
-        self._trt.events.append(("create_execution_context", strategy.name if strategy else None))
+        self._trt.events.append(("create_execution_context", label))
         return context
+
+    def create_runtime_config(self) -> RuntimeConfig:
+        if self._trt.__name__ != "tensorrt_rtx":
+            raise AttributeError("'ICudaEngine' object has no attribute 'create_runtime_config'")
+        return RuntimeConfig(self)
+
+    @property
+    def kernel_id(self) -> str:
+        """What identifies this plan's kernels in a runtime cache."""
+        return hashlib.sha256(json.dumps(self.spec, sort_keys=True).encode()).hexdigest()[:12]
+
+
+class RuntimeCache:
+    """tensorrt_rtx.IRuntimeCache: the kernels compiled so far; it reads back only what a cache
+    of the same GPU architecture (``FakeTensorRT.sm``) wrote."""
+
+    def __init__(self, trt: FakeTensorRT) -> None:
+        self._trt = trt
+        self.kernels: set[str] = set()
+
+    def serialize(self) -> bytes:
+        data = {"sm": self._trt.sm, "kernels": sorted(self.kernels)}
+        return RUNTIME_CACHE_MAGIC + json.dumps(data).encode()
+
+    def deserialize(self, blob: bytes) -> bool:
+        data = bytes(blob)
+        self._trt.events.append(("runtime_cache.deserialize", len(data)))
+        if not data.startswith(RUNTIME_CACHE_MAGIC):
+            return False
+        try:
+            parsed = json.loads(data[len(RUNTIME_CACHE_MAGIC) :])
+        except ValueError:
+            return False
+        if parsed.get("sm") != self._trt.sm:
+            return False
+        self.kernels = set(parsed["kernels"])
+        return True
+
+
+class RuntimeConfig:
+    """tensorrt_rtx.IRuntimeConfig of one engine."""
+
+    def __init__(self, engine: Engine) -> None:
+        trt = engine._trt
+        self.engine = engine
+        self.strategy = trt.ExecutionContextAllocationStrategy.STATIC
+        self.dynamic_shapes_kernel_specialization_strategy = (
+            trt.DynamicShapesKernelSpecializationStrategy.LAZY
+        )
+        self.cache: RuntimeCache | None = None
+
+    def set_execution_context_allocation_strategy(self, strategy: _Member) -> None:
+        self.strategy = strategy
+
+    def create_runtime_cache(self) -> RuntimeCache:
+        self.engine._trt.events.append(("create_runtime_cache",))
+        return RuntimeCache(self.engine._trt)
+
+    def set_runtime_cache(self, cache: RuntimeCache) -> bool:
+        if not isinstance(cache, RuntimeCache):
+            raise TypeError("set_runtime_cache(cache: IRuntimeCache)")
+        self.cache = cache
+        return True
 
 
 class Context:
     """trt.IExecutionContext: checks what TensorRT would check before executing."""
 
-    def __init__(self, engine: Engine, strategy: _Member | None) -> None:
+    def __init__(
+        self, engine: Engine, strategy: _Member | None, config: RuntimeConfig | None = None
+    ) -> None:
         self.engine = engine
+        self.config = config
         self.user_managed = strategy is not None and strategy.name == "USER_MANAGED"
         self.profile = 0
         self.input_shapes: dict[str, tuple[int, ...]] = {}
@@ -383,11 +464,26 @@ class Context:
         unshaped = [d.name for d, i in self.engine.tensors if i and d.name not in self.input_shapes]
         if unbound or unshaped:
             raise RuntimeError(f"execute_async_v3: unbound {unbound}, unshaped {unshaped}")
+        self._specialise()
         if trt.capturing is not None:  # a CUDA-graph capture records the launch, runs nothing
             trt.capturing.append((self, dict(self.addresses), dict(self.input_shapes)))
             return True
         self.run(self.addresses, self.input_shapes)
         return True
+
+    def _specialise(self) -> None:
+        """TensorRT-RTX with EAGER specialisation: compile this profile's kernel for these
+        shapes unless the runtime cache holds it (then it is loaded from there)."""
+        config = self.config
+        if config is None or config.dynamic_shapes_kernel_specialization_strategy.name != "EAGER":
+            return
+        shapes = ";".join(f"{n}={list(s)}" for n, s in sorted(self.input_shapes.items()))
+        kernel = f"{self.engine.kernel_id}/p{self.profile}/{shapes}"
+        if config.cache is not None and kernel in config.cache.kernels:
+            return
+        self._event("jit_compile", kernel)
+        if config.cache is not None:
+            config.cache.kernels.add(kernel)
 
     def run(self, addresses: dict[str, int], input_shapes: dict[str, tuple[int, ...]]) -> None:
         """The engine's arithmetic on host memory: inputs read from, outputs written to the
@@ -435,9 +531,10 @@ class FakeTensorRT(types.ModuleType):
     the refittable weights from the ONNX file it is given.
     """
 
-    def __init__(self, version: str = "10.13.0.35") -> None:
-        super().__init__("tensorrt")
+    def __init__(self, version: str = "10.13.0.35", library: str = "tensorrt") -> None:
+        super().__init__(library)
         self.__version__ = version
+        self.sm = "8.9"  # TensorRT-RTX: the GPU architecture a runtime cache is written for
         major = int(version.split(".")[0])
         self.events: list[tuple[Any, ...]] = []
         self.network_inputs: list[TensorDesc] = []
@@ -492,6 +589,10 @@ class FakeTensorRT(types.ModuleType):
         self.ExecutionContextAllocationStrategy = _enum(
             "ExecutionContextAllocationStrategy", STATIC=0, ON_PROFILE_CHANGE=1, USER_MANAGED=2
         )
+        if library == "tensorrt_rtx":
+            self.DynamicShapesKernelSpecializationStrategy = _enum(
+                "DynamicShapesKernelSpecializationStrategy", LAZY=0, EAGER=1, NONE=2
+            )
         trt = self
 
         class BoundBuilder(Builder):

@@ -73,7 +73,8 @@ def test_a_request_for_other_loras_is_refused(reference_pipeline: Pipeline) -> N
         ),
         (
             {"model": "tiny", "backend": "openvino"},
-            "backend 'openvino' is not known; choose one of: torch, onnxruntime, tensorrt",
+            "backend 'openvino' is not known; choose one of: torch, onnxruntime, tensorrt, "
+            "tensorrt-rtx",
         ),
     ],
 )

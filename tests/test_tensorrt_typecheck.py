@@ -98,15 +98,19 @@ WRONG_RTX = """\
 import tensorrt_rtx as trt
 
 
-def wrong(config: trt.IBuilderConfig) -> None:
+def wrong(config: trt.IBuilderConfig, runtime: trt.IRuntimeConfig) -> None:
     config.set_compute_capability("8.9", 0)
     config.no_such_method()
+    runtime.set_runtime_cache(b"a file's bytes")
+    runtime.create_runtime_cache().deserialize(7)
 """
 
 
 def test_mypy_checks_tensorrt_rtx_calls(tmp_path: Path) -> None:
     """The stubs CI generates for TensorRT-RTX (stubgen, scripts/setup_typing.sh) type its
-    calls: a string for a ComputeCapability and a missing method fail the check."""
+    calls: a string for a ComputeCapability, a missing method, and runtime-cache calls (which
+    stubgen leaves untyped; scripts/tensorrt_stubs.py types them) given the wrong things fail
+    the check."""
     stubs = ROOT / "typings" / "tensorrt_rtx_bindings" / "tensorrt_rtx.pyi"
     if not stubs.is_file():
         pytest.skip("no tensorrt_rtx stubs (CI's typing set-up: bash scripts/setup_typing.sh)")
@@ -115,7 +119,8 @@ def test_mypy_checks_tensorrt_rtx_calls(tmp_path: Path) -> None:
     wrong.write_text(WRONG_RTX)
     result = subprocess.run(
         [sys.executable, "-m", "mypy", "--no-error-summary", "--show-error-codes",
-         "zimage_trt/build_engines/tensorrt_builder.py", str(wrong)],
+         "zimage_trt/build_engines/tensorrt_builder.py",
+         "zimage_trt/engines/tensorrt_rtx_engines.py", str(wrong)],
         cwd=ROOT, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     lines = [line for line in result.stdout.splitlines() if ": error:" in line]
@@ -124,6 +129,10 @@ def test_mypy_checks_tensorrt_rtx_calls(tmp_path: Path) -> None:
         '5: error: Argument 1 to "set_compute_capability" of "IBuilderConfig" has incompatible '
         'type "str"; expected "ComputeCapability"  [arg-type]',
         '6: error: "IBuilderConfig" has no attribute "no_such_method"  [attr-defined]',
+        '7: error: Argument 1 to "set_runtime_cache" of "IRuntimeConfig" has incompatible type '
+        '"bytes"; expected "IRuntimeCache | None"  [arg-type]',
+        '8: error: Argument 1 to "deserialize" of "IRuntimeCache" has incompatible type "int"; '
+        'expected "Buffer"  [arg-type]',
     ], result.stdout + result.stderr
 
 

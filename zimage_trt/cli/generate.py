@@ -164,7 +164,7 @@ def _model_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--backend",
-        choices=("torch", "onnxruntime", "tensorrt"),
+        choices=("torch", "onnxruntime", "tensorrt", "tensorrt-rtx"),
         default="torch",
         help="torch (eager, from --model) or a compiled backend (from --engines)",
     )

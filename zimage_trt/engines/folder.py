@@ -10,6 +10,7 @@ the built profiles (``runtime.preflight``).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
@@ -32,7 +33,7 @@ from zimage_trt.engines.refit import (
     show_loras,
     swap_refusal,
 )
-from zimage_trt.engines.tensorrt_env import RTX_COMPUTE_CAPABILITIES
+from zimage_trt.engines.tensorrt_env import RTX_COMPUTE_CAPABILITIES, require_tensorrt_rtx
 from zimage_trt.errors import UnavailableError
 from zimage_trt.models.tokenizer import QwenTokenizer
 from zimage_trt.text_table import text_table
@@ -62,22 +63,28 @@ def load_engine_folder(
     root = Path(folder)
     manifest = read_manifest(root)
     backend = manifest.backend
+    tensorrt = backend in ("tensorrt", "tensorrt-rtx")
     if device is None:
-        device = torch.device("cuda" if backend == "tensorrt" else "cpu")
+        device = torch.device("cuda" if tensorrt else "cpu")
+    if cuda_graphs and backend != "tensorrt":
+        raise ManifestError(f"CUDA graphs need TensorRT engines; {root} holds {backend} engines")
     check_machine(manifest, device)
     log(f"verifying {len(manifest.engines)} engines in {root} (sha-256)")
     verify_files(root, manifest)
-    if cuda_graphs and backend != "tensorrt":
-        raise ManifestError(f"CUDA graphs need TensorRT engines; {root} holds {backend} engines")
     hint = (
         f"zimage-trt build --backend {backend} --precision {manifest.precision} "
         f"--caption-max {manifest.caption_max} --workflow YOUR_WORKFLOW --out {root}"
     )
-    shared = None
-    if backend == "tensorrt":  # the engines run in sequence: one activation block for all
+    shared = runtime_cache = None
+    if tensorrt:  # the engines run in sequence: one activation block for all
         from zimage_trt.engines.tensorrt_engines import SharedActivations
 
         shared = SharedActivations(device)
+    if backend == "tensorrt-rtx":  # and one cache of JIT-compiled kernels per GPU architecture
+        from zimage_trt.engines.tensorrt_rtx_engines import RuntimeCache, runtime_cache_path
+
+        major, minor = torch.cuda.get_device_capability(device)
+        runtime_cache = RuntimeCache(runtime_cache_path(root, f"{major}.{minor}"), log)
     engines: dict[str, Engine] = {}
     if swap is not None:
         log(swap.describe())
@@ -94,8 +101,13 @@ def load_engine_folder(
         else:
             from zimage_trt.engines.tensorrt_engines import TensorRTEngine
 
+            make: Callable[..., TensorRTEngine] = TensorRTEngine
+            if backend == "tensorrt-rtx":
+                from zimage_trt.engines.tensorrt_rtx_engines import TensorRTRTXEngine
+
+                make = functools.partial(TensorRTRTXEngine, runtime_cache=runtime_cache)
             # outputs the runtime caches (prompts, captions) are cloned; the denoiser's are not
-            engines[name] = TensorRTEngine(
+            engines[name] = make(
                 name,
                 path.read_bytes(),
                 entry.profiles,
@@ -176,7 +188,13 @@ def describe_folder(folder: str | Path, *, verify: bool = False) -> str:
         verify_files(root, m)
         count = sum(len(e.files) for e in m.engines.values())
         lines.append(f"files: {count} verified (size and sha-256)")
-    device = torch.device("cuda" if m.backend == "tensorrt" else "cpu")
+    caches = sorted(root.glob("runtime-cache-sm*.rtxcache"))
+    if caches:
+        sizes = ", ".join(f"{c.name} {c.stat().st_size / 2**20:.1f} MiB" for c in caches)
+        lines.append(
+            f"runtime caches (TensorRT-RTX's compiled kernels, per GPU architecture): {sizes}"
+        )
+    device = torch.device("cuda" if m.backend in ("tensorrt", "tensorrt-rtx") else "cpu")
     try:
         check_machine(m, device)
         lines.append(f"serves here: yes ({m.backend} on {device})")
@@ -195,19 +213,16 @@ def check_machine(manifest: Manifest, device: torch.device) -> None:
                 "(pip install 'zimage-trt[onnxruntime]')"
             ) from None
         return
-    if manifest.backend == "tensorrt-rtx":
-        _check_rtx_machine(manifest)
-    from zimage_trt.engines.tensorrt_env import gpu_identity, tensorrt_version
-
     if device.type != "cuda":
         raise ManifestError(f"TensorRT engines run on a CUDA device, not {device}")
-    installed = tensorrt_version()
-    built = manifest.versions.get("tensorrt")
-    if built != installed:
-        raise ManifestError(
-            f"the engines were built with TensorRT {built}; this machine has TensorRT "
-            f"{installed}: rebuild the folder here"
-        )
+    if manifest.backend == "tensorrt-rtx":
+        _check_rtx_machine(manifest, device)
+        return
+    from zimage_trt.engines.tensorrt_env import gpu_identity, tensorrt_version
+
+    refusal = _version_refusal(manifest, "tensorrt", tensorrt_version())
+    if refusal:
+        raise ManifestError(refusal)
     here = gpu_identity(device.index or 0)
     for key in ("name", "compute_capability"):
         if manifest.machine.get(key) != here.get(key):
@@ -218,16 +233,17 @@ def check_machine(manifest: Manifest, device: torch.device) -> None:
             )
 
 
-def _check_rtx_machine(manifest: Manifest) -> None:
-    """TensorRT-RTX plans run only on a GPU among the targets they were compiled for."""
+def _check_rtx_machine(manifest: Manifest, device: torch.device) -> None:
+    """TensorRT-RTX plans run only on a GPU among the targets they were compiled for, by the
+    TensorRT-RTX version that compiled them."""
     targets = (manifest.targets or {}).get("compute_capabilities", [])
     built = "these engines were compiled by TensorRT-RTX for compute capabilities " + ", ".join(
         targets
     )
     if not torch.cuda.is_available():
         raise UnavailableError(f"{built}; this machine has no CUDA GPU to run them")
-    major, minor = torch.cuda.get_device_capability(0)
-    here, gpu = f"{major}.{minor}", torch.cuda.get_device_name(0)
+    major, minor = torch.cuda.get_device_capability(device)
+    here, gpu = f"{major}.{minor}", torch.cuda.get_device_name(device)
     if here not in RTX_COMPUTE_CAPABILITIES:
         raise UnavailableError(
             f"{built}; this machine's GPU ({gpu}, {here}) is not a TensorRT-RTX target at all: "
@@ -238,9 +254,21 @@ def _check_rtx_machine(manifest: Manifest) -> None:
             f"{built}; this machine's GPU ({gpu}) is {here}: rebuild with "
             f"--compute-capability {here}"
         )
-    raise UnavailableError(
-        f"{built}, this GPU among them, but running TensorRT-RTX engines is not implemented yet "
-        "(the runtime side of issue 13); build --backend tensorrt or onnxruntime to serve here"
+    refusal = _version_refusal(manifest, "tensorrt_rtx", require_tensorrt_rtx())
+    if refusal:
+        raise UnavailableError(refusal)
+
+
+def _version_refusal(manifest: Manifest, library: str, installed: str) -> str | None:
+    """Why plans built by another version of ``library`` (a manifest ``versions`` key) are not
+    run here; None for the same version."""
+    built = manifest.versions.get(library)
+    if built == installed:
+        return None
+    name = {"tensorrt": "TensorRT", "tensorrt_rtx": "TensorRT-RTX"}[library]
+    return (
+        f"the engines were built with {name} {built}; this machine has {name} {installed}: "
+        "rebuild the folder here"
     )
 
 

@@ -74,6 +74,8 @@ def same_loras(manifest: Manifest, wf: Workflow) -> bool:
 
 def swap_refusal(manifest: Manifest, folder: str | Path) -> str | None:
     """Why the folder's engines cannot take other LoRAs; None when they can."""
+    if manifest.backend == "tensorrt-rtx":
+        return "TensorRT-RTX engines are not refitted here (LoRA swaps are TensorRT's only)"
     dit = [n for n in DIT_ENGINES if n in manifest.engines]
     fixed = [n for n in dit if not manifest.engines[n].refittable]
     if fixed or not dit:

@@ -170,6 +170,8 @@ class TensorRTEngine:
     to take any further weight TensorRT asks for to refit them (weights it built together).
     """
 
+    LIBRARY = "TensorRT"  # in messages
+
     def __init__(
         self,
         name: str,
@@ -194,18 +196,7 @@ class TensorRTEngine:
         self.cuda_graphs = cuda_graphs
         self.hint = hint
         self._check_device()
-        require_tensorrt()
-        import tensorrt as trt
-
-        self._logger = trt.Logger(trt.Logger.WARNING)
-        self._runtime = trt.Runtime(self._logger)
-        engine = self._runtime.deserialize_cuda_engine(plan)
-        if engine is None:
-            raise UnavailableError(
-                f"engine {name!r}: TensorRT {trt.__version__} could not deserialize the plan "
-                "(built by another TensorRT version or for another GPU, or corrupt); rebuild it"
-            )
-        self._engine = engine
+        self._engine = self._deserialize(plan)
         if weights:
             self._refit(weights, more_weights or {})
         self.io = self._read_io()
@@ -229,7 +220,7 @@ class TensorRTEngine:
         for name, shape in shapes.items():
             # every call: the context may have served other shapes of its profile since
             if not context.set_input_shape(name, shape):
-                raise RunError(f"engine {self.name!r}: TensorRT refused {name} shape {shape}")
+                raise RunError(f"engine {self.name!r}: {self.LIBRARY} refused {name} shape {shape}")
         key = buffer_key(index, shapes)
         slot = self._slots.get(key) or self._allocate(key, context, shapes)
         self._bind_memory(index, context)
@@ -299,10 +290,12 @@ class TensorRTEngine:
     ) -> None:
         for name, tensor in [*feeds.items(), *slot.outputs.items()]:
             if not context.set_tensor_address(name, tensor.data_ptr()):
-                raise RunError(f"engine {self.name!r}: TensorRT refused the address of {name}")
+                raise RunError(
+                    f"engine {self.name!r}: {self.LIBRARY} refused the address of {name}"
+                )
         if not context.execute_async_v3(self._stream()):
             shapes = ", ".join(f"{n} {tuple(t.shape)}" for n, t in feeds.items())
-            raise RunError(f"engine {self.name!r}: TensorRT execution failed for {shapes}")
+            raise RunError(f"engine {self.name!r}: {self.LIBRARY} execution failed for {shapes}")
 
     def _run_graphed(
         self, slot: _Slot, context: tensorrt.IExecutionContext, feeds: Mapping[str, Tensor]
@@ -326,6 +319,31 @@ class TensorRTEngine:
             with torch.cuda.graph(graph):  # captures on a side stream, current inside
                 self._bind_and_execute(context, slot, slot.static_inputs)
             slot.graph = graph
+
+    # The seam between TensorRT and TensorRT-RTX (engines.tensorrt_rtx_engines): loading a plan
+    # and creating an execution context; everything else is the same runtime API.
+
+    def _deserialize(self, plan: bytes) -> tensorrt.ICudaEngine:
+        require_tensorrt()
+        import tensorrt as trt
+
+        self._logger = trt.Logger(trt.Logger.WARNING)
+        self._runtime = trt.Runtime(self._logger)
+        engine = self._runtime.deserialize_cuda_engine(plan)
+        if engine is None:
+            raise UnavailableError(
+                f"engine {self.name!r}: TensorRT {trt.__version__} could not deserialize the "
+                "plan (built by another TensorRT version or for another GPU, or corrupt); "
+                "rebuild it"
+            )
+        return engine
+
+    def _new_context(self) -> tensorrt.IExecutionContext | None:
+        """A context whose activation memory we bind (``SharedActivations``)."""
+        import tensorrt as trt
+
+        strategy = trt.ExecutionContextAllocationStrategy.USER_MANAGED
+        return self._engine.create_execution_context(strategy)
 
     def _refit(self, weights: Mapping[str, Tensor], more: Mapping[str, Tensor]) -> None:
         """Push new weight values into the plan: each in the dtype and size it was built with,
@@ -370,7 +388,7 @@ class TensorRTEngine:
     def _check_device(self) -> None:
         if self.device.type != "cuda":
             raise InputError(
-                f"engine {self.name!r}: the TensorRT backend runs on a CUDA device, got "
+                f"engine {self.name!r}: the {self.LIBRARY} backend runs on a CUDA device, got "
                 f"{self.device}; use the onnxruntime or torch backend on CPU"
             )
 
@@ -378,13 +396,12 @@ class TensorRTEngine:
         return torch.cuda.current_stream(self.device).cuda_stream
 
     def _read_io(self) -> list[TensorSpec]:
-        import tensorrt as trt
-
         engine = self._engine
         specs = []
         for i in range(engine.num_io_tensors):
             name = engine.get_tensor_name(i)
-            is_input = engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT
+            # by name: the enum is TensorRT's or TensorRT-RTX's, whichever loaded the plan
+            is_input = engine.get_tensor_mode(name).name == "INPUT"
             specs.append(
                 TensorSpec(name, torch_dtype(engine.get_tensor_dtype(name).name), is_input)
             )
@@ -437,17 +454,14 @@ class TensorRTEngine:
 
     def _context(self, index: int) -> tensorrt.IExecutionContext:
         """The execution context of profile ``index``, created at its first use."""
-        import tensorrt as trt
-
         context = self._contexts.get(index)
         if context is None:
-            strategy = trt.ExecutionContextAllocationStrategy.USER_MANAGED
-            context = self._engine.create_execution_context(strategy)
+            context = self._new_context()
             if context is None:
-                raise RunError(f"engine {self.name!r}: TensorRT could not create a context")
+                raise RunError(f"engine {self.name!r}: {self.LIBRARY} could not create a context")
             self._bind_memory(index, context)
             if not context.set_optimization_profile_async(index, self._stream()):
-                raise RunError(f"engine {self.name!r}: TensorRT refused profile {index}")
+                raise RunError(f"engine {self.name!r}: {self.LIBRARY} refused profile {index}")
             self._contexts[index] = context
         return context
 

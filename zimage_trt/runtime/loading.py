@@ -31,7 +31,7 @@ from zimage_trt.workflow import LoraRef, Workflow, load_workflow
 from zimage_trt.workflow.resolve import model_sources
 from zimage_trt.workflow.spec import LORA_STRENGTH_MAX
 
-BACKENDS = ("torch", "onnxruntime", "tensorrt")
+BACKENDS = ("torch", "onnxruntime", "tensorrt", "tensorrt-rtx")
 Log = Callable[[str], None]
 
 
