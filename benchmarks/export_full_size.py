@@ -4,24 +4,28 @@ mapping that makes each tensor when it is written (as a checkpoint read would), 
 the export route's own time and peak RAM at full size. Usage:
 
     python benchmarks/export_full_size.py /tmp/denoiser.onnx   # needs ~12 GB of free disk
+    python benchmarks/export_full_size.py /tmp/slice.onnx --layers 8   # a real-width slice
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import resource
-import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import onnx
 import torch
 from torch import Tensor, nn
 
 from zimage_trt.build_engines.coverage import check_tensorrt_coverage
-from zimage_trt.build_engines.networks import ShapePoint, networks
+from zimage_trt.build_engines.networks import Network, ShapePoint, networks
 from zimage_trt.build_engines.onnx_export import export_network
 from zimage_trt.build_engines.profiles import caption_span, engine_profiles, limits, workflow_stages
+from zimage_trt.engines.manifest import Profile
 from zimage_trt.models.dit import DiTConfig, RopeTables, ZImageDiT, rope_table_lengths
 from zimage_trt.models.text_encoder import Qwen3Config
 from zimage_trt.models.vae import VAEConfig
@@ -48,11 +52,19 @@ class LazyRandom(Mapping[str, Tensor]):
         return len(self.shapes) + len(self.extra)
 
 
-def main(path: Path) -> None:
-    cfg = DiTConfig()
+def denoiser_profiles(cfg: DiTConfig) -> tuple[Network, list[Profile]]:
+    """The bf16 denoiser network and its three stage profiles for zimage-121101 (captions up to
+    4096 tokens), as ``zimage-trt build`` makes them."""
     net = networks("bf16", cfg, Qwen3Config(), VAEConfig())["denoiser"]
     stages = workflow_stages(load_workflow("zimage-121101"))
-    profiles = engine_profiles({"denoiser": net}, stages, caption_span(4096, 32))["denoiser"]
+    return net, engine_profiles({"denoiser": net}, stages, caption_span(4096, 32))["denoiser"]
+
+
+def export_denoiser(
+    path: Path, cfg: DiTConfig, log: Callable[[str], None] = print
+) -> dict[str, Any]:
+    """Export the denoiser of ``cfg`` (random weights) to ``path``; its figures."""
+    net, profiles = denoiser_profiles(cfg)
     lim = limits(profiles, net)
     lengths = rope_table_lengths(lim.tokens, lim.height, lim.width)
     with torch.device("meta"):
@@ -61,15 +73,32 @@ def main(path: Path) -> None:
     tables = {f"rope_tables.{n}": b for n, b in RopeTables(cfg, lengths).named_buffers()}
     start = time.time()
     result = export_network(net, meta, LazyRandom(meta, tables), path,
-                            example=ShapePoint(2, 40, 12, 10), limits=lim, log=print)  # fmt: skip
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    params = sum(p.numel() for p in meta.parameters()) / 1e9
-    print(f"params {params:.3f} B; {result.initializers} weights, "
-          f"{result.data_bytes / 2**30:.2f} GiB data; {time.time() - start:.0f} s; "
-          f"peak RSS {rss:.2f} GiB")  # fmt: skip
-    onnx.checker.check_model(str(path))
-    print("onnx checker ok;", check_tensorrt_coverage(path).summary())
+                            example=ShapePoint(2, 40, 12, 10), limits=lim, log=log)  # fmt: skip
+    return {
+        "params": sum(p.numel() for p in meta.parameters()),
+        "weights": result.initializers,
+        "data_bytes": result.data_bytes,
+        "seconds": round(time.time() - start, 1),
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("path", type=Path, help="the .onnx file to write (data beside it)")
+    parser.add_argument("--layers", type=int, default=None,
+                        help="main blocks (default: 30; fewer: a real-width slice)")  # fmt: skip
+    args = parser.parse_args(argv)
+    cfg = DiTConfig() if args.layers is None else DiTConfig(n_layers=args.layers)
+    figures = export_denoiser(args.path, cfg)
+    figures["layers"] = cfg.n_layers
+    (args.path.parent / "figures.json").write_text(json.dumps(figures))  # rtx_full_size.py reads it
+    print(f"params {figures['params'] / 1e9:.3f} B; {figures['weights']} weights, "
+          f"{figures['data_bytes'] / 2**30:.2f} GiB data; {figures['seconds']:.0f} s; "
+          f"peak RSS {figures['peak_rss_bytes'] / 2**30:.2f} GiB")  # fmt: skip
+    onnx.checker.check_model(str(args.path))
+    print("onnx checker ok;", check_tensorrt_coverage(args.path).summary())
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    main()

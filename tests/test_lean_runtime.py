@@ -31,11 +31,13 @@ print(count)
 
 # The torch backend end to end, in-process through the CLI, with every library it must not
 # need blocked: the builder's (onnx, onnxscript), the compiled backends' (onnxruntime,
-# tensorrt) and the oracles (diffusers, transformers). Looking for them is allowed (torch probes
-# with find_spec whether they are installed); loading one raises.
+# tensorrt), the server's (fastapi, uvicorn, prometheus_client) and the oracles (diffusers,
+# transformers). Looking for them is allowed (torch probes with find_spec whether they are
+# installed); loading one raises.
 GENERATE = """
 import importlib.abc, importlib.machinery, sys
-BLOCKED = ("diffusers", "transformers", "onnx", "onnxscript", "onnxruntime", "tensorrt")
+BLOCKED = ("diffusers", "transformers", "onnx", "onnxscript", "onnxruntime", "tensorrt",
+           "fastapi", "uvicorn", "prometheus_client")
 class Refuse(importlib.abc.Loader):
     def create_module(self, spec):
         raise ImportError(f"generate imported {spec.name}")

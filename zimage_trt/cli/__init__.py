@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 
 from zimage_trt import __version__
-from zimage_trt.cli import bench, engines, generate, models, sigmas, workflow
+from zimage_trt.cli import bench, engines, generate, models, serve, sigmas, workflow
 from zimage_trt.cli.common import RAW, examples
 from zimage_trt.errors import (
     EXIT_INTERNAL,
@@ -58,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     engines.add_build_parser(sub)
     generate.add_reproduce_parser(sub)
     bench.add_bench_parser(sub)
+    serve.add_serve_parser(sub)
     engines.add_inspect_parser(sub)
     models.add_parser(sub)
     return parser

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import glob
+import io
 import os
 import re
 import tempfile
@@ -184,7 +185,16 @@ def _format(suffix: str) -> str:
     return fmt
 
 
-def _encode(pixels: np.ndarray, tmp: Path, fmt: str, metadata: dict[str, str] | None) -> None:
+def png_bytes(pixels: np.ndarray, metadata: dict[str, str] | None = None) -> bytes:
+    """The PNG ``save_new_image`` would write, as bytes (the server's responses)."""
+    buffer = io.BytesIO()
+    _encode(pixels, buffer, "PNG", metadata)
+    return buffer.getvalue()
+
+
+def _encode(
+    pixels: np.ndarray, tmp: Path | io.BytesIO, fmt: str, metadata: dict[str, str] | None
+) -> None:
     image = Image.fromarray(pixels)
     if fmt == "PNG":
         info = PngInfo()

@@ -220,9 +220,14 @@ class Pipeline:
         checked against what the pipeline holds (its LoRAs, the built profiles)."""
         with request.named():
             wf = request.workflow_for(self.workflow)
-            self._check_loras(wf)
-            self.preflight(wf)
+            self.check(wf)
         return wf
+
+    def check(self, wf: Workflow) -> None:
+        """Refuse a workflow this pipeline cannot run: other LoRAs than it holds, a prompt too
+        long or a shape outside the built profiles."""
+        self._check_loras(wf)
+        self.preflight(wf)
 
     def _check_loras(self, wf: Workflow) -> None:
         """A request must ask for the LoRAs the engines hold: they are fused (or swapped in)
