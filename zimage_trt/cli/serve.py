@@ -14,6 +14,8 @@ API_KEY_VARIABLE = "ZIMAGE_TRT_API_KEY"
 BOUNDS = {  # flag → (smallest, largest)
     "port": (0, 65535),
     "max_queue": (1, 100_000),
+    "max_batch": (1, 64),
+    "batch_wait_ms": (0, 10_000),
     "request_timeout": (1, 86_400),
     "max_n": (1, 100),
     "max_body": (1024, 1 << 30),
@@ -68,6 +70,21 @@ def add_serve_parser(sub: Any) -> None:
         help="requests that may wait for the worker; past it, 429 (default 32)",
     )
     p.add_argument(
+        "--max-batch",
+        type=int,
+        default=4,
+        metavar="N",
+        help="images of one shape (workflow and size) sampled side by side, their denoiser calls "
+        "batched (default 4; 1: one at a time)",
+    )
+    p.add_argument(
+        "--batch-wait-ms",
+        type=float,
+        default=20.0,
+        metavar="MS",
+        help="how long a request waits for others of its shape to join its batch (default 20)",
+    )
+    p.add_argument(
         "--request-timeout",
         type=float,
         default=300.0,
@@ -115,6 +132,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     key = os.environ.get(API_KEY_VARIABLE) or None
     settings = ServeSettings(
         max_queue=args.max_queue,
+        max_batch=args.max_batch,
+        batch_wait_ms=args.batch_wait_ms,
         request_timeout=args.request_timeout,
         max_n=args.max_n,
         max_body=args.max_body,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -46,7 +47,7 @@ from zimage_trt.runtime.requests import (
     StageReport,
 )
 from zimage_trt.runtime.text import LRUCache, PromptEncoder
-from zimage_trt.sampling.guider import Cond
+from zimage_trt.sampling.guider import Cond, ModelFn
 from zimage_trt.sampling.stage import sample_stage, stage_input_latent
 from zimage_trt.workflow import Workflow
 
@@ -81,6 +82,9 @@ class Pipeline:
         self.workflow = workflow  # the workflow it was opened for: a request's default
         self.manifest = manifest  # an engine folder's manifest (None: the torch backend)
         self.lora_swap = lora_swap  # LoRAs swapped into a folder's engines when it loaded
+        # runs side by side (runtime.batch) share the engines: one call at a time, besides the
+        # denoiser's lockstep batches
+        self._engine_lock = threading.RLock()
 
     @classmethod
     def open(
@@ -260,7 +264,8 @@ class Pipeline:
 
     def caption(self, text: str, name: str) -> Cond:
         """The prompt's caption tokens (after the context refiner), cached by text."""
-        tokens, length = self._captions.get_or_make(text, lambda: self._caption_path(text))
+        with self._engine_lock:
+            tokens, length = self._captions.get_or_make(text, lambda: self._caption_path(text))
         return Cond(name, tokens, tokens=length)
 
     def _caption_path(self, text: str) -> tuple[Tensor, int]:
@@ -279,8 +284,9 @@ class Pipeline:
         return v["v"].to(x.dtype)
 
     def decode(self, latent: Tensor) -> np.ndarray:
-        image = self.engines.vae_decoder(latents=latent.to(self.engines.device))["image"]
-        return to_uint8(image)
+        with self._engine_lock:
+            image = self.engines.vae_decoder(latents=latent.to(self.engines.device))["image"]
+            return to_uint8(image)
 
     def encode_image(self, path: str, width: int, height: int) -> Tensor:
         if self.engines.vae_encoder is None:
@@ -293,7 +299,8 @@ class Pipeline:
             picture = picture.resize((width, height), Image.Resampling.LANCZOS)
         pixels = torch.from_numpy(np.asarray(picture, dtype=np.float32) / 255.0)
         image = (pixels.permute(2, 0, 1)[None] * 2.0 - 1.0).to(self.engines.device)
-        return self.engines.vae_encoder(image=image)["latents"].float().cpu()
+        with self._engine_lock:
+            return self.engines.vae_encoder(image=image)["latents"].float().cpu()
 
     # -- the workflow ------------------------------------------------------------------------
     def preflight(self, wf: Workflow) -> None:
@@ -302,8 +309,13 @@ class Pipeline:
         cap = self.manifest.caption_max if self.manifest is not None else TORCH_CAPTION_MAX
         preflight(wf, self.engines.profiles, self.prompts.tokenizer, self.engines.backend, cap)
 
-    def run(self, wf: Workflow, progress: Progress | None = None) -> Generation:
+    def run(
+        self, wf: Workflow, progress: Progress | None = None, model: ModelFn | None = None
+    ) -> Generation:
+        """Run ``wf``; ``model`` stands in for the denoiser (``runtime.batch`` batches the
+        calls of workflows sampled side by side)."""
         self.preflight(wf)
+        model = model if model is not None else self.model
         encoder_calls, caption_calls = self.prompts.encoder_calls, self.caption_path_calls
         seconds: dict[str, float] = {}
         start = time.perf_counter()
@@ -335,7 +347,7 @@ class Pipeline:
                 result = sample_stage(
                     stage,
                     latent_in,
-                    self.model,
+                    model,
                     positive,
                     uncond,
                     device=self.engines.device,

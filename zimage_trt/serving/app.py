@@ -71,8 +71,8 @@ class ServeSettings:
     """What ``zimage-trt serve`` was started with (its flags)."""
 
     max_queue: int = 32
-    max_batch: int = 1
-    batch_wait_ms: float = 0.0
+    max_batch: int = 4
+    batch_wait_ms: float = 20.0
     request_timeout: float = 300.0
     max_n: int = 10
     max_body: int = 1 << 20
@@ -131,7 +131,8 @@ class Service:
     def _load(self) -> None:
         try:
             pipeline = self.load()
-            worker = Worker(pipeline, self.metrics, self.settings.max_queue)
+            s = self.settings
+            worker = Worker(pipeline, self.metrics, s.max_queue, s.max_batch, s.batch_wait_ms / 1e3)
             worker.start()
             self.pipeline, self.worker = pipeline, worker
         except Exception as exc:  # said on /healthz and in the log; the server stays up

@@ -11,13 +11,14 @@ metadata as ``zimage-trt generate`` writes, and reports what it did to ``metrics
 from __future__ import annotations
 
 import math
-import queue
 import threading
 import time
+from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from zimage_trt.errors import ZimageError
+from zimage_trt.runtime.batch import run_batch
 from zimage_trt.runtime.images import png_bytes, png_metadata
 from zimage_trt.runtime.pipeline import Pipeline
 from zimage_trt.runtime.requests import Generation
@@ -56,7 +57,12 @@ class Result:
     timings: dict[str, float]
 
 
-@dataclass
+def shape_key(wf: Workflow) -> tuple[object, ...]:
+    """Jobs with equal keys may run as one batch: the same workflow at the same size."""
+    return wf.name, tuple(wf.latent_sizes())
+
+
+@dataclass(eq=False)  # a job is itself: the queue removes this one, not an equal one
 class Job:
     workflows: list[Workflow]
     previews: bool = False  # /v1/workflows/run: every image the workflow saves, not only finals
@@ -64,6 +70,10 @@ class Job:
     future: Future[Result] = field(default_factory=Future)
     reason: str | None = None  # why it was cancelled
     created: float = field(default_factory=time.monotonic)
+
+    @property
+    def key(self) -> tuple[object, ...]:
+        return (*shape_key(self.workflows[0]), self.previews)
 
     def cancel(self, reason: str) -> None:
         """Stop the job at its next step (or before it starts)."""
@@ -78,34 +88,46 @@ class Job:
 
 
 class Worker:
-    """Runs jobs on ``pipeline`` one at a time, on its own thread (``start``/``stop``)."""
+    """Runs jobs on ``pipeline`` on its own thread (``start``/``stop``). Jobs of one shape (the
+    same workflow at the same size) that arrive within ``batch_wait`` seconds of each other run
+    as one batch of up to ``max_batch`` images, sampled side by side (``runtime.batch``)."""
 
-    def __init__(self, pipeline: Pipeline, metrics: Metrics, max_queue: int = 32) -> None:
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        metrics: Metrics,
+        max_queue: int = 32,
+        max_batch: int = 4,
+        batch_wait: float = 0.02,
+    ) -> None:
         self.pipeline = pipeline
         self.metrics = metrics
         self.max_queue = max_queue
-        self._queue: queue.Queue[Job | None] = queue.Queue()
-        self._lock = threading.Lock()
-        self._waiting = 0
+        self.max_batch = max_batch
+        self.batch_wait = batch_wait
+        self._jobs: deque[Job] = deque()
+        self._cv = threading.Condition()
+        self._stopping = False
         self._thread: threading.Thread | None = None
         self._seconds_per_image = 1.0  # running mean, for Retry-After
         self.busy = False
+        self.engine_batches: list[int] = []  # rows of every denoiser call (tests, metrics)
 
     # -- the caller's side ---------------------------------------------------------------------
     def submit(self, job: Job) -> Job:
-        with self._lock:
-            if self._waiting >= self.max_queue:
-                images = sum(len(j.workflows) for j in list(self._queue.queue) if j is not None)
-                wait = max(1, round((images + 1) * self._seconds_per_image))
-                raise QueueFull(self._waiting, wait)
-            self._waiting += 1
-            self.metrics.queue_depth.set(self._waiting)
-        self._queue.put(job)
+        with self._cv:
+            if len(self._jobs) >= self.max_queue:
+                images = sum(len(j.workflows) for j in self._jobs)
+                wait = max(1, round((images + 1) * self._seconds_per_image / self.max_batch))
+                raise QueueFull(len(self._jobs), wait)
+            self._jobs.append(job)
+            self.metrics.queue_depth.set(len(self._jobs))
+            self._cv.notify_all()
         return job
 
     @property
     def depth(self) -> int:
-        return self._waiting
+        return len(self._jobs)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="zimage-trt-worker", daemon=True)
@@ -113,39 +135,83 @@ class Worker:
 
     def stop(self, timeout: float | None = None) -> None:
         """Finish the jobs already queued, then end the thread."""
-        self._queue.put(None)
+        with self._cv:
+            self._stopping = True
+            self._cv.notify_all()
         if self._thread is not None:
             self._thread.join(timeout)
 
     # -- the worker's side ---------------------------------------------------------------------
     def _loop(self) -> None:
         while True:
-            job = self._queue.get()
-            if job is None:
+            batch = self._next_batch()
+            if not batch:
                 return
-            with self._lock:
-                self._waiting -= 1
-                self.metrics.queue_depth.set(self._waiting)
-            if not job.future.set_running_or_notify_cancel():
-                continue
             self.busy = True
             try:
-                job.future.set_result(self._run(job))
-            except BaseException as exc:  # delivered to the request that asked
-                job.future.set_exception(exc)
+                self._run(batch)
             finally:
                 self.busy = False
 
-    def _run(self, job: Job) -> Result:
-        job.check()
-        self.metrics.batch_size.observe(1)
+    def _next_batch(self) -> list[Job]:
+        """The oldest job and the queued jobs of its shape, up to ``max_batch`` images, waiting
+        up to ``batch_wait`` for more; [] when stopping with nothing left."""
+        with self._cv:
+            while not self._jobs:
+                if self._stopping:
+                    return []
+                self._cv.wait()
+            first = self._jobs.popleft()
+            batch, images = [first], len(first.workflows)
+            deadline = time.monotonic() + self.batch_wait
+            while images < self.max_batch:
+                for job in [j for j in self._jobs if j.key == first.key]:
+                    if images + len(job.workflows) <= self.max_batch:
+                        self._jobs.remove(job)
+                        batch.append(job)
+                        images += len(job.workflows)
+                left = deadline - time.monotonic()
+                if images >= self.max_batch or left <= 0 or self._stopping:
+                    break
+                self._cv.wait(left)
+            self.metrics.queue_depth.set(len(self._jobs))
+        return [job for job in batch if job.future.set_running_or_notify_cancel()]
+
+    def _run(self, batch: list[Job]) -> None:
+        self.metrics.batch_size.observe(len(batch))
+        items = [(job, wf) for job in batch for wf in job.workflows]
+        outcomes: list[Generation | BaseException] = []
+        start = time.perf_counter()
+        for i in range(0, len(items), self.max_batch):
+            chunk = items[i : i + self.max_batch]
+            live = [k for k, (job, _) in enumerate(chunk) if job.reason is None]
+            results, rows = run_batch(
+                self.pipeline,
+                [chunk[k][1] for k in live],
+                [lambda *_, job=chunk[k][0]: job.check() for k in live],
+            )
+            self.engine_batches += rows
+            ran = dict(zip(live, results, strict=True))
+            for k, (job, _) in enumerate(chunk):
+                dropped = Cancelled(f"the request was dropped ({job.reason})")
+                outcomes.append(ran.get(k, dropped))
+        seconds = (time.perf_counter() - start) / max(1, len(items))
+        self._seconds_per_image = 0.8 * self._seconds_per_image + 0.2 * seconds
+        at = 0
+        for job in batch:
+            mine = outcomes[at : at + len(job.workflows)]
+            at += len(job.workflows)
+            failed = next((o for o in mine if isinstance(o, BaseException)), None)
+            if failed is not None:
+                job.future.set_exception(failed)
+                continue
+            generations = [o for o in mine if isinstance(o, Generation)]
+            job.future.set_result(self._result(job, generations))
+
+    def _result(self, job: Job, generations: list[Generation]) -> Result:
         images: list[Image] = []
         timings: dict[str, float] = {}
-        for wf in job.workflows:
-            start = time.perf_counter()
-            generation = self.pipeline.run(wf, progress=lambda *_: job.check())
-            seconds = time.perf_counter() - start
-            self._seconds_per_image = 0.8 * self._seconds_per_image + 0.2 * seconds
+        for wf, generation in zip(job.workflows, generations, strict=True):
             self._account(wf, generation)
             images += self._images(wf, generation, job.previews)
             for part, value in generation.seconds.items():
