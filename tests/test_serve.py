@@ -199,7 +199,7 @@ def test_concurrent_requests_of_one_shape_run_as_one_batch(
     finally:
         worker.batch_wait = 0.02
     assert [answers[i].status_code for i in range(3)] == [200, 200, 200]
-    rows = worker.engine_batches[calls:]
+    rows = list(worker.engine_batches)[calls:]
     assert max(rows) == 4 and histogram._buckets[2].get() == batches_of_3 + 1
     got = {(0, 0): 7, (0, 1): 8, (2, 0): 8}
     alone = {7: seed7[0], 8: seed7[1]}

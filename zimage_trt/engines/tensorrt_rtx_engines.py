@@ -144,14 +144,14 @@ class TensorRTRTXEngine(TensorRTEngine):
                 f"engine {self.name!r}: TensorRT-RTX {version} could not deserialize the plan "
                 "(built by another TensorRT-RTX version or for other GPUs, or corrupt); rebuild it"
             )
-        self._engine_rtx = engine
         # The run-time calls from here on are TensorRT's API, shared with the base class.
         return cast("tensorrt.ICudaEngine", engine)
 
     def _new_context(self) -> tensorrt.IExecutionContext | None:
         import tensorrt_rtx as trt
 
-        config = self._engine_rtx.create_runtime_config()
+        engine = cast("tensorrt_rtx.ICudaEngine", self._engine)  # what _deserialize loaded
+        config = engine.create_runtime_config()
         config.set_execution_context_allocation_strategy(
             trt.ExecutionContextAllocationStrategy.USER_MANAGED
         )
@@ -159,7 +159,7 @@ class TensorRTRTXEngine(TensorRTEngine):
             trt.DynamicShapesKernelSpecializationStrategy.EAGER
         )
         self.runtime_cache.attach(config)
-        context = self._engine_rtx.create_execution_context(config)
+        context = engine.create_execution_context(config)
         return cast("tensorrt.IExecutionContext | None", context)
 
     def _refit(self, weights: Mapping[str, Tensor], more: Mapping[str, Tensor]) -> None:

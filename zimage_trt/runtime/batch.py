@@ -9,7 +9,7 @@ captions of different lengths padded to the longest with the padding masked (``c
 item that skips a call (EasyCache) or has finished simply is not in that call's batch. A call
 with no company runs exactly as ``Pipeline.model`` would run it alone. So each image is its
 request's own image; what batching may change is only the floating-point order inside the
-engine (measured by tests/test_batch.py).
+engine (tests/test_serve.py measures it: at most 1/255 per pixel on CPU).
 """
 
 from __future__ import annotations
@@ -111,7 +111,7 @@ class LockstepModel:
     def _run(self, group: list[_Call]) -> None:
         if len(group) == 1:  # alone: exactly the call a single run makes
             call = group[0]
-            call.result = self.pipeline.model(call.x, call.sigma, call.context, ())
+            call.result = self.pipeline.model(call.x, call.sigma, call.context)
             self.batches.append(call.x.shape[0])
             return
         longest = max(c.context.shape[1] for c in group)
@@ -127,11 +127,10 @@ class LockstepModel:
             row += b
         x = torch.cat([c.x for c in group])
         sigma = torch.cat([c.sigma.reshape(-1) for c in group])
-        engines = self.pipeline.engines
-        v = engines.denoiser(latents=x, sigma=sigma, cap_tokens=context, cap_valid=valid)["v"]
+        v = self.pipeline.model(x, sigma, context, valid=valid)
         self.batches.append(rows)
         for call, part in zip(group, v.split([c.x.shape[0] for c in group]), strict=True):
-            call.result = part.to(call.x.dtype)
+            call.result = part
 
 
 def run_batch(
@@ -163,4 +162,6 @@ def run_batch(
         thread.start()
     for thread in threads:
         thread.join()
-    return [r for r in results if r is not None], lockstep.batches
+    done = [r for r in results if r is not None]
+    assert len(done) == len(workflows)  # every item's thread set its outcome
+    return done, lockstep.batches

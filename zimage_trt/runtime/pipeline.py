@@ -276,10 +276,17 @@ class Pipeline:
         return out["cap_tokens"], hidden.shape[1]
 
     def model(
-        self, x: Tensor, sigma: Tensor, context: Tensor, cond_names: tuple[str, ...]
+        self,
+        x: Tensor,
+        sigma: Tensor,
+        context: Tensor,
+        cond_names: tuple[str, ...] = (),
+        valid: Tensor | None = None,
     ) -> Tensor:
-        """One DiT call (the guider's ModelFn): v in the model dtype."""
-        valid = torch.ones(context.shape[:2], dtype=torch.bool, device=context.device)
+        """One DiT call (the guider's ModelFn): v in the model dtype. ``valid`` masks caption
+        padding (batched captions of different lengths); None: every token counts."""
+        if valid is None:
+            valid = torch.ones(context.shape[:2], dtype=torch.bool, device=context.device)
         v = self.engines.denoiser(latents=x, sigma=sigma, cap_tokens=context, cap_valid=valid)
         return v["v"].to(x.dtype)
 
@@ -316,12 +323,17 @@ class Pipeline:
         calls of workflows sampled side by side)."""
         self.preflight(wf)
         model = model if model is not None else self.model
-        encoder_calls, caption_calls = self.prompts.encoder_calls, self.caption_path_calls
         seconds: dict[str, float] = {}
         start = time.perf_counter()
-        positive = self.caption(wf.prompts.positive_text, "cond")
         needs_uncond = any(not math.isclose(s.cfg, 1.0) for s in wf.stages)
-        negative = self.caption(wf.prompts.negative_text(), "uncond") if needs_uncond else None
+        # held over the whole text phase, so that the call counts are this run's alone when
+        # runs go side by side (runtime.batch)
+        with self._engine_lock:
+            encoder_calls, caption_calls = self.prompts.encoder_calls, self.caption_path_calls
+            positive = self.caption(wf.prompts.positive_text, "cond")
+            negative = self.caption(wf.prompts.negative_text(), "uncond") if needs_uncond else None
+            encoder_calls = self.prompts.encoder_calls - encoder_calls
+            caption_calls = self.caption_path_calls - caption_calls
         seconds["text"] = time.perf_counter() - start
 
         reports: list[StageReport] = []
@@ -370,8 +382,8 @@ class Pipeline:
         image = self.decode(latent)
         seconds["decode"] = time.perf_counter() - t0
         cache = CacheStats(
-            text_encoder_calls=self.prompts.encoder_calls - encoder_calls,
-            caption_path_calls=self.caption_path_calls - caption_calls,
+            text_encoder_calls=encoder_calls,
+            caption_path_calls=caption_calls,
             dit_calls=sum(r.model_calls for r in reports),
             dit_calls_skipped=sum(r.calls_skipped for r in reports),
         )

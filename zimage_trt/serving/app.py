@@ -30,7 +30,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from zimage_trt.engines.manifest import ProfileError
+from zimage_trt.engines.manifest import ProfileError, select_profile
 from zimage_trt.runtime.pipeline import Pipeline
 from zimage_trt.runtime.preflight import engine_calls, prompt_tokens
 from zimage_trt.runtime.requests import GenerateRequest, apply_overrides
@@ -340,7 +340,10 @@ def create_app(service: Service) -> FastAPI:
         first = body.seed if body.seed is not None else secrets.randbelow(SEED_MAX - body.n + 2)
         if first + body.n - 1 > SEED_MAX:
             raise _bad(f"seed {first} + n {body.n} - 1 is past the largest seed {SEED_MAX}", "seed")
-        workflows = [_request_workflow(pipeline, body, first + i) for i in range(body.n)]
+        wf = _request_workflow(pipeline, body, first)  # checked once; images differ by seed
+        workflows = [wf] + [
+            apply_overrides(wf.model_copy(deep=True), seed=first + i) for i in range(1, body.n)
+        ]
         result = await _run(worker, Job(workflows), request, settings.request_timeout)
         data = []
         for img in result.images:
@@ -414,8 +417,6 @@ def _request_workflow(pipeline: Pipeline, body: ImagesRequest, seed: int) -> Wor
 def _fits(pipeline: Pipeline, template: Workflow) -> Callable[[Workflow], bool]:
     """Whether a workflow's engine calls lie in the built profiles (the prompts' lengths as in
     ``template``)."""
-    from zimage_trt.engines.manifest import select_profile
-
     tokens = prompt_tokens(template, pipeline.prompts.tokenizer)
     profiles = pipeline.engines.profiles
 

@@ -111,7 +111,8 @@ class Worker:
         self._thread: threading.Thread | None = None
         self._seconds_per_image = 1.0  # running mean, for Retry-After
         self.busy = False
-        self.engine_batches: list[int] = []  # rows of every denoiser call (tests, metrics)
+        # rows of the latest denoiser calls (bounded: the server runs for weeks)
+        self.engine_batches: deque[int] = deque(maxlen=4096)
 
     # -- the caller's side ---------------------------------------------------------------------
     def submit(self, job: Job) -> Job:
