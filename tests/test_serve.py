@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from zimage_trt.build_engines.build import BuildResult
 from zimage_trt.cli import main
 from zimage_trt.runtime.pipeline import Pipeline
 from zimage_trt.serving.app import ServeSettings, Service, create_app
@@ -462,6 +464,7 @@ def test_random_bodies_never_get_a_5xx(server: Server) -> None:
         check()
     finally:
         client.close()
+    print(f"fuzz: {len(seen)} bodies, statuses {dict(sorted(Counter(seen).items()))}")
     assert len(seen) >= 200 and set(seen) <= {400, 413}
     with server.client() as alive:
         assert alive.get("/healthz").status_code == 200
@@ -489,6 +492,7 @@ def test_schemathesis_finds_no_5xx_and_no_schema_violation(server: Server) -> No
     assert set(counts) == {"GET /healthz", "GET /v1/models", "GET /metrics",
                            "GET /v1/images/{key}.png", "POST /v1/images/generations",
                            "POST /v1/workflows/run"}  # fmt: skip
+    print(f"schemathesis: {sum(counts.values())} cases, {counts}")
     assert sum(counts.values()) >= 100, counts
 
 
@@ -573,3 +577,28 @@ def test_sigterm_drains_the_request_in_flight_and_exits_0(tmp_path: Path) -> Non
     assert ("zimage-trt serve: SIGTERM: draining (no new connections; the requests in flight "
             "finish)") in rest  # fmt: skip
     assert "Traceback" not in rest
+
+
+def test_a_size_the_engine_profiles_cannot_make_names_the_nearest_that_can(
+    built: BuildResult,
+) -> None:
+    """Against the reference workflow's ONNX Runtime folder (one fixed profile per stage):
+    672x864 is made as it is, 688x864 is refused naming 672x864, the one size its profiles
+    make."""
+    from fastapi import HTTPException
+
+    from zimage_trt.serving.app import _request_workflow
+    from zimage_trt.serving.schemas import ImagesRequest
+
+    pipe = Pipeline.open(engines=built.folder, log=lambda msg: None)
+    print({k: [(p.shapes["latents"].min, p.shapes["latents"].max) for p in v]
+           for k, v in pipe.engines.profiles.items() if k == "denoiser"})  # fmt: skip
+    wf = _request_workflow(pipe, ImagesRequest(prompt="x", size="672x864"), 3)
+    assert [s.seed for s in wf.stages] == [3, 182450993364532, 894355038471848]
+    with pytest.raises(HTTPException) as refused:
+        _request_workflow(pipe, ImagesRequest(prompt="x", size="688x864"), 3)
+    assert refused.value.status_code == 400
+    assert refused.value.detail == (
+        "size '688x864' cannot be made by the served engines (built for their workflow's "
+        "profiles, e.g. 672x864); nearest sizes that can: 672x864"
+    )
