@@ -1,14 +1,21 @@
-"""``zimage-trt serve``: the engines behind an HTTP API (``zimage_trt.serving``) on uvicorn;
-SIGTERM drains and exits 0 (``serving.server``)."""
+"""``zimage-trt serve``: the engines behind an HTTP API (``zimage_trt.serving``) on uvicorn, or
+with ``--ray`` on Ray Serve replicas (``serving.ray_app``); SIGTERM drains and exits 0.
+
+``ray_app`` builds the same Ray application from ``serve run``'s ``key=value`` arguments:
+``serve run zimage_trt.cli.serve:ray_app model=tiny replicas=2 max_batch=4``."""
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
-from typing import Any
+import signal
+import socket
+import threading
+from typing import Any, NoReturn
 
 from zimage_trt.cli.common import RAW, examples, stderr_log
-from zimage_trt.errors import EXIT_INTERRUPTED, InputError
+from zimage_trt.errors import EXIT_INTERRUPTED, InputError, MissingLibraryError
 
 API_KEY_VARIABLE = "ZIMAGE_TRT_API_KEY"
 BOUNDS = {  # flag → (smallest, largest)
@@ -19,6 +26,7 @@ BOUNDS = {  # flag → (smallest, largest)
     "request_timeout": (1, 86_400),
     "max_n": (1, 100),
     "max_body": (1024, 1 << 30),
+    "replicas": (1, 1024),
 }
 
 
@@ -111,6 +119,27 @@ def add_serve_parser(sub: Any) -> None:
         default="z-image-turbo",
         help="the model id /v1/models lists and requests may name",
     )
+    ray = p.add_argument_group(
+        "scale-out (Ray Serve; pip install 'zimage-trt[ray]')",
+        "The same API in every replica, one replica per GPU; Ray routes requests among them. "
+        "Starts a local Ray cluster, or joins the one RAY_ADDRESS names.",
+    )
+    ray.add_argument("--ray", action="store_true", help="serve on Ray Serve replicas")
+    ray.add_argument(
+        "--replicas",
+        type=int,
+        default=1,
+        metavar="N",
+        help="replicas to start (each loads the engines once; default 1)",
+    )
+    ray.add_argument(
+        "--max-replicas",
+        type=int,
+        default=None,
+        metavar="M",
+        help="let Ray add replicas up to M while requests wait (about --max-batch in flight "
+        "per replica), and remove them when idle (default: exactly --replicas)",
+    )
     p.set_defaults(func=cmd_serve)
 
 
@@ -120,50 +149,127 @@ def check_bounds(args: argparse.Namespace) -> None:
         if not low <= value <= high:  # NaN fails too
             flag = "--" + name.replace("_", "-")
             raise InputError(f"{flag} {value!r} is outside {low} … {high}")
+    if args.max_replicas is not None and not args.replicas <= args.max_replicas <= 1024:
+        raise InputError(
+            f"--max-replicas {args.max_replicas} is outside --replicas ({args.replicas}) … 1024"
+        )
+    if not args.ray and (args.replicas != 1 or args.max_replicas is not None):
+        raise InputError("--replicas and --max-replicas need --ray")
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    check_bounds(args)
-    from zimage_trt.runtime.pipeline import Pipeline
-    from zimage_trt.serving.app import ServeSettings, Service, create_app
-    from zimage_trt.serving.server import DrainingServer
+def settings_from(args: argparse.Namespace) -> Any:
+    from zimage_trt.serving.app import ServeSettings
 
-    log = stderr_log(False)
-    key = os.environ.get(API_KEY_VARIABLE) or None
-    settings = ServeSettings(
+    return ServeSettings(
         max_queue=args.max_queue,
         max_batch=args.max_batch,
         batch_wait_ms=args.batch_wait_ms,
         request_timeout=args.request_timeout,
         max_n=args.max_n,
         max_body=args.max_body,
-        api_key=key,
+        api_key=os.environ.get(API_KEY_VARIABLE) or None,
         model_id=args.model_id,
     )
+
+
+def ray_app(args: dict[str, str]) -> Any:
+    """The Ray Serve application for ``serve run zimage_trt.cli.serve:ray_app KEY=VALUE …``:
+    the keys are this command's flags without dashes (``model=tiny``, ``max_batch=4``,
+    ``replicas=2``), checked as the flags are."""
+    class Parser(argparse.ArgumentParser):
+        def error(self, message: str) -> NoReturn:
+            raise InputError(f"ray_app {args}: {message}")
+
+    parser = Parser(prog="zimage_trt.cli.serve:ray_app")
+    add_serve_parser(parser.add_subparsers())
+    argv = ["serve", "--ray"]
+    for key, value in args.items():
+        argv += [f"--{key.replace('_', '-')}", str(value)]
+    parsed = parser.parse_args(argv)
+    check_bounds(parsed)
+    from zimage_trt.serving.app import Source
+    from zimage_trt.serving.ray_app import application
+
+    source = Source(parsed.model, parsed.engines, parsed.workflow, parsed.device)
+    return application(source, settings_from(parsed), parsed.replicas, parsed.max_replicas)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    check_bounds(args)
+    from zimage_trt.serving.app import Service, Source, create_app
+    from zimage_trt.serving.server import DrainingServer
+
+    log = stderr_log(False)
+    settings = settings_from(args)
     if args.workflow is not None or args.engines is None:  # a bad workflow: refused before binding
         from zimage_trt.runtime.loading import open_workflow
 
         open_workflow(args.workflow, args.engines)
-
-    def load() -> Pipeline:
-        pipeline = Pipeline.open(
-            model=args.model,
-            engines=args.engines,
-            workflow=args.workflow,
-            device=args.device,
-            log=log,
-        )
-        log(f"zimage-trt serve: ready ({pipeline.engines.backend} on {pipeline.engines.device})")
-        return pipeline
-
+    source = Source(args.model, args.engines, args.workflow, args.device)
     log(
         "zimage-trt serve: "
         + (
             f"API key required ({API_KEY_VARIABLE})"
-            if key
+            if settings.api_key
             else f"no API key: every route is open ({API_KEY_VARIABLE} is unset)"
         )
     )
-    server = DrainingServer(create_app(Service(load, settings)), args.host, args.port, log)
+    if args.ray:
+        return _serve_on_ray(args, source, settings, log)
+    server = DrainingServer(create_app(Service(lambda: source.open(log), settings)), args.host,
+                            args.port, log)  # fmt: skip
     server.run()
     return EXIT_INTERRUPTED if server.interrupted else 0
+
+
+def _serve_on_ray(args: argparse.Namespace, source: Any, settings: Any, log: Any) -> int:
+    """Start (or join) Ray, run the application, wait for SIGTERM or Ctrl-C, then shut Serve
+    down — its replicas finish the requests in flight — and exit 0 (130 after Ctrl-C)."""
+    try:
+        import ray
+        from ray import serve
+    except ImportError:
+        raise MissingLibraryError(
+            "--ray needs Ray Serve, which is not installed: pip install 'zimage-trt[ray]'"
+        ) from None
+    from zimage_trt.serving.ray_app import APP_NAME, application
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    port = args.port or _free_port(args.host)
+    stop = threading.Event()
+    caught: list[int] = []
+
+    def on_signal(sig: int, frame: object) -> None:
+        caught.append(sig)
+        stop.set()
+
+    previous: dict[int, Any] = {}
+    try:
+        ray.init(include_dashboard=False, logging_level=logging.WARNING)
+        # after ray.init, which installs its own SIGTERM handler (it aborts the process)
+        previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        serve.start(http_options={"host": args.host, "port": port})
+        how = (f"{args.replicas}…{args.max_replicas} replicas (autoscaled)"
+               if args.max_replicas and args.max_replicas > args.replicas
+               else f"{args.replicas} replica(s)")  # fmt: skip
+        log(f"zimage-trt serve: starting Ray Serve, {how}")
+        serve.run(application(source, settings, args.replicas, args.max_replicas),
+                  name=APP_NAME, route_prefix="/", blocking=False)  # fmt: skip
+        log(f"zimage-trt serve: listening on http://{args.host}:{port} (Ray Serve)")
+        stop.wait()
+        what = "interrupted" if caught[0] == signal.SIGINT else "SIGTERM"
+        log(f"zimage-trt serve: {what}: draining the replicas (the requests in flight finish)")
+        serve.delete(APP_NAME)  # replicas take no new requests and finish those in flight
+        serve.shutdown()
+    finally:
+        ray.shutdown()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    log("zimage-trt serve: stopped")
+    return EXIT_INTERRUPTED if caught and caught[0] == signal.SIGINT else 0
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])

@@ -81,6 +81,23 @@ class ServeSettings:
     model_id: str = "z-image-turbo"
 
 
+@dataclass(frozen=True)
+class Source:
+    """What the server serves, from its command line: a model or an engine folder, the
+    workflow, the device."""
+
+    model: str | None = None
+    engines: str | None = None
+    workflow: str | None = None
+    device: str = "auto"
+
+    def open(self, log: Callable[[str], None]) -> Pipeline:
+        pipeline = Pipeline.open(model=self.model, engines=self.engines, workflow=self.workflow,
+                                 device=self.device, log=log)  # fmt: skip
+        log(f"zimage-trt serve: ready ({pipeline.engines.backend} on {pipeline.engines.device})")
+        return pipeline
+
+
 class ImageStore:
     """PNGs for ``response_format: url``, kept ``ttl`` seconds (at most ``limit`` of them)."""
 
@@ -118,6 +135,7 @@ class Service:
         self.load = load
         self.settings = settings
         self.metrics = Metrics()
+        self.exposition: Callable[[], bytes] = self.metrics.exposition  # what /metrics says
         self.images = ImageStore(settings.url_ttl)
         self.pipeline: Pipeline | None = None
         self.worker: Worker | None = None
@@ -301,9 +319,7 @@ def create_app(service: Service) -> FastAPI:
 
     @app.get("/metrics", response_class=PlainTextResponse)
     def metrics() -> Response:
-        return Response(
-            service.metrics.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8"
-        )
+        return Response(service.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get(
         "/v1/images/{key}.png",
