@@ -176,6 +176,7 @@ def ray_app(args: dict[str, str]) -> Any:
     """The Ray Serve application for ``serve run zimage_trt.cli.serve:ray_app KEY=VALUE …``:
     the keys are this command's flags without dashes (``model=tiny``, ``max_batch=4``,
     ``replicas=2``), checked as the flags are."""
+
     class Parser(argparse.ArgumentParser):
         def error(self, message: str) -> NoReturn:
             raise InputError(f"ray_app {args}: {message}")
