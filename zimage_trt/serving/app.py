@@ -141,6 +141,7 @@ class Service:
         self.worker: Worker | None = None
         self.failure: str | None = None
         self.loaded = threading.Event()
+        self.stopped = threading.Event()  # set when the app shuts down
         self.created = int(time.time())
 
     def start(self) -> None:
@@ -159,6 +160,7 @@ class Service:
             self.loaded.set()
 
     def stop(self) -> None:
+        self.stopped.set()
         if self.worker is not None:
             self.worker.stop()
 

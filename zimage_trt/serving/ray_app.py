@@ -88,7 +88,6 @@ class Replica:
         self.source, self.settings = source, settings
         self.id = uuid.uuid4().hex[:12]
         self.service: Service | None = None
-        self._stop = threading.Event()
 
     def __serve_build_asgi_app__(self) -> Any:
         def log(message: str) -> None:
@@ -105,7 +104,7 @@ class Replica:
             return merged_exposition(ray.get(board.all.remote()))
 
         def push() -> None:
-            while not self._stop.wait(PUSH_SECONDS):
+            while not service.stopped.wait(PUSH_SECONDS):  # until the app shuts down
                 board.put.remote(self.id, own())
             board.drop.remote(self.id)
 
@@ -118,9 +117,6 @@ class Replica:
         """Ray restarts a replica whose engines failed to load."""
         if self.service is not None and self.service.failure is not None:
             raise RuntimeError(self.service.failure)
-
-    def __del__(self) -> None:
-        self._stop.set()
 
 
 def application(
