@@ -4,12 +4,16 @@ torch pipeline for the reference workflow."""
 from __future__ import annotations
 
 import datetime
+import importlib.util
+import pickle
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 import pytest
+from filelock import FileLock
 
 from zimage_trt.build_engines.build import BuildResult, run_build
 from zimage_trt.build_engines.plan import BuildOptions, plan_build
@@ -17,14 +21,40 @@ from zimage_trt.cli import main
 from zimage_trt.runtime.pipeline import Pipeline
 from zimage_trt.workflow import load_workflow
 
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def benchmark_script(name: str) -> ModuleType:
+    """``benchmarks/NAME.py`` imported as the module ``NAME`` (the scripts are not a package)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
 
 @pytest.fixture(scope="session")
-def built(tmp_path_factory: pytest.TempPathFactory) -> BuildResult:
-    """The reference workflow's ONNX Runtime folder (fp32, the tiny LoRA fused at 1.0)."""
-    out = tmp_path_factory.mktemp("engines")
-    options = BuildOptions(backend="onnxruntime", precision="fp32")
-    plan = plan_build(options, model="tiny", workflow=load_workflow("zimage-121101"))
-    return run_build(plan, options, out, log=lambda msg: None)
+def built(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> BuildResult:
+    """The reference workflow's ONNX Runtime folder (fp32, the tiny LoRA fused at 1.0), built
+    once for the whole run: pytest-xdist's workers share it (no test changes it)."""
+
+    def build(out: Path) -> BuildResult:
+        options = BuildOptions(backend="onnxruntime", precision="fp32")
+        plan = plan_build(options, model="tiny", workflow=load_workflow("zimage-121101"))
+        return run_build(plan, options, out, log=lambda msg: None)
+
+    if worker_id == "master":  # not distributed
+        return build(tmp_path_factory.mktemp("engines"))
+    shared = tmp_path_factory.getbasetemp().parent  # the same for every worker of this run
+    with FileLock(str(shared / "built.lock")):
+        record = shared / "built.pickle"
+        if record.exists():
+            result: BuildResult = pickle.loads(record.read_bytes())
+            return result
+        result = build(shared / "engines")
+        record.write_bytes(pickle.dumps(result))
+        return result
 
 
 @dataclass

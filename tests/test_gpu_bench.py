@@ -8,23 +8,19 @@ import importlib.util
 import json
 import math
 import re
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 
+from tests.conftest import benchmark_script
+
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_bench.py"
 
 
 def _load_script():  # type: ignore[no-untyped-def]
-    spec = importlib.util.spec_from_file_location("gpu_bench", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["gpu_bench"] = module
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_script("gpu_bench")
 
 
 def test_random_init_keeps_activations_finite() -> None:

@@ -265,3 +265,62 @@ def test_a_lora_weight_no_engine_takes_is_refused(built: BuildResult, tmp_path: 
         f"{folder}: the LoRAs change 1 weight(s) that no engine can take (not refittable: "
         "layers.0.attention.qkv.weight); rebuild with this workflow"
     )
+
+
+def test_onnxruntime_switches_loras_live_exactly_as_a_swap_at_load(built: BuildResult) -> None:
+    """A LoRA bank (runtime/loras.py) on the ONNX Runtime folder: the sessions made again with
+    the switched weights give the latent that opening the folder with those LoRAs gives, bit
+    for bit, and switching back gives the first latent again."""
+    from zimage_trt.models.tiny import tiny_model_dir
+    from zimage_trt.runtime.loras import LoraBank, RegisteredLora
+
+    tiny_lora = next((tiny_model_dir() / "loras").glob("*.safetensors"))
+    wf = _workflow([LoraRef(path=LORA)])  # the folder's own LoRA: nothing swapped at load
+    pipeline = Pipeline.open(engines=built.folder, workflow=wf, model="tiny", log=lambda m: None)
+    first = pipeline.run(wf).latent
+    logs: list[str] = []
+    bank = LoraBank.attach(pipeline, [RegisteredLora("half", tiny_lora, 0.5)],
+                           folder=built.folder, model="tiny", log=logs.append)  # fmt: skip
+    assert logs[-1] == "1 LoRA(s) registered (half); switching them rewrites 4 DiT weights"
+    assert bank._targets == {"caption_path": LORA_KEYS[:1], "denoiser": LORA_KEYS[1:]}
+    half = wf.model_copy(deep=True)
+    half.models.loras = bank.refs([("half", None)])
+    captions = pipeline.caption_path_calls
+    live = pipeline.run(half).latent
+    assert bank.switches == 1 and bank.describe() == f"{tiny_lora} at 0.5"
+    assert pipeline.caption_path_calls == captions + 2  # cond and uncond made again
+    at_load = Pipeline.open(engines=built.folder, workflow=_workflow([LoraRef(path=LORA,
+                            strength=0.5)]), model="tiny", log=lambda m: None)  # fmt: skip
+    assert torch.equal(live, at_load.run(at_load.workflow).latent)  # type: ignore[arg-type]
+    assert torch.equal(pipeline.run(wf).latent, first)
+    assert bank.switches == 2
+    with pytest.raises(ValueError, match="must ask for one LoRA set; these ask for 2"):
+        from zimage_trt.runtime.batch import run_batch
+
+        run_batch(pipeline, [wf, half])
+
+
+def test_a_live_refit_of_a_tensorrt_plan_drops_its_cuda_graphs(
+    built_tensorrt_double: DoubleBuild, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.tensorrt_double import FakeTensorRT
+    from tests.test_tensorrt_runtime import HostTensorRTEngine
+
+    result = built_tensorrt_double.result
+    trt = built_tensorrt_double.trt
+    assert isinstance(trt, FakeTensorRT)
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    folder, manifest = result.folder, result.manifest
+    wf = _workflow([LoraRef(path=LORA, strength=0.7)])
+    swap = plan_lora_swap(manifest, folder, wf, model="tiny", log=lambda m: None)
+    entry = manifest.engines["denoiser"]
+    engine = HostTensorRTEngine("denoiser", (folder / entry.file).read_bytes(), entry.profiles,
+                                device="cpu")  # fmt: skip
+    assert trt.engines[-1].refitted == {}
+    from zimage_trt.engines.tensorrt_engines import _Slot
+
+    slot = _Slot(bindings=[], outputs={}, runs=3)  # as if captured after a warm-up
+    engine._slots[(0, ())] = slot  # type: ignore[index]
+    engine.refit(swap.weights["denoiser"], swap.source)
+    assert set(trt.engines[-1].refitted) == set(swap.weights["denoiser"])
+    assert (slot.graph, slot.runs) == (None, 0)  # captured against the old weights: dropped

@@ -491,7 +491,7 @@ def test_schemathesis_finds_no_5xx_and_no_schema_violation(server: Server) -> No
             _schemathesis_check(strategy, label, server, counts)()
     assert set(counts) == {"GET /healthz", "GET /v1/models", "GET /metrics",
                            "GET /v1/images/{key}.png", "POST /v1/images/generations",
-                           "POST /v1/workflows/run"}  # fmt: skip
+                           "POST /v1/images/edits", "POST /v1/workflows/run"}  # fmt: skip
     print(f"schemathesis: {sum(counts.values())} cases, {counts}")
     assert sum(counts.values()) >= 100, counts
 
@@ -601,4 +601,86 @@ def test_a_size_the_engine_profiles_cannot_make_names_the_nearest_that_can(
     assert refused.value.detail == (
         "size '688x864' cannot be made by the served engines (built for their workflow's "
         "profiles, e.g. 672x864); nearest sizes that can: 672x864"
+    )
+
+
+def _png_claiming(width: int, height: int) -> bytes:
+    """A PNG whose header claims ``width``×``height`` pixels (and holds none)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = zlib.crc32(kind + data) & 0xFFFFFFFF
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")
+
+
+def test_edits_with_the_openai_client_equal_generate_from_that_image(
+    server: Server, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``client.images.edit``: the picture, center-cropped to the first stage's aspect (here
+    square: 192² of 256×192), is that stage's latent (VAE-encoded at its size), strength its
+    denoise — pixel-identical to ``generate`` with a workflow that starts from that crop at
+    that denoise."""
+    from openai import OpenAI
+
+    y, x = np.mgrid[0:192, 0:256]  # a smooth 256×192 picture: small as a PNG (--max-body 16 KiB)
+    rgb = np.stack([x, y, (x + y) // 2], axis=-1).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(rgb).save(buffer, "PNG")
+    picture = buffer.getvalue()
+    assert len(picture) < 16_384
+    client = OpenAI(base_url=f"{server.url}/v1", api_key=KEY)
+    result = client.images.edit(image=("fox.png", picture, "image/png"), prompt="an owl at night",
+                                extra_body={"seed": 3, "strength": 0.5})  # fmt: skip
+    assert result.data is not None and [d.model_extra for d in result.data] == [{"seed": 3}]
+    edited = _pixels(base64.b64decode(str(result.data[0].b64_json)))
+    assert edited.shape == (256, 256, 3)
+    source = tmp_path / "crop.png"
+    Image.fromarray(rgb[:, 32:224]).save(source)  # the center 192×192
+    yaml_text = WORKFLOW.replace(
+        "latent: {source: empty, width: 128, height: 128}",
+        f"latent: {{source: image, image: {source}, width: 128, height: 128}}",
+    ).replace("scheduler: {name: simple, steps: 3}", "scheduler: {name: simple, steps: 3, "
+              "denoise: 0.5}")  # fmt: skip
+    assert yaml_text.count("denoise") == 2 and "source: image" in yaml_text
+    workflow = tmp_path / "edit.yaml"
+    workflow.write_text(yaml_text)
+    argv = ["generate", "--model", "tiny", "-w", str(workflow), "-p", "an owl at night",
+            "--seed", "3", "--out", str(tmp_path / "out"), "-q"]  # fmt: skip
+    assert main(argv) == 0
+    capsys.readouterr()
+    final = next(p for p in sorted((tmp_path / "out").rglob("*.png")) if "preview" not in p.name)
+    assert np.array_equal(edited, _pixels(final.read_bytes()))
+    plain = _post(server, {"prompt": "an owl at night", "seed": 3})
+    generated = _pixels(base64.b64decode(plain.json()["data"][0]["b64_json"]))
+    assert np.abs(edited.astype(int) - generated).mean() > 5  # the picture shaped the edit
+
+
+def test_bad_edits_are_400_naming_the_value(server: Server) -> None:
+    picture = _png_claiming(64, 64)
+
+    def edit(data: dict[str, str], image: bytes = picture, **files: bytes) -> dict[str, object]:
+        with server.client() as client:
+            response = client.post("/v1/images/edits", headers=AUTH, data=data,
+                                   files={"image": ("a.png", image), **files})  # fmt: skip
+        assert response.status_code == 400, response.text
+        error = response.json()["error"]
+        assert isinstance(error, dict)
+        return error
+
+    assert edit({"prompt": "x", "strength": "0"})["param"] == "strength"
+    assert edit({"prompt": "x", "n": "0"})["message"] == (
+        "n: Input should be greater than or equal to 1 (got 0)"
+    )
+    masked = edit({"prompt": "x"}, mask=picture)
+    assert (masked["param"], masked["message"]) == (
+        "mask", "mask is not supported here: the whole picture is edited (strength)")  # fmt: skip
+    assert edit({"prompt": "x"}, image=b"not an image")["message"].startswith(
+        "image: a.png is not a readable image ("
+    )
+    assert edit({"prompt": "x"}, image=_png_claiming(8192, 8192))["message"] == (
+        "image: a.png is 8192×8192 pixels; input images may have at most 33,554,432 pixels"
     )

@@ -49,13 +49,13 @@ def add_serve_parser(sub: Any) -> None:
             '-d \'{"prompt": "a red fox in snow", "seed": 7}\'',
         ),
     )
-    source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument(
+    p.add_argument(
         "--model",
         metavar="PATH|REPO|tiny",
-        help="serve the torch backend on this model (folder, repo id or tiny)",
+        help="serve the torch backend on this model (folder, repo id or tiny); with --engines, "
+        "the base DiT that LoRA switches start from (default: the workflow's)",
     )
-    source.add_argument("--engines", metavar="DIR", help="serve a built engine folder")
+    p.add_argument("--engines", metavar="DIR", help="serve a built engine folder")
     p.add_argument(
         "-w",
         "--workflow",
@@ -64,6 +64,15 @@ def add_serve_parser(sub: Any) -> None:
         "folder's, else zimage-turbo)",
     )
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1")
+    p.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="NAME=PATH[:STRENGTH]",
+        help='register a LoRA that requests may name ("lora": [{"name": NAME}]); it is '
+        "switched into the DiT engines between batches (torch backends, ONNX Runtime folders, "
+        "TensorRT folders built with --refittable). Repeatable; strength default 1",
+    )
     p.add_argument(
         "--host",
         default="127.0.0.1",
@@ -144,6 +153,13 @@ def add_serve_parser(sub: Any) -> None:
 
 
 def check_bounds(args: argparse.Namespace) -> None:
+    if args.model is None and args.engines is None:
+        raise InputError("serve needs --model or --engines")
+    if args.model is not None and args.engines is not None and not args.lora:
+        raise InputError(
+            "--model with --engines names the base DiT for LoRA switches (--lora); without "
+            "--lora pass one of them"
+        )
     for name, (low, high) in BOUNDS.items():
         value = getattr(args, name)
         if not low <= value <= high:  # NaN fails too
@@ -172,10 +188,20 @@ def settings_from(args: argparse.Namespace) -> Any:
     )
 
 
+def source_from(args: argparse.Namespace) -> Any:
+    """What the flags serve; the --lora files are checked here, before anything loads."""
+    from zimage_trt.runtime.loras import RegisteredLora, check_names
+    from zimage_trt.serving.app import Source
+
+    loras = tuple(RegisteredLora.parse(spec) for spec in args.lora)
+    check_names(loras)
+    return Source(args.model, args.engines, args.workflow, args.device, loras)
+
+
 def ray_app(args: dict[str, str]) -> Any:
     """The Ray Serve application for ``serve run zimage_trt.cli.serve:ray_app KEY=VALUE …``:
     the keys are this command's flags without dashes (``model=tiny``, ``max_batch=4``,
-    ``replicas=2``), checked as the flags are."""
+    ``replicas=2``; ``lora=NAME=PATH[:S],…`` for several LoRAs), checked as the flags are."""
 
     class Parser(argparse.ArgumentParser):
         def error(self, message: str) -> NoReturn:
@@ -185,19 +211,20 @@ def ray_app(args: dict[str, str]) -> Any:
     add_serve_parser(parser.add_subparsers())
     argv = ["serve", "--ray"]
     for key, value in args.items():
-        argv += [f"--{key.replace('_', '-')}", str(value)]
+        values = str(value).split(",") if key == "lora" else [str(value)]
+        for one in values:
+            argv += [f"--{key.replace('_', '-')}", one]
     parsed = parser.parse_args(argv)
     check_bounds(parsed)
-    from zimage_trt.serving.app import Source
     from zimage_trt.serving.ray_app import application
 
-    source = Source(parsed.model, parsed.engines, parsed.workflow, parsed.device)
-    return application(source, settings_from(parsed), parsed.replicas, parsed.max_replicas)
+    return application(source_from(parsed), settings_from(parsed), parsed.replicas,
+                       parsed.max_replicas)  # fmt: skip
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     check_bounds(args)
-    from zimage_trt.serving.app import Service, Source, create_app
+    from zimage_trt.serving.app import Service, create_app
     from zimage_trt.serving.server import DrainingServer
 
     log = stderr_log(False)
@@ -206,7 +233,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from zimage_trt.runtime.loading import open_workflow
 
         open_workflow(args.workflow, args.engines)
-    source = Source(args.model, args.engines, args.workflow, args.device)
+    source = source_from(args)
     log(
         "zimage-trt serve: "
         + (

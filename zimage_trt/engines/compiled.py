@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import inspect
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -43,7 +43,7 @@ import torch
 from torch import Tensor, nn
 
 from zimage_trt.engines.protocol import DTYPE_NAMES, ENGINE_IO, Engine, Engines
-from zimage_trt.engines.torch_engines import TorchEngine
+from zimage_trt.engines.torch_engines import TorchEngine, refit_module
 from zimage_trt.errors import InputError
 from zimage_trt.models.dit import SEQ_MULTIPLE
 from zimage_trt.text_table import text_table
@@ -291,6 +291,12 @@ class CompiledEngine:
         seconds = self._clock() - start if first else 0.0
         self.stats.record(self.name, key, seconds, _graphs_compiled() - graphs, self.regional)
         return outputs
+
+    def refit(
+        self, weights: Mapping[str, Tensor], more: Mapping[str, Tensor] | None = None
+    ) -> None:
+        """New weight values, in place (the compiled graphs read the module's storage)."""
+        refit_module(self.name, self.module, weights)
 
     def _clock(self) -> float:
         if self.device.type == "cuda":

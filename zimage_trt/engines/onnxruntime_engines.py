@@ -49,8 +49,6 @@ class OnnxRuntimeEngine:
         weights: Mapping[str, Tensor] | None = None,
     ) -> None:
         """``weights``: initializers to replace by name (other LoRAs, ``engines.refit``)."""
-        import onnxruntime as ort
-
         providers = onnxruntime_providers(device)
         if device.type == "cpu" and "bfloat16" in {*inputs.values(), *outputs.values()}:
             raise UnavailableError(
@@ -58,21 +56,38 @@ class OnnxRuntimeEngine:
                 "run it on a GPU (--device cuda with onnxruntime-gpu) or build with "
                 "--precision fp32"
             )
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        if weights:
-            # in place of the external data, before graph optimization (add_initializer comes
-            # after constant folding: a folded Transpose(weight) would keep the old value); ORT
-            # reads the values in place, so they must outlive the session
-            self._overrides = [_ort_value(t) for t in weights.values()]
-            options.add_external_initializers(list(weights), self._overrides)
         self.name = name
-        self.session = ort.InferenceSession(str(graph), options, providers=providers)
+        self.graph = graph
+        self.providers = providers
+        self._overrides: list[Any] = []
+        self.session = self._session(weights or {})
         self.input_dtypes = {k: dtype_from_name(v) for k, v in inputs.items()}
         self.output_names = list(outputs)
         self.profiles = list(profiles)
         self.device = device
         self.hint = hint
+
+    def _session(self, weights: Mapping[str, Tensor]) -> Any:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        overrides = [_ort_value(t) for t in weights.values()]
+        if weights:
+            # in place of the external data, before graph optimization (add_initializer comes
+            # after constant folding: a folded Transpose(weight) would keep the old value)
+            options.add_external_initializers(list(weights), overrides)
+        session = ort.InferenceSession(str(self.graph), options, providers=self.providers)
+        self._overrides = overrides  # ORT reads the values in place: they outlive the session
+        return session
+
+    def refit(
+        self, weights: Mapping[str, Tensor], more: Mapping[str, Tensor] | None = None
+    ) -> None:
+        """New values for the graph's weights (a LoRA switch between batches,
+        ``runtime.loras``): ONNX Runtime fixes initializers when a session is made, so the
+        session is made again with them (``more`` is TensorRT's concern, unused here)."""
+        self.session = self._session(weights)
 
     def __call__(self, **inputs: Tensor) -> dict[str, Tensor]:
         missing = [n for n in self.input_dtypes if n not in inputs]

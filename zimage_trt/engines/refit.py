@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -35,6 +36,10 @@ from zimage_trt.engines.manifest import (
 )
 from zimage_trt.errors import MissingFileError
 from zimage_trt.workflow import Workflow
+
+if TYPE_CHECKING:
+    from zimage_trt.models.dit import ZImageDiT
+    from zimage_trt.models.sources import ModelSources
 
 DIT_ENGINES = ("caption_path", "denoiser")  # the engines holding the DiT's weights
 PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -97,14 +102,42 @@ def plan_lora_swap(
     log: Callable[[str], None] = lambda msg: print(msg, file=sys.stderr),
 ) -> LoraSwap:
     """The weights that give ``folder``'s DiT engines the workflow's LoRAs (see the module)."""
-    from zimage_trt.models.checkpoints import load_dit
     from zimage_trt.models.lora import fuse_loras, load_lora
-    from zimage_trt.workflow.resolve import model_sources
 
     start = time.perf_counter()
     refusal = swap_refusal(manifest, folder)
     if refusal is not None:
         raise ManifestError(f"{folder}: cannot swap LoRAs: {refusal}")
+    sources, dit = base_dit(manifest, folder, wf, model=model, search=search, log=log)
+    base = dit.state_dict()
+    loras = [(load_lora(path), strength) for path, strength, _ in sources.loras]
+    fused = fuse_loras(base, loras, ignore_unmatched=lora_ignore_unmatched)
+    keys = sorted({*fused, *(manifest.weights.lora_keys or ())})
+    weights = {
+        name: {k: fused.get(k, base[k]).contiguous() for k in names}
+        for name, names in engine_targets(folder, manifest, keys).items()
+    }
+    records = [
+        LoraRecord(name=label, sha256=sha256_file(path), strength=strength)
+        for path, strength, label in sources.loras
+    ]
+    return LoraSwap(records, weights, time.perf_counter() - start, {**base, **fused})
+
+
+def base_dit(
+    manifest: Manifest,
+    folder: str | Path,
+    wf: Workflow,
+    *,
+    model: str | None = None,
+    search: tuple[Path, ...] = (),
+    log: Callable[[str], None] = lambda msg: print(msg, file=sys.stderr),
+) -> tuple[ModelSources, ZImageDiT]:
+    """The workflow's model sources (or ``model``'s) and the base DiT the folder's engines were
+    built from, in the engines' precision: its sha-256 must be the manifest's."""
+    from zimage_trt.models.checkpoints import load_dit
+    from zimage_trt.workflow.resolve import model_sources
+
     try:
         sources = model_sources(wf, model, search=search, log=log)
     except FileNotFoundError as exc:
@@ -120,30 +153,25 @@ def plan_lora_swap(
             f"built from ({manifest.weights.origin}); swapping LoRAs needs that checkpoint: pass "
             "it with --model"
         )
-    dit = load_dit(sources.files.transformer, PRECISION_DTYPES[manifest.precision])
-    base = dit.state_dict()
-    loras = [(load_lora(path), strength) for path, strength, _ in sources.loras]
-    fused = fuse_loras(base, loras, ignore_unmatched=lora_ignore_unmatched)
-    keys = sorted({*fused, *(manifest.weights.lora_keys or ())})
-    maps = {name: _refit_names(Path(folder), manifest, name) for name in DIT_ENGINES}
+    return sources, load_dit(sources.files.transformer, PRECISION_DTYPES[manifest.precision])
+
+
+def engine_targets(
+    folder: str | Path, manifest: Manifest, keys: Sequence[str]
+) -> dict[str, list[str]]:
+    """Which of the DiT weights ``keys`` each DiT engine takes (from its refit map); a weight
+    that no engine takes is refused."""
+    maps = {name: refit_names(Path(folder), manifest, name) for name in DIT_ENGINES}
     homeless = [k for k in keys if not any(k in names for names in maps.values())]
     if homeless:
         raise ManifestError(
             f"{folder}: the LoRAs change {len(homeless)} weight(s) that no engine can take "
             f"(not refittable: {', '.join(homeless[:3])}); rebuild with this workflow"
         )
-    weights = {
-        name: {k: fused.get(k, base[k]).contiguous() for k in keys if k in names}
-        for name, names in maps.items()
-    }
-    records = [
-        LoraRecord(name=label, sha256=sha256_file(path), strength=strength)
-        for path, strength, label in sources.loras
-    ]
-    return LoraSwap(records, weights, time.perf_counter() - start, {**base, **fused})
+    return {name: [k for k in keys if k in names] for name, names in maps.items()}
 
 
-def _refit_names(folder: Path, manifest: Manifest, engine: str) -> set[str]:
+def refit_names(folder: Path, manifest: Manifest, engine: str) -> set[str]:
     """The weight names the engine takes, from its refit map (one of its hashed files)."""
     maps = [rel for rel in manifest.engines[engine].files if rel.endswith(REFIT_SUFFIX)]
     if not maps:

@@ -345,6 +345,16 @@ class TensorRTEngine:
         strategy = trt.ExecutionContextAllocationStrategy.USER_MANAGED
         return self._engine.create_execution_context(strategy)
 
+    def refit(self, weights: Mapping[str, Tensor], more: Mapping[str, Tensor]) -> None:
+        """New values for refittable weights of the loaded plan (a LoRA switch between
+        batches, ``runtime.loras``): the work queued so far finishes first, and the CUDA graphs
+        captured against the old weights are dropped."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self._refit(weights, more)
+        for slot in self._slots.values():
+            slot.graph, slot.runs = None, 0
+
     def _refit(self, weights: Mapping[str, Tensor], more: Mapping[str, Tensor]) -> None:
         """Push new weight values into the plan: each in the dtype and size it was built with,
         plus whatever else TensorRT reports missing, then refit."""

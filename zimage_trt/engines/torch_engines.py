@@ -4,13 +4,13 @@ interface, eager, on one device and dtype; and the choice of device and dtype fo
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from zimage_trt.engines.protocol import ENGINE_IO, Engines
-from zimage_trt.errors import InputError, UnavailableError
+from zimage_trt.errors import InputError, RunError, UnavailableError
 from zimage_trt.models.checkpoints import load_text_encoder_weights, load_vae_weights
 from zimage_trt.models.dit import CaptionPath, ZImageDiT
 from zimage_trt.models.sources import ModelSources, load_fused_dit
@@ -70,6 +70,26 @@ class TorchEngine:
             out = self.module(*(inputs[n] for n in self.input_names))
         outs: Sequence[Tensor] = out if isinstance(out, tuple) else (out,)
         return dict(zip(self.output_names, outs, strict=True))
+
+    def refit(
+        self, weights: Mapping[str, Tensor], more: Mapping[str, Tensor] | None = None
+    ) -> None:
+        refit_module(self.name, self.module, weights)
+
+
+def refit_module(engine: str, module: nn.Module, weights: Mapping[str, Tensor]) -> None:
+    """Copy new values into ``module``'s weights in place (a LoRA switch between batches,
+    ``runtime.loras``): compiled graphs read the same storage, so they see them too."""
+    held = module.state_dict(keep_vars=True)
+    unknown = sorted(set(weights) - set(held))
+    if unknown:
+        raise RunError(
+            f"engine {engine!r} has no weight(s) {', '.join(unknown[:3])}"
+            + (f" (and {len(unknown) - 3} more)" if len(unknown) > 3 else "")
+        )
+    with torch.no_grad():
+        for name, value in weights.items():
+            held[name].copy_(value)
 
 
 def torch_engines(

@@ -15,10 +15,11 @@ engine (tests/test_serve.py measures it: at most 1/255 per pixel on CPU).
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
+from PIL import Image
 from torch import Tensor
 
 from zimage_trt.runtime.pipeline import Pipeline
@@ -137,18 +138,28 @@ def run_batch(
     pipeline: Pipeline,
     workflows: Sequence[Workflow],
     progress: Sequence[Progress | None] | None = None,
+    images: Sequence[Mapping[str, Image.Image] | None] | None = None,
 ) -> tuple[list[Generation | BaseException], list[int]]:
     """Run ``workflows`` side by side (see the module): each item's Generation, or the error
     that ended it (a Cancelled from its ``progress`` callback, a NonFiniteError, …), in order;
-    and the batch size of every denoiser engine call made."""
+    and the batch size of every denoiser engine call made. ``images``: each item's pictures in
+    memory (``Pipeline.run``)."""
+    sets = {tuple((r.path, r.strength) for r in wf.models.loras) for wf in workflows}
+    if len(sets) > 1:  # a LoRA switch (runtime.loras) would land in the others' runs
+        raise ValueError(
+            f"workflows sampled side by side must ask for one LoRA set; these ask for {len(sets)}"
+        )
+    if pipeline.loras is not None and workflows:
+        pipeline.loras.hold(workflows[0])
     lockstep = LockstepModel(pipeline, len(workflows))
     results: list[Generation | BaseException | None] = [None] * len(workflows)
     callbacks = list(progress) if progress is not None else [None] * len(workflows)
+    pictures = list(images) if images is not None else [None] * len(workflows)
 
     def item(i: int) -> Callable[[], None]:
         def work() -> None:
             try:
-                results[i] = pipeline.run(workflows[i], callbacks[i], model=lockstep)
+                results[i] = pipeline.run(workflows[i], callbacks[i], lockstep, pictures[i])
             except BaseException as exc:  # handed to the caller with the others' results
                 results[i] = exc
             finally:

@@ -11,6 +11,7 @@ import re
 import tempfile
 import uuid
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image
@@ -20,7 +21,7 @@ from torch import Tensor
 from zimage_trt import __version__
 from zimage_trt.errors import WRITE_ERRNOS, FileError, InputError, MissingFileError, os_error
 from zimage_trt.workflow import Workflow
-from zimage_trt.workflow.png_text import PNG_SIGNATURE, PngTextError, png_text
+from zimage_trt.workflow.png_text import PNG_SIGNATURE, PngTextError, png_text, png_text_bytes
 
 FORMATS = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP"}
 METADATA_WORKFLOW = "zimage-trt.workflow"  # not ComfyUI's "workflow"/"prompt" (JSON graphs)
@@ -86,17 +87,35 @@ def open_image(path: str | Path, what: str = "") -> Image.Image:
             png_text(path)
         except PngTextError as exc:
             raise PngTextError(f"{where}{exc}") from None
+    return _decode(path, str(path), where)
+
+
+def read_image(data: bytes, name: str, what: str = "") -> Image.Image:
+    """``open_image`` of an image held in memory (an upload); ``name`` names it in errors."""
+    where = f"{what}: " if what else ""
+    if data.startswith(PNG_SIGNATURE):
+        try:
+            png_text_bytes(data, name)
+        except PngTextError as exc:
+            raise PngTextError(f"{where}{exc}") from None
+    return _decode(io.BytesIO(data), name, where)
+
+
+def _decode(source: str | Path | BinaryIO, name: str, where: str) -> Image.Image:
+    """Decoded whole, after its header says it has at most ``MAX_IMAGE_PIXELS`` pixels."""
     try:
-        with Image.open(path) as image:
+        with Image.open(source) as image:
             if image.width * image.height > MAX_IMAGE_PIXELS:
                 raise FileError(
-                    f"{where}{path} is {image.width}×{image.height} pixels; input images may "
+                    f"{where}{name} is {image.width}×{image.height} pixels; input images may "
                     f"have at most {MAX_IMAGE_PIXELS:,} pixels"
                 )
             image.load()
             return image
+    except FileError:
+        raise
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise FileError(f"{where}{path} is not a readable image ({exc})") from None
+        raise FileError(f"{where}{name} is not a readable image ({exc})") from None
 
 
 def check_inputs(wf: Workflow) -> None:

@@ -16,8 +16,9 @@ import math
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -49,7 +50,17 @@ from zimage_trt.runtime.requests import (
 from zimage_trt.runtime.text import LRUCache, PromptEncoder
 from zimage_trt.sampling.guider import Cond, ModelFn
 from zimage_trt.sampling.stage import sample_stage, stage_input_latent
-from zimage_trt.workflow import Workflow
+from zimage_trt.workflow import LoraRef, Workflow
+
+
+class LoraHolder(Protocol):
+    """What a pipeline asks of the LoRAs it switches per request (``runtime.loras.LoraBank``)."""
+
+    def refs(self, choices: Sequence[tuple[str, float | None]]) -> list[LoraRef]: ...
+
+    def check(self, wf: Workflow) -> None: ...
+
+    def hold(self, wf: Workflow) -> float | None: ...
 
 
 def _stderr(msg: str) -> None:
@@ -84,7 +95,8 @@ class Pipeline:
         self.lora_swap = lora_swap  # LoRAs swapped into a folder's engines when it loaded
         # runs side by side (runtime.batch) share the engines: one call at a time, besides the
         # denoiser's lockstep batches
-        self._engine_lock = threading.RLock()
+        self.engine_lock = threading.RLock()
+        self.loras: LoraHolder | None = None  # LoRAs switched per request (runtime.loras)
 
     @classmethod
     def open(
@@ -236,6 +248,9 @@ class Pipeline:
     def _check_loras(self, wf: Workflow) -> None:
         """A request must ask for the LoRAs the engines hold: they are fused (or swapped in)
         when the pipeline opens, not per request."""
+        if self.loras is not None:  # switched between runs
+            self.loras.check(wf)
+            return
         if self.workflow is None:
             return
         held = [(lora.path, lora.strength) for lora in self.workflow.models.loras]
@@ -262,9 +277,15 @@ class Pipeline:
         self.prompts.cache.clear()
         self._captions.clear()
 
+    def forget_captions(self) -> None:
+        """The DiT's weights changed (a LoRA switch): its cached caption-path outputs are stale;
+        the text encoder's stay."""
+        with self.engine_lock:
+            self._captions.clear()
+
     def caption(self, text: str, name: str) -> Cond:
         """The prompt's caption tokens (after the context refiner), cached by text."""
-        with self._engine_lock:
+        with self.engine_lock:
             tokens, length = self._captions.get_or_make(text, lambda: self._caption_path(text))
         return Cond(name, tokens, tokens=length)
 
@@ -291,22 +312,24 @@ class Pipeline:
         return v["v"].to(x.dtype)
 
     def decode(self, latent: Tensor) -> np.ndarray:
-        with self._engine_lock:
+        with self.engine_lock:
             image = self.engines.vae_decoder(latents=latent.to(self.engines.device))["image"]
             return to_uint8(image)
 
-    def encode_image(self, path: str, width: int, height: int) -> Tensor:
+    def encode_image(self, source: str | Image.Image, width: int, height: int) -> Tensor:
+        """An image file (or a picture in memory) resized to ``width``×``height``, VAE-encoded."""
         if self.engines.vae_encoder is None:
+            what = source if isinstance(source, str) else "an uploaded image"
             raise InputError(
                 f"the {self.engines.backend} engines have no VAE encoder; an image "
-                f"input ({path}) needs one"
+                f"input ({what}) needs one"
             )
-        picture = open_image(path).convert("RGB")
+        picture = (open_image(source) if isinstance(source, str) else source).convert("RGB")
         if picture.size != (width, height):
             picture = picture.resize((width, height), Image.Resampling.LANCZOS)
         pixels = torch.from_numpy(np.asarray(picture, dtype=np.float32) / 255.0)
         image = (pixels.permute(2, 0, 1)[None] * 2.0 - 1.0).to(self.engines.device)
-        with self._engine_lock:
+        with self.engine_lock:
             return self.engines.vae_encoder(image=image)["latents"].float().cpu()
 
     # -- the workflow ------------------------------------------------------------------------
@@ -317,18 +340,25 @@ class Pipeline:
         preflight(wf, self.engines.profiles, self.prompts.tokenizer, self.engines.backend, cap)
 
     def run(
-        self, wf: Workflow, progress: Progress | None = None, model: ModelFn | None = None
+        self,
+        wf: Workflow,
+        progress: Progress | None = None,
+        model: ModelFn | None = None,
+        images: Mapping[str, Image.Image] | None = None,
     ) -> Generation:
         """Run ``wf``; ``model`` stands in for the denoiser (``runtime.batch`` batches the
-        calls of workflows sampled side by side)."""
+        calls of workflows sampled side by side); ``images`` holds pictures in memory that the
+        workflow's image latents name (an HTTP upload) in place of files."""
         self.preflight(wf)
+        if self.loras is not None:
+            self.loras.hold(wf)
         model = model if model is not None else self.model
         seconds: dict[str, float] = {}
         start = time.perf_counter()
         needs_uncond = any(not math.isclose(s.cfg, 1.0) for s in wf.stages)
         # held over the whole text phase, so that the call counts are this run's alone when
         # runs go side by side (runtime.batch)
-        with self._engine_lock:
+        with self.engine_lock:
             encoder_calls, caption_calls = self.prompts.encoder_calls, self.caption_path_calls
             positive = self.caption(wf.prompts.positive_text, "cond")
             negative = self.caption(wf.prompts.negative_text(), "uncond") if needs_uncond else None
@@ -336,13 +366,16 @@ class Pipeline:
             caption_calls = self.caption_path_calls - caption_calls
         seconds["text"] = time.perf_counter() - start
 
+        def encode(ref: str, width: int, height: int) -> Tensor:
+            return self.encode_image(images.get(ref, ref) if images else ref, width, height)
+
         reports: list[StageReport] = []
         latent: Tensor | None = None
         for i, spec in enumerate(wf.stages):
             stage = spec.params()
             name = stage.name or f"stage{i + 1}"
             t0 = time.perf_counter()
-            latent_in = stage_input_latent(stage, latent, self.encode_image)
+            latent_in = stage_input_latent(stage, latent, encode)
             steps = stage.steps
 
             uncond = None if math.isclose(stage.cfg, 1.0) else negative

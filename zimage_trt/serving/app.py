@@ -22,18 +22,25 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable, MutableMapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
 import yaml
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from PIL.Image import Image as PILImage
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from zimage_trt.engines.manifest import ProfileError, select_profile
+from zimage_trt.errors import InputError
+from zimage_trt.runtime.images import read_image
+from zimage_trt.runtime.loading import lora_search
+from zimage_trt.runtime.loras import LoraBank, RegisteredLora
 from zimage_trt.runtime.pipeline import Pipeline
 from zimage_trt.runtime.preflight import engine_calls, prompt_tokens
 from zimage_trt.runtime.requests import GenerateRequest, apply_overrides
+from zimage_trt.sampling.latents import VAE_SCALE
 from zimage_trt.sampling.noise import SEED_MAX
 from zimage_trt.serving.metrics import Metrics
 from zimage_trt.serving.schemas import (
@@ -52,11 +59,13 @@ from zimage_trt.serving.sizes import final_size, nearest_sizes, parse_size, prof
 from zimage_trt.serving.worker import Cancelled, Job, QueueFull, Result, Worker
 from zimage_trt.workflow import Workflow, preset_names
 from zimage_trt.workflow.comfy_import import import_graph
+from zimage_trt.workflow.spec import LatentSource
 
 ASGIApp = Callable[[MutableMapping[str, Any], Any, Any], Awaitable[None]]
 OPEN_PATHS = ("/healthz",)
 ROUTES = (
     "/v1/images/generations",
+    "/v1/images/edits",
     "/v1/workflows/run",
     "/v1/models",
     "/healthz",
@@ -90,10 +99,14 @@ class Source:
     engines: str | None = None
     workflow: str | None = None
     device: str = "auto"
+    loras: tuple[RegisteredLora, ...] = ()  # switched per request (serve --lora)
 
     def open(self, log: Callable[[str], None]) -> Pipeline:
         pipeline = Pipeline.open(model=self.model, engines=self.engines, workflow=self.workflow,
                                  device=self.device, log=log)  # fmt: skip
+        if self.loras:
+            LoraBank.attach(pipeline, self.loras, folder=self.engines, model=self.model,
+                            search=lora_search(self.workflow), log=log)  # fmt: skip
         log(f"zimage-trt serve: ready ({pipeline.engines.backend} on {pipeline.engines.device})")
         return pipeline
 
@@ -340,37 +353,43 @@ def create_app(service: Service) -> FastAPI:
         "/v1/images/generations", response_model=ImagesResponse, response_model_exclude_none=True
     )
     async def generations(body: ImagesRequest, request: Request) -> ImagesResponse:
-        pipeline, worker = service.ready()
-        if body.model is not None and body.model != settings.model_id:
-            raise _bad(
-                f"model {body.model!r} is not served here; this server serves "
-                f"{settings.model_id!r}",
-                "model",
-            )
-        if body.n > settings.max_n:
-            raise _bad(f"n {body.n} is outside 1 … {settings.max_n} (--max-n)", "n")
-        if body.workflow is not None and body.workflow not in preset_names():
-            raise _bad(
-                f"workflow {body.workflow!r} is not a preset; choose one of: "
-                + ", ".join(preset_names()),
-                "workflow",
-            )
-        first = body.seed if body.seed is not None else secrets.randbelow(SEED_MAX - body.n + 2)
-        if first + body.n - 1 > SEED_MAX:
-            raise _bad(f"seed {first} + n {body.n} - 1 is past the largest seed {SEED_MAX}", "seed")
-        wf = _request_workflow(pipeline, body, first)  # checked once; images differ by seed
-        workflows = [wf] + [
-            apply_overrides(wf.model_copy(deep=True), seed=first + i) for i in range(1, body.n)
-        ]
-        result = await _run(worker, Job(workflows), request, settings.request_timeout)
-        data = []
-        for img in result.images:
-            if body.response_format == "url":
-                url = str(request.url_for("image", key=service.images.put(img.png)))
-                data.append(ImageData(url=url, seed=img.seed))
-            else:
-                data.append(ImageData(b64_json=base64.b64encode(img.png).decode(), seed=img.seed))
-        return ImagesResponse(created=int(time.time()), data=data)
+        return await _images(service, body, request)
+
+    @app.post(
+        "/v1/images/edits",
+        response_model=ImagesResponse,
+        response_model_exclude_none=True,
+        description="OpenAI's image edits (multipart form): the picture, VAE-encoded at the first "
+        "stage's size (center-cropped to its aspect), is that stage's starting latent, and "
+        "`strength` its denoise; the other fields as for /v1/images/generations",
+    )
+    async def edits(
+        request: Request,
+        image: Annotated[UploadFile, File(description="the picture to edit: PNG, JPEG or WebP")],
+        prompt: Annotated[str, Form()],
+        n: Annotated[int, Form()] = 1,
+        size: Annotated[str | None, Form()] = None,
+        strength: Annotated[float, Form(gt=0.0, le=1.0, description=STRENGTH)] = 0.75,
+        response_format: Annotated[str, Form()] = "b64_json",
+        model: Annotated[str | None, Form()] = None,
+        seed: Annotated[int | None, Form()] = None,
+        negative_prompt: Annotated[str | None, Form()] = None,
+        workflow: Annotated[str | None, Form()] = None,
+        user: Annotated[str | None, Form()] = None,
+        mask: Annotated[UploadFile | None, File(description="not supported: a 400")] = None,
+    ) -> ImagesResponse:
+        if mask is not None:
+            raise _bad("mask is not supported here: the whole picture is edited (strength)", "mask")
+        fields = {"prompt": prompt, "n": n, "size": size, "response_format": response_format,
+                  "model": model, "seed": seed, "negative_prompt": negative_prompt,
+                  "workflow": workflow, "user": user}  # fmt: skip
+        try:
+            body = ImagesRequest.model_validate({k: v for k, v in fields.items() if v is not None})
+        except ValidationError as exc:
+            raise RequestValidationError(exc.errors()) from None
+        data = await image.read()
+        picture = await asyncio.to_thread(read_image, data, image.filename or "image", "image")
+        return await _images(service, body, request, Edit(picture, strength))
 
     @app.post("/v1/workflows/run", response_model=WorkflowRunResponse)
     async def run_workflow(body: WorkflowRunRequest, request: Request) -> WorkflowRunResponse:
@@ -392,17 +411,113 @@ def create_app(service: Service) -> FastAPI:
     return app
 
 
+@dataclass
+class Edit:
+    """An edit's picture and strength (the first stage's denoise)."""
+
+    picture: PILImage
+    strength: float
+
+
+UPLOAD = "upload:image"  # how an edit's workflow names its picture (never a file)
+STRENGTH = "how much of the picture is redrawn: the first stage's denoise (0 < strength ≤ 1)"
+
+
+async def _images(
+    service: Service, body: ImagesRequest, request: Request, edit: Edit | None = None
+) -> ImagesResponse:
+    """Generations and edits: the request's workflows (one per image), run, as OpenAI's body."""
+    pipeline, worker = service.ready()
+    settings = service.settings
+    if body.model is not None and body.model != settings.model_id:
+        raise _bad(
+            f"model {body.model!r} is not served here; this server serves {settings.model_id!r}",
+            "model",
+        )
+    if body.n > settings.max_n:
+        raise _bad(f"n {body.n} is outside 1 … {settings.max_n} (--max-n)", "n")
+    if body.workflow is not None and body.workflow not in preset_names():
+        raise _bad(
+            f"workflow {body.workflow!r} is not a preset; choose one of: "
+            + ", ".join(preset_names()),
+            "workflow",
+        )
+    first = body.seed if body.seed is not None else secrets.randbelow(SEED_MAX - body.n + 2)
+    if first + body.n - 1 > SEED_MAX:
+        raise _bad(f"seed {first} + n {body.n} - 1 is past the largest seed {SEED_MAX}", "seed")
+    wf = _request_workflow(pipeline, body, first, edit)  # checked once; images differ by seed
+    workflows = [wf] + [
+        apply_overrides(wf.model_copy(deep=True), seed=first + i) for i in range(1, body.n)
+    ]
+    job = Job(workflows)
+    if edit is not None:
+        job.images[UPLOAD] = _cropped(edit.picture, wf)
+    result = await _run(worker, job, request, settings.request_timeout)
+    data = []
+    for img in result.images:
+        if body.response_format == "url":
+            url = str(request.url_for("image", key=service.images.put(img.png)))
+            data.append(ImageData(url=url, seed=img.seed))
+        else:
+            data.append(ImageData(b64_json=base64.b64encode(img.png).decode(), seed=img.seed))
+    return ImagesResponse(created=int(time.time()), data=data)
+
+
+def _edited(pipeline: Pipeline, wf: Workflow, strength: float) -> Workflow:
+    """``wf`` starting from the uploaded picture: its first stage's latent is the picture,
+    VAE-encoded at that stage's size, and its denoise is ``strength``."""
+    if pipeline.engines.vae_encoder is None:
+        raise _bad(
+            f"the served {pipeline.engines.backend} engines have no VAE encoder, which edits "
+            "need: build the folder for a workflow whose first stage starts from an image",
+            "image",
+        )
+    out = wf.model_copy(deep=True)
+    stage = out.stages[0]
+    (h, w) = wf.latent_sizes()[0]
+    stage.latent = LatentSource(
+        source="image", image=UPLOAD, width=w * VAE_SCALE, height=h * VAE_SCALE
+    )
+    stage.scheduler.denoise = strength
+    return out
+
+
+def _cropped(picture: PILImage, wf: Workflow) -> PILImage:
+    """The picture's center cropped to the first stage's aspect (the pipeline then resizes)."""
+    (h, w) = wf.latent_sizes()[0]
+    pw, ph = picture.size
+    if pw * h > ph * w:  # wider than the stage: trim the sides
+        keep = max(1, round(ph * w / h))
+        left = (pw - keep) // 2
+        return picture.crop((left, 0, left + keep, ph))
+    keep = max(1, round(pw * h / w))
+    top = (ph - keep) // 2
+    return picture.crop((0, top, pw, top + keep))
+
+
 def _bad(message: str, param: str | None = None) -> HTTPException:
     exc = HTTPException(400, message)
     exc.param = param  # type: ignore[attr-defined]
     return exc
 
 
-def _request_workflow(pipeline: Pipeline, body: ImagesRequest, seed: int) -> Workflow:
+def _request_workflow(
+    pipeline: Pipeline, body: ImagesRequest, seed: int, edit: Edit | None = None
+) -> Workflow:
     """The workflow of one image: the served (or named preset) workflow with the request's
-    prompt, negative prompt and seed, sized to ``body.size``, checked against the engines."""
+    prompt, negative prompt, seed and LoRAs (and an edit's picture), sized to ``body.size``,
+    checked against the engines."""
     request = GenerateRequest(body.workflow, body.prompt, body.negative_prompt, None, seed)
     wf = request.workflow_for(pipeline.workflow)
+    if edit is not None:
+        wf = _edited(pipeline, wf, edit.strength)
+    if body.lora is not None:
+        if pipeline.loras is None:
+            raise _bad("this server has no registered LoRAs (serve --lora NAME=PATH)", "lora")
+        try:
+            wf.models.loras = pipeline.loras.refs([(c.name, c.strength) for c in body.lora])
+        except InputError as exc:
+            raise _bad(str(exc), "lora") from None
     if body.size is not None:
         try:
             width, height = parse_size(body.size)

@@ -46,6 +46,15 @@ class Metrics:
         self.easycache_skips = Counter(
             "zimage_trt_easycache_skips", "DiT calls EasyCache skipped", registry=r
         )
+        self.lora_switches = Counter(
+            "zimage_trt_lora_switches", "LoRA sets switched into the DiT engines", registry=r
+        )
+        self.lora_switch_seconds = Histogram(
+            "zimage_trt_lora_switch_seconds",
+            "seconds per LoRA switch (fuse and refit)",
+            buckets=STAGE_BUCKETS,
+            registry=r,
+        )
         self.gpu_memory = Gauge(
             "zimage_trt_gpu_memory_bytes", "CUDA memory allocated by torch", ["kind"], registry=r
         )

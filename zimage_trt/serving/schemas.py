@@ -17,6 +17,13 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class LoraChoice(_Body):
+    name: str = Field(min_length=1, max_length=200, description="a LoRA the server registered")
+    strength: float | None = Field(
+        default=None, ge=-10.0, le=10.0, description="default: the strength it was registered with"
+    )
+
+
 class ImagesRequest(_Body):
     prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS, description="what to draw")
     n: int = Field(default=1, ge=1, description="images to make (at most the server's --max-n)")
@@ -34,6 +41,12 @@ class ImagesRequest(_Body):
     negative_prompt: str | None = Field(default=None, max_length=MAX_PROMPT_CHARS)
     workflow: str | None = Field(
         default=None, max_length=200, description="a preset workflow name (default: the served one)"
+    )
+    lora: list[LoraChoice] | None = Field(
+        default=None,
+        max_length=8,
+        description="LoRAs the server registered (serve --lora), in place of the served "
+        "workflow's; [] for none (default: the served workflow's)",
     )
 
 

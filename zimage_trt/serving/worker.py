@@ -17,6 +17,8 @@ from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
+from PIL.Image import Image as PILImage
+
 from zimage_trt.errors import ZimageError
 from zimage_trt.runtime.batch import run_batch
 from zimage_trt.runtime.images import png_bytes, png_metadata
@@ -58,8 +60,10 @@ class Result:
 
 
 def shape_key(wf: Workflow) -> tuple[object, ...]:
-    """Jobs with equal keys may run as one batch: the same workflow at the same size."""
-    return wf.name, tuple(wf.latent_sizes())
+    """Jobs with equal keys may run as one batch: the same workflow at the same size, with the
+    same LoRAs."""
+    loras = tuple((r.path, r.strength) for r in wf.models.loras)
+    return wf.name, tuple(wf.latent_sizes()), loras
 
 
 @dataclass(eq=False)  # a job is itself: the queue removes this one, not an equal one
@@ -70,6 +74,7 @@ class Job:
     future: Future[Result] = field(default_factory=Future)
     reason: str | None = None  # why it was cancelled
     created: float = field(default_factory=time.monotonic)
+    images: dict[str, PILImage] = field(default_factory=dict)  # uploads its workflows name
 
     @property
     def key(self) -> tuple[object, ...]:
@@ -182,6 +187,16 @@ class Worker:
         self.metrics.batch_size.observe(len(batch))
         items = [(job, wf) for job in batch for wf in job.workflows]
         outcomes: list[Generation | BaseException] = []
+        bank = self.pipeline.loras
+        try:
+            switched = bank.hold(items[0][1]) if bank is not None else None
+        except Exception as exc:  # every job of the batch gets the error; the worker goes on
+            for job in batch:
+                job.future.set_exception(exc)
+            return
+        if switched is not None:  # the batch's LoRAs, switched in before its first step
+            self.metrics.lora_switches.inc()
+            self.metrics.lora_switch_seconds.observe(switched)
         start = time.perf_counter()
         for i in range(0, len(items), self.max_batch):
             chunk = items[i : i + self.max_batch]
@@ -190,6 +205,7 @@ class Worker:
                 self.pipeline,
                 [chunk[k][1] for k in live],
                 [lambda *_, job=chunk[k][0]: job.check() for k in live],
+                [chunk[k][0].images for k in live],
             )
             self.engine_batches += rows
             ran = dict(zip(live, results, strict=True))

@@ -9,6 +9,7 @@ those before it, and every damaged or hostile file is refused naming the file an
 
 from __future__ import annotations
 
+import io
 import os
 import struct
 import zlib
@@ -35,6 +36,14 @@ def png_text(path: str | Path) -> dict[str, str]:
         if fp.read(len(PNG_SIGNATURE)) != PNG_SIGNATURE:
             raise PngTextError(f"{path} is not a PNG (no PNG signature)")
         return _read_chunks(fp, path, os.fstat(fp.fileno()).st_size)
+
+
+def png_text_bytes(data: bytes, name: str) -> dict[str, str]:
+    """``png_text`` of a PNG held in memory (an upload); ``name`` names it in errors."""
+    fp = io.BytesIO(data)
+    if fp.read(len(PNG_SIGNATURE)) != PNG_SIGNATURE:
+        raise PngTextError(f"{name} is not a PNG (no PNG signature)")
+    return _read_chunks(fp, Path(name), len(data))
 
 
 def _read_chunks(fp: BinaryIO, path: Path, size: int) -> dict[str, str]:
