@@ -489,7 +489,7 @@ def test_schemathesis_finds_no_5xx_and_no_schema_violation(server: Server) -> No
             label = f"{op.method.upper()} {op.path}"
 
             _schemathesis_check(strategy, label, server, counts)()
-    assert set(counts) == {"GET /healthz", "GET /v1/models", "GET /metrics",
+    assert set(counts) == {"GET /healthz", "GET /v1/models", "GET /v1/loras", "GET /metrics",
                            "GET /v1/images/{key}.png", "POST /v1/images/generations",
                            "POST /v1/images/edits", "POST /v1/workflows/run"}  # fmt: skip
     print(f"schemathesis: {sum(counts.values())} cases, {counts}")

@@ -6,6 +6,7 @@ honoured), each image is compared with ``zimage-trt generate`` given the same Lo
 from __future__ import annotations
 
 import base64
+import hashlib
 import re
 import threading
 import time
@@ -108,6 +109,13 @@ def test_a_named_lora_gives_generate_s_pixels_and_switches_back_exactly(
     assert np.array_equal(again, style)  # back to a set: the same weights, bit for bit
     for a, b in ((style, plain), (style, mirror), (mirror, plain), (half, style)):
         assert np.abs(a.astype(int) - b).max() > 8
+    with lora_server.client() as client:
+        listed = client.get("/v1/loras", headers=AUTH).json()
+    digests = [hashlib.sha256(p.read_bytes()).hexdigest() for p in loras]
+    assert listed == {"object": "list", "held": ["style at 0.5", "mirror at 1"], "data": [
+        {"name": "style", "strength": 0.8, "sha256": digests[0]},
+        {"name": "mirror", "strength": 1.0, "sha256": digests[1]},
+    ]}  # fmt: skip
     assert _metric(lora_server, "zimage_trt_lora_switches_total") == 5
     assert _metric(lora_server, "zimage_trt_lora_switch_seconds_count") == 5
     assert 0 < _metric(lora_server, "zimage_trt_lora_switch_seconds_sum") < 30

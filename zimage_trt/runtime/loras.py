@@ -20,14 +20,16 @@ import math
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import Tensor
 
-from zimage_trt.engines.manifest import sha256_file
+from zimage_trt.engines.manifest import Manifest, sha256_file
+from zimage_trt.engines.protocol import Engines
 from zimage_trt.engines.refit import (
     DIT_ENGINES,
     base_dit,
@@ -40,7 +42,6 @@ from zimage_trt.workflow import LoraRef, Workflow
 
 if TYPE_CHECKING:
     from zimage_trt.models.lora import LoRA
-    from zimage_trt.runtime.pipeline import Pipeline
 
 Held = tuple[tuple[str, float], ...]  # (the workflow's LoRA path or a registered file, strength)
 
@@ -79,6 +80,22 @@ class RegisteredLora:
         return cls(name, file.resolve(), strength)
 
 
+class Host(Protocol):
+    """What a bank needs of the pipeline it switches LoRAs on (``runtime.pipeline.Pipeline``)."""
+
+    loras: LoraBank | None
+
+    @property
+    def workflow(self) -> Workflow | None: ...
+    @property
+    def manifest(self) -> Manifest | None: ...
+    @property
+    def engines(self) -> Engines: ...
+    @property
+    def engine_lock(self) -> AbstractContextManager[Any]: ...
+    def forget_captions(self) -> None: ...
+
+
 def check_names(registered: Sequence[RegisteredLora]) -> list[str]:
     """The names, each given once."""
     names = [r.name for r in registered]
@@ -94,7 +111,7 @@ class LoraBank:
 
     def __init__(
         self,
-        pipeline: Pipeline,
+        pipeline: Host,
         registered: Sequence[RegisteredLora],
         loras: Mapping[str, LoRA],
         base: dict[str, Tensor],
@@ -114,7 +131,7 @@ class LoraBank:
     @classmethod
     def attach(
         cls,
-        pipeline: Pipeline,
+        pipeline: Host,
         registered: Sequence[RegisteredLora],
         *,
         folder: str | Path | None = None,
@@ -232,6 +249,11 @@ class LoraBank:
 
     def describe(self) -> str:
         return show_loras(self.held)
+
+    def describe_held(self) -> list[str]:
+        """What the engines hold, each as its registered name (else its file) and strength."""
+        names = {str(r.path): r.name for r in self.registered.values()}
+        return [f"{names.get(path, path)} at {s:g}" for path, s in self.held]
 
 
 def _held(wf: Workflow | None) -> Held:

@@ -18,7 +18,6 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Protocol
 
 import numpy as np
 import torch
@@ -39,6 +38,7 @@ from zimage_trt.runtime.images import (
     save_new_image,
     to_uint8,
 )
+from zimage_trt.runtime.loras import LoraBank
 from zimage_trt.runtime.preflight import TORCH_CAPTION_MAX, check_prompt_lengths, preflight
 from zimage_trt.runtime.requests import (
     CacheStats,
@@ -50,17 +50,7 @@ from zimage_trt.runtime.requests import (
 from zimage_trt.runtime.text import LRUCache, PromptEncoder
 from zimage_trt.sampling.guider import Cond, ModelFn
 from zimage_trt.sampling.stage import sample_stage, stage_input_latent
-from zimage_trt.workflow import LoraRef, Workflow
-
-
-class LoraHolder(Protocol):
-    """What a pipeline asks of the LoRAs it switches per request (``runtime.loras.LoraBank``)."""
-
-    def refs(self, choices: Sequence[tuple[str, float | None]]) -> list[LoraRef]: ...
-
-    def check(self, wf: Workflow) -> None: ...
-
-    def hold(self, wf: Workflow) -> float | None: ...
+from zimage_trt.workflow import Workflow
 
 
 def _stderr(msg: str) -> None:
@@ -96,7 +86,7 @@ class Pipeline:
         # runs side by side (runtime.batch) share the engines: one call at a time, besides the
         # denoiser's lockstep batches
         self.engine_lock = threading.RLock()
-        self.loras: LoraHolder | None = None  # LoRAs switched per request (runtime.loras)
+        self.loras: LoraBank | None = None  # LoRAs switched per request (runtime.loras)
 
     @classmethod
     def open(

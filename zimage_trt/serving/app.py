@@ -49,6 +49,8 @@ from zimage_trt.serving.schemas import (
     ImageData,
     ImagesRequest,
     ImagesResponse,
+    LoraCard,
+    LoraList,
     ModelCard,
     ModelList,
     StageImage,
@@ -68,6 +70,7 @@ ROUTES = (
     "/v1/images/edits",
     "/v1/workflows/run",
     "/v1/models",
+    "/v1/loras",
     "/healthz",
     "/metrics",
     "/openapi.json",
@@ -331,6 +334,17 @@ def create_app(service: Service) -> FastAPI:
     @app.get("/v1/models", response_model=ModelList)
     def models() -> ModelList:
         return ModelList(data=[ModelCard(id=settings.model_id, created=service.created)])
+
+    @app.get("/v1/loras", response_model=LoraList)
+    def loras() -> LoraList:
+        """The LoRAs requests may name (``serve --lora``)."""
+        pipeline, _ = service.ready()
+        bank = pipeline.loras
+        if bank is None:
+            return LoraList(data=[], held=[])
+        cards = [LoraCard(name=r.name, strength=r.strength, sha256=r.sha256)
+                 for r in bank.registered.values()]  # fmt: skip
+        return LoraList(data=cards, held=bank.describe_held())
 
     @app.get("/metrics", response_class=PlainTextResponse)
     def metrics() -> Response:

@@ -96,6 +96,18 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
+class LoraCard(BaseModel):
+    name: str
+    strength: float = Field(description="the strength a request gets when it names none")
+    sha256: str = Field(description="of the file, read when the server started")
+
+
+class LoraList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[LoraCard]
+    held: list[str] = Field(description="the LoRAs the engines hold now (name or file, strength)")
+
+
 class Health(BaseModel):
     status: Literal["ok", "loading", "failed"]
     backend: str | None = None
