@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 
 from zimage_trt import __version__
-from zimage_trt.cli import bench, engines, generate, models, serve, sigmas, workflow
+from zimage_trt.cli import bench, calibrate, engines, generate, models, serve, sigmas, workflow
 from zimage_trt.cli.common import RAW, examples
 from zimage_trt.errors import (
     EXIT_INTERNAL,
@@ -56,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     workflow.add_parser(sub)
     generate.add_generate_parser(sub)
     engines.add_build_parser(sub)
+    calibrate.add_parser(sub)
     generate.add_reproduce_parser(sub)
     bench.add_bench_parser(sub)
     serve.add_serve_parser(sub)

@@ -1,0 +1,148 @@
+"""``zimage-trt calibrate`` (issue 16, first part): ModelOpt's FP8 and INT8 post-training
+quantization of the tiny DiT, calibrated by running a workflow (two stages, cfg with a negative
+prompt) — what is saved restores a DiT that computes exactly what the calibrated one did."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.test_serve import WORKFLOW
+from zimage_trt.calibration.calibrate import CALIBRATION, calibrate, load, save, shipped_prompts
+from zimage_trt.calibration.quantize import quant_config, quantizers, restore
+from zimage_trt.cli import main
+from zimage_trt.engines.manifest import weights_sha256
+from zimage_trt.errors import FileError, InputError
+from zimage_trt.runtime.pipeline import Pipeline
+from zimage_trt.workflow import Workflow
+
+EXCLUDED = ["x_embedder", "cap_embedder.1", "t_embedder.mlp.0", "t_embedder.mlp.2",
+            "final_layer.linear", "final_layer.adaLN_modulation.1"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def workflow(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("calibration") / "serve-test.yaml"
+    path.write_text(WORKFLOW)
+    return path
+
+
+def _pipeline(workflow: Path) -> Pipeline:
+    return Pipeline.open(model="tiny", workflow=workflow, device="cpu", log=lambda m: None)
+
+
+@pytest.mark.parametrize("precision", ["fp8", "int8"])
+def test_a_calibration_restores_exactly_what_was_calibrated(
+    precision: str, workflow: Path, tmp_path: Path
+) -> None:
+    pipeline = _pipeline(workflow)
+    wf = pipeline.workflow
+    assert isinstance(wf, Workflow)
+    full = pipeline.run(wf).latent  # before quantizing
+    seen: list[tuple[int, int]] = []
+    calibrated = calibrate(pipeline, precision, shipped_prompts()[:2],
+                           progress=lambda i, n: seen.append((i, n)))  # fmt: skip
+    assert seen == [(1, 2), (2, 2)]
+    record = calibrated.record
+    assert record["precision"] == precision and record["workflow"] == "serve-test"
+    assert record["excluded_modules"] == EXCLUDED
+    assert record["prompts"]["count"] == 2 and len(record["prompts"]["sha256"]) == 64
+    # 34 Linear layers (input and weight quantizer each) are quantized, 6 are not
+    assert record["quantizers"] == len(calibrated.state) == 68
+    assert set(calibrated.state) == {f"{n}.amax" for n in quantizers(calibrated.dit)}
+    for key, amax in calibrated.state.items():
+        assert torch.isfinite(amax).all() and (amax > 0).all(), key
+        channels = precision == "int8" and key.endswith("weight_quantizer.amax")
+        assert (amax.numel() > 1) == channels, key  # INT8 weights: a scale per output channel
+    quantized = pipeline.run(wf).latent
+    delta = float((quantized - full).abs().max())
+    assert 1e-3 < delta < float(full.abs().max())  # quantized, and still the same image
+    save(calibrated, tmp_path / "calib")
+    saved, state = load(tmp_path / "calib")
+    assert saved["amax"]["file"].startswith("amax-") and saved["quantizers"] == 68
+    fresh = _pipeline(workflow)
+    restore(fresh.engines.denoiser.module, saved["config"], state)
+    assert torch.equal(fresh.run(wf).latent, quantized)
+
+
+def test_the_cli_writes_a_calibration_and_refuses_to_overwrite_it(
+    workflow: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "calib"
+    argv = ["calibrate", "--model", "tiny", "-w", str(workflow), "--precision", "fp8",
+            "--calib-size", "1", "--exclude", "adaLN_modulation", "--out", str(out),
+            "-q"]  # fmt: skip
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("calibrated 60 quantizers (fp8) in ")
+    record = json.loads((out / CALIBRATION).read_text())
+    assert record["exclude"] == ["x_embedder", "t_embedder", "cap_embedder", "final_layer",
+                                 "adaLN_modulation"]  # fmt: skip
+    adaln = [f"{stack}.{i}.adaLN_modulation.0" for stack in ("noise_refiner", "layers")
+             for i in (0, 1)]  # fmt: skip
+    assert record["excluded_modules"] == [*EXCLUDED[:4], *adaln, *EXCLUDED[4:]]
+    from zimage_trt.models.tiny import tiny_model_dir
+
+    transformer = sorted((tiny_model_dir() / "transformer").glob("*.safetensors"))
+    assert record["depends_on"] == {"transformer": weights_sha256(transformer), "loras": []}
+    before = sorted(p.name for p in out.iterdir())
+    assert main(argv) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"zimage-trt: error: {out / CALIBRATION} exists; not overwritten (pass --force to "
+        "replace it)"
+    )
+    assert sorted(p.name for p in out.iterdir()) == before
+    amax = out / record["amax"]["file"]
+    amax.write_bytes(amax.read_bytes()[:-1] + b"\0")
+    with pytest.raises(FileError, match="missing or changed since"):
+        load(out)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--calib-size", "0"], "--calib-size 0 is outside 1 … 4096"),
+        (["--calib-size", "129"], "--calib-size 129 is more than the 128 prompts given"),
+    ],
+)
+def test_bad_calibration_arguments_are_refused_naming_them(
+    args: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["calibrate", "--model", "tiny", "--precision", "int8", "--out", str(tmp_path), *args]
+    assert main(argv) == 2
+    assert capsys.readouterr().err.strip() == f"zimage-trt: error: {message}"
+
+
+def test_an_empty_prompts_file_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    empty = tmp_path / "prompts.txt"
+    empty.write_text("# nothing\n\n")
+    argv = ["calibrate", "--model", "tiny", "--precision", "fp8", "--prompts", str(empty),
+            "--out", str(tmp_path / "c")]  # fmt: skip
+    assert main(argv) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"zimage-trt: error: --prompts {empty} holds no prompt (one per line; # for comments)"
+    )
+
+
+def test_a_calibration_for_other_exclusions_does_not_fit(workflow: Path) -> None:
+    pipeline = _pipeline(workflow)
+    calibrated = calibrate(pipeline, "int8", shipped_prompts()[:1])
+    other = quant_config("int8", ["final_layer"])  # the embedders quantized too
+    with pytest.raises(InputError) as refused:
+        restore(_pipeline(workflow).engines.denoiser.module, other, calibrated.state)
+    assert str(refused.value) == (
+        "the calibration does not fit this DiT: 8 of its quantizer(s) not saved (first: "
+        "cap_embedder.1.input_quantizer)"
+    )
+
+
+def test_the_shipped_prompts_are_128_english_and_chinese() -> None:
+    prompts = shipped_prompts()
+    chinese = [p for p in prompts if any("\u4e00" <= c <= "\u9fff" for c in p)]
+    assert len(prompts) == len(set(prompts)) == 128
+    assert len(chinese) == 64 and all(p.isascii() for p in prompts if p not in chinese)

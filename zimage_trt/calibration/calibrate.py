@@ -1,0 +1,207 @@
+"""``zimage-trt calibrate``: FP8 / INT8 post-training quantization of the DiT, calibrated on the
+workflow itself.
+
+The calibration loop is the project's own pipeline running the workflow — every stage's
+sigmas, latent sizes, sampler, cfg (cond and uncond, the long negative prompt included) and
+EasyCache decisions — for ``calib_size`` prompts of the shipped set (or ``--prompts FILE``), seed
+``i`` for prompt ``i``. The caption path runs inside the loop too (on the same modules), so its
+quantizers see the captions inference sees. What comes out (``CALIBRATION``, ``AMAX``): the
+config, the exclusions, every quantizer's amax, and the hashes of what it depends on — the DiT
+and LoRA files, the prompts — written without pickle; the JSON is renamed into place last.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor, nn
+
+from zimage_trt.atomic import atomic_path, write_json
+from zimage_trt.calibration.quantize import (
+    DEFAULT_EXCLUDE,
+    quant_config,
+    quantize,
+    quantizer_state,
+)
+from zimage_trt.engines.manifest import sha256_file, weights_sha256
+from zimage_trt.errors import FileError, InputError
+from zimage_trt.runtime.requests import apply_overrides
+from zimage_trt.workflow import Workflow
+
+FORMAT = "zimage-trt-calibration/1"
+CALIBRATION = "calibration.json"
+AMAX = "amax-{key}.safetensors"
+MAX_PROMPT_LINES = 100_000
+
+
+def shipped_prompts() -> list[str]:
+    """The calibration prompts that ship with the package (English and Chinese)."""
+    text = resources.files("zimage_trt.calibration").joinpath("prompts.txt").read_text("utf-8")
+    return _prompt_lines(text)
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    """One prompt per line of a UTF-8 file (blank lines and ``#`` comments skipped)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise FileError(f"--prompts {path}: cannot read it as UTF-8 text ({exc})") from None
+    prompts = _prompt_lines(text)
+    if not prompts:
+        raise InputError(f"--prompts {path} holds no prompt (one per line; # for comments)")
+    return prompts
+
+
+def _prompt_lines(text: str) -> list[str]:
+    lines = [line.strip() for line in text.splitlines()[:MAX_PROMPT_LINES]]
+    return [line for line in lines if line and not line.startswith("#")]
+
+
+@dataclass
+class Calibrated:
+    """A calibration run's result: the quantized (fake-quant) DiT and what is saved of it."""
+
+    dit: nn.Module
+    record: dict[str, Any]  # calibration.json
+    state: dict[str, Tensor]  # quantizer → amax
+
+
+def calibrate(
+    pipeline: Any,
+    precision: str,
+    prompts: Sequence[str],
+    *,
+    exclude: Sequence[str] = DEFAULT_EXCLUDE,
+    dependencies: dict[str, Any] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> Calibrated:
+    """Quantize ``pipeline``'s DiT (a torch-backend ``runtime.pipeline.Pipeline``, opened for the
+    workflow) to ``precision`` and calibrate it on ``prompts`` run through the workflow (see the
+    module); ``dependencies`` (hashes of its files) go into the record."""
+    wf: Workflow | None = pipeline.workflow
+    if wf is None:
+        raise InputError("calibration runs a workflow: open the pipeline with one")
+    if pipeline.engines.backend != "torch":
+        raise InputError(
+            f"calibration quantizes the torch backend's DiT, not {pipeline.engines.backend} "
+            "engines: pass --model"
+        )
+    if not prompts:
+        raise InputError("calibration needs at least one prompt")
+    dit: nn.Module = pipeline.engines.denoiser.module
+    config = quant_config(precision, exclude)
+    kept = [name for name, module in dit.named_modules()
+            if isinstance(module, nn.Linear) and any(part in name for part in exclude)]  # fmt: skip
+
+    def forward_loop(model: nn.Module) -> None:
+        for i, prompt in enumerate(prompts):
+            pipeline.clear_caches()  # each prompt's captions computed through the quantizers
+            pipeline.run(apply_overrides(wf.model_copy(deep=True), prompt=prompt, seed=i))
+            if progress is not None:
+                progress(i + 1, len(prompts))
+
+    start = time.perf_counter()
+    quantize(dit, config, forward_loop)
+    seconds = time.perf_counter() - start
+    pipeline.clear_caches()  # computed while calibrating, unquantized
+    state = quantizer_state(dit)
+    record = {
+        "format": FORMAT,
+        "precision": precision,
+        "config": config,
+        "exclude": list(exclude),
+        "excluded_modules": kept,
+        "quantizers": len(state),
+        "workflow": wf.name,
+        "stages": [s.name for s in wf.stages],
+        "prompts": {
+            "count": len(prompts),
+            "sha256": hashlib.sha256("\n".join(prompts).encode()).hexdigest(),
+            "seeds": f"0…{len(prompts) - 1}",
+        },
+        "depends_on": dependencies or {},
+        "seconds": round(seconds, 2),
+        "modelopt": _modelopt_version(),
+    }
+    return Calibrated(dit, record, state)
+
+
+def dependencies(pipeline: Any, model: str | None) -> dict[str, Any]:
+    """The hashes a calibration depends on: the DiT's weight files and the fused LoRAs' files
+    (a LoRA change invalidates it)."""
+    from zimage_trt.workflow.resolve import model_sources
+
+    sources = model_sources(pipeline.workflow, model, log=lambda msg: None)
+    files = sources.files.weight_files()["transformer"]
+    return {
+        "transformer": weights_sha256(files),
+        "loras": [
+            {"name": label, "sha256": sha256_file(path), "strength": strength}
+            for path, strength, label in sources.loras
+        ],
+    }
+
+
+def save(calibrated: Calibrated, out: str | Path, *, force: bool = False) -> Path:
+    """Write the calibration into ``out`` (made if missing): the amax values under a new name,
+    then ``calibration.json`` naming them, renamed into place last. An existing calibration is
+    replaced only with ``force``."""
+    from safetensors.torch import save_file
+
+    folder = Path(out)
+    record_path = folder / CALIBRATION
+    if record_path.exists() and not force:
+        raise InputError(f"{record_path} exists; not overwritten (pass --force to replace it)")
+    folder.mkdir(parents=True, exist_ok=True)
+    old = {p.name for p in folder.glob(AMAX.format(key="*"))}
+    digest = hashlib.sha256()
+    for key in sorted(calibrated.state):
+        digest.update(key.encode())
+        digest.update(calibrated.state[key].numpy().tobytes())
+    amax = folder / AMAX.format(key=digest.hexdigest()[:12])
+    with atomic_path(amax) as tmp:
+        save_file(calibrated.state, str(tmp), metadata={"format": FORMAT})
+    record = {**calibrated.record, "amax": {"file": amax.name, "sha256": sha256_file(amax)}}
+    write_json(record_path, record)
+    for name in old - {amax.name}:  # superseded only after the commit
+        (folder / name).unlink(missing_ok=True)
+    return record_path
+
+
+def load(folder: str | Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """A saved calibration's record and amax values, the file checked against its hash."""
+    import json
+
+    from safetensors.torch import load_file
+
+    root = Path(folder)
+    path = root / CALIBRATION
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileError(
+            f"{path}: no calibration here (make one with zimage-trt calibrate)"
+        ) from None
+    except (OSError, ValueError) as exc:
+        raise FileError(f"{path}: unreadable ({exc})") from None
+    if not isinstance(record, dict) or record.get("format") != FORMAT:
+        raise FileError(f"{path}: not a {FORMAT} record")
+    amax = root / str(record["amax"]["file"])
+    if not amax.is_file() or sha256_file(amax) != record["amax"]["sha256"]:
+        raise FileError(f"{amax}: missing or changed since {path} was written; calibrate again")
+    return record, load_file(str(amax))
+
+
+def _modelopt_version() -> str | None:
+    try:
+        from importlib.metadata import version
+
+        return version("nvidia-modelopt")
+    except Exception:  # not installed as a distribution (never here: calibrate imported it)
+        return None

@@ -1,0 +1,101 @@
+"""``zimage-trt calibrate``: FP8 / INT8 calibration of the DiT on the workflow itself
+(``zimage_trt.calibration``)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from zimage_trt.cli.common import RAW, examples, progress_bars, stderr_log
+from zimage_trt.errors import InputError
+
+CALIB_SIZE_MAX = 4096
+
+
+def add_parser(sub: Any) -> None:
+    from zimage_trt.calibration.quantize import DEFAULT_EXCLUDE, PRECISIONS
+
+    p = sub.add_parser(
+        "calibrate",
+        formatter_class=RAW,
+        help="FP8 / INT8 calibration of the DiT (NVIDIA ModelOpt), on the workflow itself",
+        description="Quantize the DiT's Linear layers (weights and inputs) to FP8 (E4M3, per "
+        "tensor) or INT8 (per output channel weights, per tensor inputs) with NVIDIA ModelOpt's "
+        "post-training quantization, calibrated by running the workflow — its stages, sigmas, "
+        "sizes, cfg with the negative prompt, EasyCache — over --calib-size prompts (the shipped "
+        "English and Chinese set, or --prompts), seed i for prompt i. Writes DIR/calibration.json "
+        "(config, exclusions, hashes of the DiT, LoRAs and prompts) and the quantizers' amax "
+        "values (safetensors). Needs pip install 'zimage-trt[calibrate]'.",
+        epilog=examples(
+            "zimage-trt calibrate --model ~/models/Z-Image-Turbo -w zimage-121101 "
+            "--precision fp8 --out calib-fp8/",
+            "zimage-trt calibrate --model tiny --precision int8 --calib-size 4 --out /tmp/c",
+        ),
+    )
+    p.add_argument("--model", required=True, metavar="PATH|REPO|tiny", help="the model to quantize")
+    p.add_argument("-w", "--workflow", default=None, help="preset or YAML (default zimage-turbo)")
+    p.add_argument("--precision", required=True, choices=PRECISIONS)
+    p.add_argument("--prompts", type=Path, default=None, metavar="FILE",
+                   help="calibration prompts, one per line (default: the shipped 128)")  # fmt: skip
+    p.add_argument("--calib-size", type=int, default=32, metavar="N",
+                   help="prompts to run (default 32; the first N of the set)")  # fmt: skip
+    p.add_argument(
+        "--exclude",
+        action="append",
+        default=None,
+        metavar="PATTERN",
+        help="a module-name fragment to leave in full precision too (repeatable; always: "
+        f"{', '.join(DEFAULT_EXCLUDE)}; e.g. adaLN_modulation, layers.0.)",
+    )
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda")
+    p.add_argument("--out", type=Path, required=True, metavar="DIR")
+    p.add_argument("--force", action="store_true", help="replace a calibration in DIR")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=cmd_calibrate)
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from zimage_trt.calibration.calibrate import (
+        CALIBRATION,
+        calibrate,
+        dependencies,
+        read_prompts,
+        save,
+        shipped_prompts,
+    )
+    from zimage_trt.calibration.quantize import DEFAULT_EXCLUDE, modelopt_quantization
+    from zimage_trt.runtime.pipeline import Pipeline
+
+    if not 1 <= args.calib_size <= CALIB_SIZE_MAX:
+        raise InputError(f"--calib-size {args.calib_size} is outside 1 … {CALIB_SIZE_MAX}")
+    if (args.out / CALIBRATION).exists() and not args.force:
+        raise InputError(
+            f"{args.out / CALIBRATION} exists; not overwritten (pass --force to replace it)"
+        )
+    prompts = read_prompts(args.prompts) if args.prompts else shipped_prompts()
+    if len(prompts) < args.calib_size:
+        raise InputError(
+            f"--calib-size {args.calib_size} is more than the {len(prompts)} prompts given"
+        )
+    log = stderr_log(args.quiet)
+    modelopt_quantization()  # a missing ModelOpt is said before any weight loads
+    pipeline = Pipeline.open(model=args.model, workflow=args.workflow, device=args.device,
+                             log=log)  # fmt: skip
+    bar = progress_bars(args.quiet)
+    exclude = (*DEFAULT_EXCLUDE, *(args.exclude or ()))
+    log(f"calibrating {args.precision} on {args.calib_size} prompt(s); full precision: "
+        f"{', '.join(exclude) or 'nothing'}")  # fmt: skip
+    calibrated = calibrate(
+        pipeline, args.precision, prompts[: args.calib_size], exclude=exclude,
+        dependencies=dependencies(pipeline, args.model),
+        progress=lambda i, n: bar("calibrate", i, n),
+    )  # fmt: skip
+    path = save(calibrated, args.out, force=args.force)
+    record = calibrated.record
+    print(
+        f"calibrated {record['quantizers']} quantizers ({args.precision}) in "
+        f"{record['seconds']:.1f} s on {args.calib_size} prompt(s); "
+        f"{len(record['excluded_modules'])} Linear layer(s) left in full precision; wrote {path}"
+    )
+    return 0
