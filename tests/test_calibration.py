@@ -146,3 +146,113 @@ def test_the_shipped_prompts_are_128_english_and_chinese() -> None:
     chinese = [p for p in prompts if any("\u4e00" <= c <= "\u9fff" for c in p)]
     assert len(prompts) == len(set(prompts)) == 128
     assert len(chinese) == 64 and all(p.isascii() for p in prompts if p not in chinese)
+
+
+def _export(module: torch.nn.Module, args: tuple[torch.Tensor, ...], **kwargs: object) -> object:
+    import warnings
+
+    from zimage_trt.calibration.onnx_qdq import OPSET, translation_table
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.onnx.export(module.eval(), args, dynamo=True, opset_version=OPSET,
+                                 optimize=False, verbose=False,
+                                 custom_translation_table=translation_table(), **kwargs)  # type: ignore[arg-type]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def fp8_dit(workflow: Path) -> torch.nn.Module:
+    pipeline = _pipeline(workflow)
+    calibrated = calibrate(pipeline, "fp8", shipped_prompts()[:2])
+    return calibrated.dit
+
+
+def test_an_fp8_linear_exports_as_exactly_modelopt_s_fake_quantization(
+    fp8_dit: torch.nn.Module, tmp_path: Path
+) -> None:
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+
+    from zimage_trt.calibration.onnx_qdq import refill_amax
+
+    class One(torch.nn.Module):
+        def __init__(self, linear: torch.nn.Module) -> None:
+            super().__init__()
+            self.l = linear
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.l(x)  # type: ignore[no-any-return]
+
+    linear = fp8_dit.layers[0].attention.qkv  # type: ignore[index, union-attr]
+    x = torch.randn(8, linear.in_features, generator=torch.Generator().manual_seed(0)) * 3
+    one = One(linear)
+    program = _export(one, (x,))
+    assert refill_amax(program.model, one) == 2  # type: ignore[attr-defined]
+    path = tmp_path / "linear.onnx"
+    program.save(str(path))  # type: ignore[attr-defined]
+    graph = onnx.load(str(path)).graph
+    ops = [n.op_type for n in graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    assert sorted(ops) == ["DequantizeLinear"] * 2 + ["QuantizeLinear"] * 2
+    assert {i.name for i in graph.initializer} >= {"l.input_quantizer.amax",
+                                                   "l.weight_quantizer.amax"}  # fmt: skip
+    zero_points = [i for i in graph.node if i.op_type == "Constant"]
+    assert any(a.t.data_type == onnx.TensorProto.FLOAT8E4M3FN for n in zero_points
+               for a in n.attribute)  # fmt: skip
+
+    def fake(t: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
+        scale = amax / 448.0
+        return (t / scale).clamp(-448, 448).to(torch.float8_e4m3fn).float() * scale
+
+    with torch.no_grad():
+        expected = (
+            fake(x, linear.input_quantizer.amax)
+            @ fake(linear.weight, linear.weight_quantizer.amax).T
+        )
+        torch_out = linear(x)
+    got = ort.InferenceSession(str(path)).run(None, {graph.input[0].name: x.numpy()})[0]
+    assert np.array_equal(got, expected.numpy())  # the same arithmetic, bit for bit
+    assert float(np.abs(got - torch_out.numpy()).max()) < 1e-5  # ModelOpt's: the matmul order
+
+
+def test_the_fp8_denoiser_exports_as_standard_qdq_that_runs_everywhere(
+    fp8_dit: torch.nn.Module, workflow: Path, tmp_path: Path
+) -> None:
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from onnx.reference import ReferenceEvaluator
+
+    from zimage_trt.build_engines.networks import ShapePoint, networks
+    from zimage_trt.calibration.onnx_qdq import refill_amax
+    from zimage_trt.models.text_encoder import Qwen3Config
+    from zimage_trt.models.vae import VAEConfig
+
+    net = networks("fp32", fp8_dit.config, Qwen3Config(), VAEConfig())["denoiser"]  # type: ignore[arg-type]
+    inputs = net.sample_inputs(ShapePoint(2, 40, 16, 16), torch.Generator().manual_seed(0))
+    args = tuple(inputs[s.name] for s in net.inputs)
+    program = _export(fp8_dit, args, dynamic_shapes=net.dynamic_shapes(ShapePoint(4, 128, 32, 32)),
+                      input_names=[s.name for s in net.inputs],
+                      output_names=[s.name for s in net.outputs])  # fmt: skip
+    # 68 quantizers: the caption path's 20 (context refiner) run outside the denoiser graph
+    assert refill_amax(program.model, fp8_dit) == 48  # type: ignore[attr-defined]
+    path = tmp_path / "denoiser.onnx"
+    program.save(str(path))  # type: ignore[attr-defined]
+    graph = onnx.load(str(path)).graph
+    assert sum(n.op_type == "QuantizeLinear" for n in graph.node) == 48
+    with torch.no_grad():
+        expected = fp8_dit(*args).numpy()
+    feeds = {k: v.numpy() for k, v in inputs.items()}
+    runs = {"onnxruntime": ort.InferenceSession(str(path)).run(None, feeds)[0],
+            "reference": ReferenceEvaluator(str(path)).run(None, feeds)[0]}  # fmt: skip
+    with torch.no_grad():  # the same DiT unquantized
+        full = _pipeline(workflow).engines.denoiser.module(*args).numpy()  # type: ignore[operator]
+    for name, got in runs.items():
+        error = float(np.abs(got - expected).mean() / np.abs(expected).mean())
+        off = float(np.abs(got - full).mean() / np.abs(expected).mean())
+        print(
+            f"fp8 denoiser, {name}: mean |Δ| vs ModelOpt's fake-quant {error:.3g}, vs the "
+            f"unquantized DiT {off:.3g}"
+        )
+        assert got.shape == expected.shape and error < 0.1, name  # measured ≈ 0.05 (module doc)
+        assert error < 0.6 * off, name  # it is the quantized model the graph computes
