@@ -30,7 +30,9 @@ from zimage_trt.calibration.quantize import (
     quantizer_state,
 )
 from zimage_trt.engines.manifest import sha256_file, weights_sha256
+from zimage_trt.engines.torch_engines import TorchEngine
 from zimage_trt.errors import FileError, InputError
+from zimage_trt.runtime.pipeline import Pipeline
 from zimage_trt.runtime.requests import apply_overrides
 from zimage_trt.workflow import Workflow
 
@@ -73,7 +75,7 @@ class Calibrated:
 
 
 def calibrate(
-    pipeline: Any,
+    pipeline: Pipeline,
     precision: str,
     prompts: Sequence[str],
     *,
@@ -94,7 +96,9 @@ def calibrate(
         )
     if not prompts:
         raise InputError("calibration needs at least one prompt")
-    dit: nn.Module = pipeline.engines.denoiser.module
+    denoiser = pipeline.engines.denoiser
+    assert isinstance(denoiser, TorchEngine)  # the backend is torch
+    dit = denoiser.module
     config = quant_config(precision, exclude)
     kept = [name for name, module in dit.named_modules()
             if isinstance(module, nn.Linear) and any(part in name for part in exclude)]  # fmt: skip
@@ -132,11 +136,13 @@ def calibrate(
     return Calibrated(dit, record, state)
 
 
-def dependencies(pipeline: Any, model: str | None) -> dict[str, Any]:
+def dependencies(pipeline: Pipeline, model: str | None) -> dict[str, Any]:
     """The hashes a calibration depends on: the DiT's weight files and the fused LoRAs' files
     (a LoRA change invalidates it)."""
     from zimage_trt.workflow.resolve import model_sources
 
+    if pipeline.workflow is None:
+        raise InputError("a calibration's dependencies are its workflow's models")
     sources = model_sources(pipeline.workflow, model, log=lambda msg: None)
     files = sources.files.weight_files()["transformer"]
     return {

@@ -126,7 +126,6 @@ class LoraBank:
         self._source = source  # every base weight (TensorRT may ask for weights built together)
         self.held: Held = _held(pipeline.workflow)
         self.switches = 0
-        self.seconds = 0.0
 
     @classmethod
     def attach(
@@ -244,7 +243,6 @@ class LoraBank:
         self.held = wanted
         seconds = time.perf_counter() - start
         self.switches += 1
-        self.seconds += seconds
         return seconds
 
     def describe(self) -> str:

@@ -465,7 +465,7 @@ async def _images(
     ]
     job = Job(workflows)
     if edit is not None:
-        job.images[UPLOAD] = _cropped(edit.picture, wf)
+        job.images[UPLOAD] = await asyncio.to_thread(_cropped, edit.picture, wf)  # a copy
     result = await _run(worker, job, request, settings.request_timeout)
     data = []
     for img in result.images:
