@@ -18,9 +18,10 @@ import resource
 import sys
 import time
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -44,6 +45,7 @@ from zimage_trt.engines.manifest import (
     Manifest,
     ManifestError,
     Profile,
+    QuantizationRecord,
     WeightsRecord,
     cache_key,
     file_record,
@@ -54,6 +56,9 @@ from zimage_trt.engines.manifest import (
 from zimage_trt.errors import InputError, RunError
 from zimage_trt.models.dit import RopeTables, ZImageDiT, rope_table_lengths
 from zimage_trt.models.sources import ModelSources, load_fused_dit, lora_target_keys
+
+if TYPE_CHECKING:
+    from zimage_trt.calibration.calibrate import Calibration
 
 Log = Callable[[str], None]
 
@@ -98,9 +103,7 @@ def run_build(
     machine = _machine(options.backend)
     targets: tuple[str, ...] = ()
     if options.backend == "tensorrt-rtx":
-        from zimage_trt.engines.tensorrt_env import rtx_targets
-
-        targets, why = rtx_targets(options.compute_capability)
+        targets, why = options.rtx_targets()
         log(f"TensorRT-RTX {versions['tensorrt_rtx']}: compiling for compute capabilities "
             f"{', '.join(targets)} ({why})")  # fmt: skip
     entries: dict[str, EngineFile] = {}
@@ -109,7 +112,8 @@ def run_build(
     modules: dict[str, nn.Module] = {}
     for index, name in enumerate(names, 1):
         net, profiles = plan.nets[name], plan.profiles[name]
-        key = _engine_key(name, net, profiles, options, weights, versions, machine)
+        key = _engine_key(name, net, profiles, options, weights, versions, machine,
+                          plan.calibration)  # fmt: skip
         found = txn.reusable(name, key)
         if found is not None:
             log(f"[{index}/{len(names)}] {name}: {found[1]} (cache key {key[:12]}), reused")
@@ -132,9 +136,18 @@ def run_build(
         onnx_path = out / onnx_rel
         meta = _meta_module(name, net, plan, options)
         weights_map = module_weights(module)
+        quantized = plan.calibration is not None and net.component == "transformer"
+        qdq: dict[str, Any] = {}
+        if quantized:  # the quantizers' amax values stream in beside the weights
+            from zimage_trt.calibration.onnx_qdq import OPSET as QDQ_OPSET
+            from zimage_trt.calibration.onnx_qdq import translation_table
+
+            assert plan.calibration is not None
+            weights_map.update(plan.calibration.state)
+            qdq = {"opset": QDQ_OPSET, "translations": translation_table()}
         result = export_network(
             net, meta, weights_map, onnx_path, example=_example(limits(profiles, net)),
-            limits=limits(profiles, net), log=log,
+            limits=limits(profiles, net), log=log, **qdq,
         )  # fmt: skip
         log(
             f"[{index}/{len(names)}] {name}: {result.initializers} weights, "
@@ -149,8 +162,15 @@ def run_build(
         if options.check_parity:
             if whole_graph_fits(options.precision, options.parity_mode, module):
                 report.parity = check_parity(
-                    net, onnx_path, module, parity_points(net, profiles), options.precision
-                )
+                    net, onnx_path, module, parity_points(net, profiles), options.precision,
+                    unquantized=_unquantizer(modules[net.component]) if quantized else None,
+                )  # fmt: skip
+            elif quantized:
+                log(f"[{index}/{len(names)}] {name}: the Q/DQ graph's parity needs the whole "
+                    "quantized model in memory; checked here: the ONNX checker only")  # fmt: skip
+                import onnx
+
+                onnx.checker.check_model(str(onnx_path))
             else:
                 n = sum(p.numel() for p in module.parameters())
                 log(
@@ -166,10 +186,10 @@ def run_build(
                 )
             bad = [r for r in report.parity if not r.ok]
             if bad:
-                worst = max(bad, key=lambda r: r.max_abs / r.scale)
+                worst = max(bad, key=lambda r: r.ratio)
                 raise RunError(
-                    f"{name}: ONNX output {worst.output} differs from torch by {worst.max_abs:.3g} "
-                    f"at {worst.point} (limit {worst.tolerance * worst.scale:.3g})"
+                    f"{name}: ONNX output {worst.output} differs from torch by {worst.describe()} "
+                    f"at {worst.point}"
                 )
         files = {
             _rel(out, onnx_path): file_record(onnx_path),
@@ -177,7 +197,7 @@ def run_build(
         }
         engine_file = _rel(out, onnx_path)
         refit_names: Sequence[str] = ()
-        if net.component == "transformer" and options.backend == "onnxruntime":
+        if net.component == "transformer" and options.backend == "onnxruntime" and not quantized:
             refit_names = result.weight_names  # ONNX Runtime overrides initializers by name
         if options.backend in ("tensorrt", "tensorrt-rtx"):
             plan_path = out / plan_rel
@@ -234,6 +254,7 @@ def run_build(
     manifest = Manifest(
         backend=options.backend,  # type: ignore[arg-type]
         precision=options.precision,  # type: ignore[arg-type]
+        quantization=_quantization_record(plan),
         created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         build_seconds=round(time.perf_counter() - start, 3),
         peak_rss_bytes=peak_rss_bytes(),
@@ -254,6 +275,29 @@ def run_build(
     )
     txn.commit(manifest)
     return BuildResult(manifest, reports, out)
+
+
+def _quantization_record(plan: BuildPlan) -> QuantizationRecord | None:
+    from zimage_trt.calibration.onnx_qdq import OPSET as QDQ_OPSET
+
+    if plan.calibration is None:
+        return None
+    record = plan.calibration.record
+    return QuantizationRecord(
+        precision=plan.calibration.precision,  # type: ignore[arg-type]
+        calibration_sha256=plan.calibration.sha256,
+        quantizers=record["quantizers"],
+        exclude=record["exclude"],
+        workflow=record["workflow"],
+        prompts=record["prompts"]["count"],
+        opset=QDQ_OPSET,
+    )
+
+
+def _unquantizer(dit: nn.Module) -> Callable[[], AbstractContextManager[object]]:
+    from zimage_trt.calibration.quantize import unquantized
+
+    return lambda: unquantized(dit)
 
 
 def _phase_logger(prefix: str, log: Log) -> Callable[[str, int, int], None]:
@@ -372,9 +416,7 @@ def _options_record(options: BuildOptions) -> dict[str, Any]:
             refittable=options.refittable,
         )
     if options.backend == "tensorrt-rtx":
-        from zimage_trt.engines.tensorrt_env import rtx_targets
-
-        record["compute_capabilities"] = list(rtx_targets(options.compute_capability)[0])
+        record["compute_capabilities"] = list(options.rtx_targets()[0])
     return record
 
 
@@ -386,9 +428,11 @@ def _engine_key(
     weights: WeightsRecord,
     versions: dict[str, str],
     machine: dict[str, str],
+    calibration: Calibration | None = None,
 ) -> str:
-    """Weights (with LoRAs), precision, profiles, versions, machine and builder options; a
-    refittable TensorRT engine leaves the weights out (they are refit, not rebuilt)."""
+    """Weights (with LoRAs), precision, profiles, versions, machine, builder options and the
+    DiT's calibration; a refittable TensorRT engine leaves the weights out (they are refit,
+    not rebuilt)."""
     component = net.component
     refit = options.backend in ("tensorrt", "tensorrt-rtx") and options.refittable
     parts: dict[str, Any] = {
@@ -403,6 +447,8 @@ def _engine_key(
         parts["weights"] = weights.sha256.get(component)
         if component == "transformer":
             parts["loras"] = [lora.model_dump(mode="json") for lora in weights.loras]
+    if component == "transformer" and calibration is not None:
+        parts["calibration"] = calibration.sha256
     return cache_key(parts)
 
 
@@ -424,6 +470,11 @@ def _real_module(
             cache[net.component] = load_fused_dit(
                 plan.sources, dtype, lora_ignore_unmatched=options.lora_ignore_unmatched, log=log
             )
+            if plan.calibration is not None:  # ModelOpt's fake-quant model: parity's reference
+                from zimage_trt.calibration.quantize import restore
+
+                restore(cache[net.component], plan.calibration.record["config"],
+                        plan.calibration.state)  # fmt: skip
         elif net.component == "text_encoder":
             cache[net.component] = load_text_encoder_weights(files.text_encoder, dtype)
         else:
@@ -460,6 +511,10 @@ def _meta_module(name: str, net: Network, plan: BuildPlan, options: BuildOptions
         dit = load_dit(files.transformer, dtype, meta=True)
         with torch.device("meta"):
             dit.rope_tables = RopeTables(dit.config, _rope_lengths(plan, name))
+        if plan.calibration is not None:  # its Linears as Q/DQ stand-ins (calibration.onnx_qdq)
+            from zimage_trt.calibration.onnx_qdq import insert_qdq
+
+            insert_qdq(dit, plan.calibration.state, plan.calibration.precision)
         return net.module(dit, None, None)
     if net.component == "text_encoder":
         return net.module(

@@ -28,7 +28,7 @@ import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -66,6 +66,8 @@ def export_network(
     *,
     example: ShapePoint,
     limits: ShapePoint,
+    opset: int = OPSET,
+    translations: Mapping[Any, Any] | None = None,
     log: Callable[[str], None] = lambda msg: None,
 ) -> ExportResult:
     """Export ``meta_module`` (on the meta device) as ``path`` + ``path.data``.
@@ -73,6 +75,8 @@ def export_network(
     ``weights`` maps every parameter/buffer name of the module to its tensor (converted to the
     graph's dtype while streaming). ``example`` is the trace shape (no axis of size 1: the
     exporter would specialise it), ``limits`` the largest shape the graph must serve.
+    ``translations``: the exporter's ``custom_translation_table`` for custom ops in the module
+    (the Q/DQ stand-ins of a calibrated DiT, at ``opset`` 19).
     """
     start = time.perf_counter()
     names = [n for n, _ in meta_module.named_parameters()]
@@ -82,7 +86,7 @@ def export_network(
         raise ExportError(
             f"{network.name}: initializer {missing[0]!r} has no weight ({len(missing)} missing)"
         )
-    model = _trace(network, meta_module, example, limits)
+    model = _trace(network, meta_module, example, limits, opset, translations)
     log(f"{network.name}: traced in {time.perf_counter() - start:.1f} s; optimizing the graph")
     _optimize(network.name, model, set(weights))
     data_path = path.with_name(path.name + DATA_SUFFIX)
@@ -105,7 +109,12 @@ def _meta_inputs(network: Network, point: ShapePoint) -> tuple[Tensor, ...]:
 
 
 def _trace(
-    network: Network, module: nn.Module, example: ShapePoint, limits: ShapePoint
+    network: Network,
+    module: nn.Module,
+    example: ShapePoint,
+    limits: ShapePoint,
+    opset: int,
+    translations: Mapping[Any, Any] | None,
 ) -> ir.Model:
     if any(1 in shape for shape in network.shapes(example).values()):
         raise InputError(f"{network.name}: the example shape {example} has an axis of size 1")
@@ -125,9 +134,10 @@ def _trace(
                 dynamic_shapes=network.dynamic_shapes(limits),
                 input_names=[s.name for s in network.inputs],
                 output_names=[s.name for s in network.outputs],
-                opset_version=OPSET,
+                opset_version=opset,
                 optimize=False,
                 verbose=False,
+                custom_translation_table=dict(translations or {}),
             )
     except Exception as exc:  # the exporter raises many types; name the engine and step
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -200,7 +210,7 @@ def _torch_dtype(ir_dtype: ir.DataType | None) -> torch.dtype:
     import onnx_ir as ir
 
     table = {
-        ir.DataType.FLOAT: torch.float32,
+        ir.DataType.FLOAT: torch.float32,  # a quantizer's amax too (fp32 in any graph)
         ir.DataType.BFLOAT16: torch.bfloat16,
         ir.DataType.FLOAT16: torch.float16,
         ir.DataType.INT64: torch.int64,

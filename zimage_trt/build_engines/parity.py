@@ -9,7 +9,8 @@ reference evaluator (slow: tiny models only).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,10 @@ from zimage_trt.engines.onnxruntime_engines import to_numpy
 from zimage_trt.text_table import text_table
 
 TOLERANCE = {"fp32": 1e-3, "bf16": 6e-2}  # max |Δ| relative to max(1, max |reference|)
+# a Q/DQ graph against ModelOpt's fake-quant model: mean |Δ| relative to mean |reference| (one
+# Linear agrees exactly; through a network, last-bit differences cross FP8/INT8 rounding steps:
+# calibration/onnx_qdq.py)
+QDQ_TOLERANCE = 0.1
 
 
 @dataclass(frozen=True)
@@ -34,10 +39,30 @@ class ParityRow:
     scale: float  # max(1, max |reference|)
     tolerance: float
     runner: str
+    # Q/DQ graphs: the gated measure is mean |Δ| / mean |reference| (``mean_rel``); ``full_rel``
+    # is the same measure against the unquantized model, for scale
+    mean_rel: float | None = None
+    full_rel: float | None = None
 
     @property
     def ok(self) -> bool:
+        if self.mean_rel is not None:
+            return bool(np.isfinite(self.mean_rel)) and self.mean_rel <= self.tolerance
         return bool(np.isfinite(self.max_abs)) and self.max_abs <= self.tolerance * self.scale
+
+    @property
+    def ratio(self) -> float:
+        """The error over its limit (> 1: failed)."""
+        if self.mean_rel is not None:
+            return self.mean_rel / self.tolerance
+        return self.max_abs / (self.tolerance * self.scale)
+
+    def describe(self) -> str:
+        """How far the graph is from torch, against the limit."""
+        if self.mean_rel is not None:
+            return (f"mean {self.mean_rel:.3g} relative (limit {self.tolerance:g}; the "
+                    f"unquantized model is {self.full_rel:.3g} away)")  # fmt: skip
+        return f"{self.max_abs:.3g} (limit {self.tolerance * self.scale:.3g})"
 
 
 def point_of(net: Network, shapes: dict[str, tuple[int, ...]]) -> ShapePoint:
@@ -95,8 +120,11 @@ def check_parity(
     points: Sequence[ShapePoint],
     precision: str,
     seed: int = 0,
+    unquantized: Callable[[], AbstractContextManager[object]] | None = None,
 ) -> list[ParityRow]:
-    """Run the graph and the torch module on the same random inputs at each point."""
+    """Run the graph and the torch module on the same random inputs at each point.
+    ``unquantized``: ``module`` is a fake-quant model and this switches its quantizers off —
+    the rows measure the Q/DQ graph by mean error, with the full-precision model's beside it."""
     run, runner = _runner(graph, precision)
     generator = torch.Generator().manual_seed(seed)
     rows = []
@@ -104,9 +132,14 @@ def check_parity(
         inputs = net.sample_inputs(point, generator)
         with torch.inference_mode():
             ref = module(*inputs.values())
+            fulls: tuple[Tensor, ...] = ()
+            if unquantized is not None:
+                with unquantized():
+                    full = module(*inputs.values())
+                fulls = full if isinstance(full, tuple) else (full,)
         refs: tuple[Tensor, ...] = ref if isinstance(ref, tuple) else (ref,)
         outs = run(inputs)
-        for spec, expected, got in zip(net.outputs, refs, outs, strict=True):
+        for i, (spec, expected, got) in enumerate(zip(net.outputs, refs, outs, strict=True)):
             exp = expected.float().numpy()
             got32 = np.asarray(got).astype(np.float32)
             if got32.shape != exp.shape:
@@ -116,9 +149,17 @@ def check_parity(
                 )
             diff = float(np.abs(got32 - exp).max()) if exp.size else 0.0
             scale = max(1.0, float(np.abs(exp).max()) if exp.size else 1.0)
-            rows.append(
-                ParityRow(net.name, point, spec.name, diff, scale, TOLERANCE[precision], runner)
-            )
+            if not fulls or exp.dtype == np.bool_ or spec.dtype == torch.bool:
+                rows.append(
+                    ParityRow(net.name, point, spec.name, diff, scale, TOLERANCE[precision], runner)
+                )
+                continue
+            mean = max(float(np.abs(exp).mean()), 1e-12)
+            rows.append(ParityRow(
+                net.name, point, spec.name, diff, scale, QDQ_TOLERANCE, runner,
+                mean_rel=float(np.abs(got32 - exp).mean()) / mean,
+                full_rel=float(np.abs(fulls[i].float().numpy() - exp).mean()) / mean,
+            ))  # fmt: skip
     return rows
 
 
@@ -180,11 +221,22 @@ def _fp32_accumulating_ops() -> list[type]:
 
 
 def format_parity(rows: Sequence[ParityRow]) -> str:
-    header = ("engine", "B", "tokens", "latent", "output", "max |Δ|", "limit", "runner", "")
+    qdq = any(r.mean_rel is not None for r in rows)
+    header: tuple[str, ...] = ("engine", "B", "tokens", "latent", "output", "max |Δ|", "limit",
+                               "runner", "")  # fmt: skip
+    if qdq:  # measured by mean error against the fake-quant model (the unquantized beside it)
+        header = (*header[:7], "mean rel", "unquantized", *header[7:])
     table = [header]
     for r in rows:
         p = r.point
-        table.append((r.engine, str(p.batch), str(p.tokens), f"{p.height}×{p.width}", r.output,
-                      f"{r.max_abs:.2e}", f"{r.tolerance * r.scale:.1e}", r.runner,
-                      "ok" if r.ok else "FAIL"))  # fmt: skip
+        row: tuple[str, ...] = (
+            r.engine, str(p.batch), str(p.tokens), f"{p.height}×{p.width}", r.output,
+            f"{r.max_abs:.2e}", f"{r.tolerance * r.scale:.1e}", r.runner, "ok" if r.ok else "FAIL",
+        )  # fmt: skip
+        if qdq:
+            limit = f"{r.tolerance:g} mean" if r.mean_rel is not None else row[6]
+            means = ((f"{r.mean_rel:.3f}", f"{r.full_rel:.3f}") if r.mean_rel is not None
+                     and r.full_rel is not None else ("", ""))  # fmt: skip
+            row = (*row[:6], limit, *means, *row[7:])
+        table.append(row)
     return text_table(table)

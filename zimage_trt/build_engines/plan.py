@@ -4,11 +4,12 @@ shapes from a workflow or a list of resolutions, and every engine's optimization
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from zimage_trt.build_engines.networks import PRECISIONS, Network, networks
 from zimage_trt.build_engines.profiles import (
@@ -27,6 +28,9 @@ from zimage_trt.models.checkpoints import load_dit, load_text_encoder_weights, l
 from zimage_trt.models.sources import ModelSources
 from zimage_trt.workflow import Stage, Workflow
 from zimage_trt.workflow.resolve import model_sources
+
+if TYPE_CHECKING:
+    from zimage_trt.calibration.calibrate import Calibration
 
 BUILD_BACKENDS = ("onnxruntime", "tensorrt", "tensorrt-rtx")
 Log = Callable[[str], None]
@@ -53,6 +57,15 @@ class BuildOptions:
     lora_ignore_unmatched: bool = False
     # TensorRT-RTX: the GPUs' compute capabilities ("8.9,12.0"); None: this GPU, else defaults
     compute_capability: str | None = None
+    # a ``zimage-trt calibrate`` folder: the DiT's engines are exported with its Q/DQ nodes
+    calibration: Path | None = None
+    quantization: str | None = None  # its precision (fp8 | int8), read by ``validate``
+
+    def rtx_targets(self) -> tuple[tuple[str, ...], str]:
+        """The TensorRT-RTX compute capabilities this build compiles for, and why."""
+        from zimage_trt.engines.tensorrt_env import rtx_targets
+
+        return rtx_targets(self.compute_capability, fp8=self.quantization == "fp8")
 
     def validate(self) -> None:
         if self.backend not in BUILD_BACKENDS:
@@ -65,10 +78,12 @@ class BuildOptions:
                 f"precision {self.precision!r} is not supported; choose one of: "
                 f"{', '.join(PRECISIONS)} (fp16 gives NaN / black images with Z-Image)"
             )
+        if self.calibration is not None:
+            self._validate_calibration()
         if self.backend == "tensorrt-rtx":
-            from zimage_trt.engines.tensorrt_env import check_rtx_refit, rtx_targets
+            from zimage_trt.engines.tensorrt_env import check_rtx_refit
 
-            rtx_targets(self.compute_capability)  # refuses a bad list before any work
+            self.rtx_targets()  # refuses a bad list before any work
             if self.refittable:
                 check_rtx_refit()
             if self.timing_cache is not None:
@@ -86,6 +101,39 @@ class BuildOptions:
                 f"optimization level {self.optimization_level} is outside 0–5 (TensorRT's range)"
             )
 
+    def _validate_calibration(self) -> None:
+        from zimage_trt.calibration.calibrate import CALIBRATION, FORMAT
+
+        assert self.calibration is not None
+        path = self.calibration / CALIBRATION
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise InputError(
+                f"--calibration {self.calibration}: no {CALIBRATION} there (make one with "
+                "zimage-trt calibrate)"
+            ) from None
+        except (OSError, ValueError) as exc:
+            raise InputError(f"--calibration {self.calibration}: unreadable ({exc})") from None
+        if not isinstance(record, dict) or record.get("format") != FORMAT:
+            raise InputError(f"--calibration {self.calibration}: not a {FORMAT} record")
+        self.quantization = str(record.get("precision"))
+        if self.refittable:
+            raise InputError(
+                "--refittable with --calibration: a calibration holds for the weights it saw "
+                "(a LoRA change invalidates it), so calibrated engines are not refit; build "
+                "without --refittable"
+            )
+        if self.backend == "tensorrt" and self.quantization == "fp8":
+            import torch
+
+            from zimage_trt.engines.tensorrt_env import fp8_refusal, without_fp8
+
+            if torch.cuda.is_available():
+                here = "{}.{}".format(*torch.cuda.get_device_capability(0))
+                if without_fp8((here,)):
+                    raise fp8_refusal((here,), f"this GPU ({torch.cuda.get_device_name(0)}),")
+
 
 @dataclass
 class BuildPlan:
@@ -99,6 +147,7 @@ class BuildPlan:
     profiles: dict[str, list[Profile]]
     configs: dict[str, Any]
     workflow: Workflow | None = None  # saved in the folder as generate's default workflow
+    calibration: Calibration | None = None  # the DiT's quantization (``--calibration``)
 
 
 def plan_build(
@@ -136,7 +185,17 @@ def plan_build(
     caption = caption_span(options.caption_max, opt_tokens)
     wanted = [n for n in nets if n != "vae_encoder" or any(s.encode for s in stages)]
     profiles = engine_profiles({n: nets[n] for n in wanted}, stages, caption)
-    return BuildPlan(sources, label, stages, caption, nets, profiles, configs, workflow)
+    calibration = None
+    if options.calibration is not None:
+        from zimage_trt.calibration.calibrate import load
+
+        calibration = load(options.calibration)
+        calibration.check_fits(sources)
+        count = calibration.record["quantizers"]
+        log(f"calibration {options.calibration}: {calibration.precision}, {count} quantizers "
+            f"(sha-256 {calibration.sha256[:12]}…)")  # fmt: skip
+    return BuildPlan(sources, label, stages, caption, nets, profiles, configs, workflow,
+                     calibration)  # fmt: skip
 
 
 def _dummy_stage() -> Stage:

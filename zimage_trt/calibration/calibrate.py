@@ -32,6 +32,7 @@ from zimage_trt.calibration.quantize import (
 from zimage_trt.engines.manifest import sha256_file, weights_sha256
 from zimage_trt.engines.torch_engines import TorchEngine
 from zimage_trt.errors import FileError, InputError
+from zimage_trt.models.sources import ModelSources
 from zimage_trt.runtime.pipeline import Pipeline
 from zimage_trt.runtime.requests import apply_overrides
 from zimage_trt.workflow import Workflow
@@ -136,14 +137,9 @@ def calibrate(
     return Calibrated(dit, record, state)
 
 
-def dependencies(pipeline: Pipeline, model: str | None) -> dict[str, Any]:
+def dependencies(sources: ModelSources) -> dict[str, Any]:
     """The hashes a calibration depends on: the DiT's weight files and the fused LoRAs' files
     (a LoRA change invalidates it)."""
-    from zimage_trt.workflow.resolve import model_sources
-
-    if pipeline.workflow is None:
-        raise InputError("a calibration's dependencies are its workflow's models")
-    sources = model_sources(pipeline.workflow, model, log=lambda msg: None)
     files = sources.files.weight_files()["transformer"]
     return {
         "transformer": weights_sha256(files),
@@ -180,8 +176,43 @@ def save(calibrated: Calibrated, out: str | Path, *, force: bool = False) -> Pat
     return record_path
 
 
-def load(folder: str | Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
-    """A saved calibration's record and amax values, the file checked against its hash."""
+@dataclass(frozen=True)
+class Calibration:
+    """A saved calibration, read back: its record, its amax values, the record's hash."""
+
+    folder: Path
+    record: dict[str, Any]
+    state: dict[str, Tensor]
+    sha256: str  # of calibration.json (which names the amax file by its hash)
+
+    @property
+    def precision(self) -> str:
+        return str(self.record["precision"])
+
+    def check_fits(self, sources: ModelSources) -> None:
+        """Refuse a DiT or LoRAs other than the ones calibrated: their activations differ."""
+        made, now = self.record.get("depends_on", {}), dependencies(sources)
+
+        def loras(entries: list[dict[str, Any]]) -> str:
+            return ", ".join(f"{e['name']}@{e['strength']:g}" for e in entries) or "none"
+
+        if made.get("transformer") != now["transformer"]:
+            raise InputError(
+                f"the calibration in {self.folder} was made for other DiT weights (sha-256 "
+                f"{str(made.get('transformer'))[:12]}…, these are {now['transformer'][:12]}…); "
+                "calibrate this model"
+            )
+        if made.get("loras") != now["loras"]:
+            raise InputError(
+                f"the calibration in {self.folder} was made with the LoRAs "
+                f"{loras(made.get('loras', []))}; "
+                f"this build fuses {loras(now['loras'])}: a LoRA change invalidates a calibration "
+                "(calibrate again with this workflow)"
+            )
+
+
+def load(folder: str | Path) -> Calibration:
+    """A saved calibration, the amax file checked against its hash."""
     import json
 
     from safetensors.torch import load_file
@@ -189,7 +220,8 @@ def load(folder: str | Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
     root = Path(folder)
     path = root / CALIBRATION
     try:
-        record = json.loads(path.read_text(encoding="utf-8"))
+        text = path.read_bytes()
+        record = json.loads(text)
     except FileNotFoundError:
         raise FileError(
             f"{path}: no calibration here (make one with zimage-trt calibrate)"
@@ -201,7 +233,7 @@ def load(folder: str | Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
     amax = root / str(record["amax"]["file"])
     if not amax.is_file() or sha256_file(amax) != record["amax"]["sha256"]:
         raise FileError(f"{amax}: missing or changed since {path} was written; calibrate again")
-    return record, load_file(str(amax))
+    return Calibration(root, record, load_file(str(amax)), hashlib.sha256(text).hexdigest())
 
 
 def _modelopt_version() -> str | None:

@@ -1,91 +1,149 @@
-"""FP8 Q/DQ ONNX from a calibrated DiT: what the dynamo exporter needs to translate ModelOpt's
-fake quantization into standard ONNX (the builder uses it; ``build --calibration`` is to come).
+"""The Q/DQ form of a calibrated DiT, which the builder exports: each Linear a calibration
+quantized becomes ``QuantizedLinear`` — its weight and its input fake-quantized by one custom op,
+``zimage_trt::fake_quant(x, amax, precision)``, that ``translation_table`` turns into the ONNX
+form TensorRT runs explicitly quantized: ``DequantizeLinear(QuantizeLinear(x, scale, 0), scale)``
+at opset 19 —
 
-Under export, each enabled FP8 quantizer is one ``tensorrt::quantize_op(x, amax, 8, 4, …)``
-call, which the exporter cannot translate; ``translation_table`` maps it to standard
-``QuantizeLinear`` / ``DequantizeLinear`` (opset 19) with a FLOAT8E4M3FN zero point and ``scale =
-amax / 448`` — TensorRT's explicit-quantization form. The exporter lifts each quantizer's amax as
-a constant it cannot save (a fake tensor); ``refill_amax`` writes the calibrated value into each
-and names it ``<quantizer>.amax``.
+| precision | zero point   | scale          | axis                                   |
+|-----------|--------------|----------------|----------------------------------------|
+| fp8       | FLOAT8E4M3FN | amax / 448     | per tensor                             |
+| int8      | INT8         | amax / 127     | weights per output channel, inputs per tensor |
 
-One quantized Linear exported this way computes exactly ModelOpt's FP8 fake quantization
-(tests/test_calibration.py). A whole network agrees with the torch fake-quant model only
-approximately: a last-bit difference in a matmul moves a value across an FP8 rounding step
-(6 % apart at 3 mantissa bits) at the next quantizer, and on the tiny random DiT those steps add
-up to a few per cent — the reference evaluator and ONNX Runtime differ from each other by as much.
+ModelOpt's quantizers are not exported themselves: its FP8 export op needs a translation of its
+own, and its INT8 CPU fake quantization cannot be traced by the dynamo exporter (data-dependent
+branches). The stand-in is the same arithmetic in ONNX's terms, so it traces from the ``meta``
+device like every graph here, and each quantizer's amax is a buffer named
+``<quantizer>.amax`` — the saved calibration's own keys — streamed into the weights file.
+
+One Linear computes what ModelOpt's fake quantization computes (FP8: bit for bit; INT8: ONNX's
+``QuantizeLinear`` saturates at −128 where ModelOpt's narrow range stops at −127, reached only
+by an input beyond its calibrated amax). A whole network agrees with ModelOpt's model only
+approximately: a last-bit difference in a matmul moves a value across a rounding step at the
+next quantizer (6 % apart in FP8), and on the tiny random DiT those steps add up to a few per
+cent — the reference evaluator and ONNX Runtime differ from each other by as much.
 """
 
 from __future__ import annotations
 
-import re
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 from zimage_trt.errors import InputError
 
-if TYPE_CHECKING:
-    import onnx_ir as ir
-    from torch import nn
-
 OPSET = 19  # the first with FLOAT8E4M3FN in QuantizeLinear / DequantizeLinear
-E4M3_MAX = 448.0
-_LIFTED = re.compile(
-    r"^(?P<module>.*)\.__dict__\['_modules'\]\['(?P<quantizer>\w+)'\]\.lifted_tensor_\d+$"
-)
+LEVELS = {"fp8": 448.0, "int8": 127.0}  # amax maps to this many steps: E4M3's max, INT8's
+
+
+@torch.library.custom_op("zimage_trt::fake_quant", mutates_args=())
+def fake_quant(x: Tensor, amax: Tensor, precision: str, channels: int) -> Tensor:
+    """``x`` quantized to ``precision`` with ``scale = amax / LEVELS[precision]`` and back, as
+    ONNX's QuantizeLinear / DequantizeLinear compute it; ``channels`` > 0: ``amax`` holds a
+    scale per output channel ([channels, 1], broadcast along dim 0), 0: one for the tensor."""
+    scale = (amax.float() / LEVELS[precision]).to(x.dtype)
+    if precision == "fp8":
+        steps = (x / scale).clamp(-448.0, 448.0).to(torch.float8_e4m3fn).to(x.dtype)
+    else:
+        steps = torch.round(x / scale).clamp(-128, 127)
+    return steps * scale
+
+
+@fake_quant.register_fake
+def _(x: Tensor, amax: Tensor, precision: str, channels: int) -> Tensor:
+    return torch.empty_like(x)
+
+
+class Quantizer(nn.Module):
+    """One calibrated quantizer: its amax (a buffer, saved and streamed by name) and format."""
+
+    def __init__(self, amax: Tensor, precision: str) -> None:
+        super().__init__()
+        if precision not in LEVELS:
+            raise InputError(f"precision {precision!r} is not one of: {', '.join(LEVELS)}")
+        self.precision = precision
+        self.channels = amax.shape[0] if amax.numel() > 1 else 0
+        self.register_buffer("amax", amax)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out: Tensor = torch.ops.zimage_trt.fake_quant(x, self.amax, self.precision, self.channels)
+        return out
+
+
+class QuantizedLinear(nn.Module):
+    """A Linear whose input and weight pass through their quantizers; its weight and bias keep
+    their names (refit and the weights stream find them where the plain Linear had them)."""
+
+    def __init__(self, linear: nn.Linear, input_amax: Tensor, weight_amax: Tensor,
+                 precision: str) -> None:  # fmt: skip
+        super().__init__()
+        self.weight = linear.weight
+        self.bias = linear.bias
+        self.input_quantizer = Quantizer(input_amax, precision)
+        self.weight_quantizer = Quantizer(weight_amax, precision)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(self.input_quantizer(x), self.weight_quantizer(self.weight), self.bias)
+
+
+def quantized_linears(state: dict[str, Tensor]) -> list[str]:
+    """The Linear layers a saved calibration state quantizes (its keys are
+    ``<linear>.input_quantizer.amax`` and ``<linear>.weight_quantizer.amax``)."""
+    names: dict[str, set[str]] = {}
+    for key in state:
+        linear, _, rest = key.rpartition(".")[0].rpartition(".")
+        if key.endswith(".amax") and rest in ("input_quantizer", "weight_quantizer") and linear:
+            names.setdefault(linear, set()).add(rest)
+        else:
+            raise InputError(f"the calibration state has a key this DiT cannot use: {key!r}")
+    unpaired = sorted(n for n, parts in names.items() if len(parts) != 2)
+    if unpaired:
+        raise InputError(f"the calibration quantizes only the input or the weight of {unpaired[0]}")
+    return sorted(names)
+
+
+def insert_qdq(dit: nn.Module, state: dict[str, Tensor], precision: str) -> nn.Module:
+    """``dit`` (in place; real or on ``meta``) with every Linear the state names replaced by a
+    ``QuantizedLinear`` holding its amax values (on ``meta``: their shapes only)."""
+    meta = next(dit.parameters()).is_meta
+    for name in quantized_linears(state):
+        parent_name, _, child = name.rpartition(".")
+        parent = dit.get_submodule(parent_name) if parent_name else dit
+        linear = getattr(parent, child, None)
+        if not isinstance(linear, nn.Linear):
+            raise InputError(f"the calibration quantizes {name}, which is not a Linear of this DiT")
+        inputs, weights = (state[f"{name}.{part}.amax"]
+                           for part in ("input_quantizer", "weight_quantizer"))  # fmt: skip
+        if meta:
+            inputs, weights = (torch.empty(a.shape, dtype=torch.float32, device="meta")
+                               for a in (inputs, weights))  # fmt: skip
+        setattr(parent, child, QuantizedLinear(linear, inputs, weights, precision))
+    return dit
 
 
 def translation_table() -> dict[Any, Any]:
-    """``custom_translation_table`` for ``torch.onnx.export(dynamo=True)`` of an FP8 model."""
+    """``custom_translation_table`` for ``torch.onnx.export(dynamo=True)``: the stand-in's
+    ``fake_quant`` as QuantizeLinear / DequantizeLinear."""
     import onnx
-    import torch
     from onnxscript import opset19
 
     op: Any = opset19  # traced by the exporter: its typed signatures do not apply here
 
-    zero = onnx.helper.make_tensor("zero", onnx.TensorProto.FLOAT8E4M3FN, [], [0.0])
+    def zero(precision: str, channels: int) -> onnx.TensorProto:
+        kind = onnx.TensorProto.FLOAT8E4M3FN if precision == "fp8" else onnx.TensorProto.INT8
+        return onnx.helper.make_tensor("zero", kind, [channels] if channels else [],
+                                       [0] * max(1, channels))  # fmt: skip
 
-    def quantize_op(
-        x: Any,
-        amax: Any,
-        num_bits: int = 8,
-        exponent_bits: int = 4,
-        unsigned: bool = False,
-        narrow_range: bool = False,
-    ) -> Any:
-        if (num_bits, exponent_bits) != (8, 4):
-            raise InputError(
-                f"only FP8 E4M3 quantizers export through this table (got {num_bits} bits, "
-                f"{exponent_bits} exponent bits)"
-            )
-        scale = op.CastLike(op.Div(amax, op.CastLike(op.Constant(value_float=E4M3_MAX), amax)), x)
-        point = op.Constant(value=zero)
-        return op.DequantizeLinear(op.QuantizeLinear(x, scale, point), scale)
+    def fake_quant(x: Any, amax: Any, precision: str, channels: int) -> Any:
+        levels = op.Constant(value_float=LEVELS[precision])
+        scale = op.CastLike(op.Div(amax, op.CastLike(levels, amax)), x)
+        if channels:  # a scale per output channel: 1-D along axis 0, the [out, 1] amax flattened
+            scale = op.Reshape(scale, op.Constant(value_ints=[-1]))
+            point = op.Constant(value=zero(precision, channels))
+            q = op.QuantizeLinear(x, scale, point, axis=0)
+            return op.DequantizeLinear(q, scale, point, axis=0)
+        point = op.Constant(value=zero(precision, 0))
+        return op.DequantizeLinear(op.QuantizeLinear(x, scale, point), scale, point)
 
-    return {torch.ops.tensorrt.quantize_op.default: quantize_op}
-
-
-def refill_amax(model: ir.Model, module: nn.Module) -> int:
-    """Give every amax constant the exporter lifted from ``module``'s quantizers its calibrated
-    value and the name ``<quantizer>.amax``; the count refilled."""
-    import onnx_ir as ir
-
-    from zimage_trt.calibration.quantize import quantizers
-
-    held = quantizers(module)
-    initializers = model.graph.initializers
-    filled = 0
-    for old in list(initializers):
-        match = _LIFTED.match(old)
-        if match is None:
-            continue
-        name = f"{match['module']}.{match['quantizer']}"
-        if name not in held:
-            raise InputError(f"the graph quantizes with {name}, which the module does not hold")
-        value = initializers.pop(old)
-        amax = held[name].amax.detach().float().cpu().numpy()
-        if value.shape is not None:
-            amax = amax.reshape(value.shape.numpy())
-        value.const_value = ir.tensor(amax)
-        value.name = f"{name}.amax"
-        initializers[value.name] = value
-        filled += 1
-    return filled
+    return {torch.ops.zimage_trt.fake_quant.default: fake_quant}

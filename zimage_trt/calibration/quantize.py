@@ -15,7 +15,7 @@ import contextlib
 import copy
 import sys
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from zimage_trt.errors import InputError, MissingLibraryError
@@ -110,6 +110,19 @@ def quantizer_state(dit: nn.Module) -> dict[str, Tensor]:
             f"{missing[0]}); exclude their modules with --exclude"
         )
     return state
+
+
+@contextlib.contextmanager
+def unquantized(dit: nn.Module) -> Iterator[None]:
+    """``dit``'s quantizers switched off for the block: the full-precision model it came from."""
+    held = list(quantizers(dit).values())
+    for quantizer in held:
+        quantizer.disable()
+    try:
+        yield
+    finally:
+        for quantizer in held:
+            quantizer.enable()
 
 
 def restore(dit: nn.Module, config: dict[str, Any], state: dict[str, Tensor]) -> nn.Module:

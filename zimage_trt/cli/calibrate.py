@@ -66,6 +66,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     )
     from zimage_trt.calibration.quantize import DEFAULT_EXCLUDE, modelopt_quantization
     from zimage_trt.runtime.pipeline import Pipeline
+    from zimage_trt.workflow.resolve import model_sources
 
     if not 1 <= args.calib_size <= CALIB_SIZE_MAX:
         raise InputError(f"--calib-size {args.calib_size} is outside 1 … {CALIB_SIZE_MAX}")
@@ -82,13 +83,15 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     modelopt_quantization()  # a missing ModelOpt is said before any weight loads
     pipeline = Pipeline.open(model=args.model, workflow=args.workflow, device=args.device,
                              log=log)  # fmt: skip
+    wf = pipeline.workflow
+    assert wf is not None  # opened with one
     bar = progress_bars(args.quiet)
     exclude = (*DEFAULT_EXCLUDE, *(args.exclude or ()))
     log(f"calibrating {args.precision} on {args.calib_size} prompt(s); full precision: "
         f"{', '.join(exclude) or 'nothing'}")  # fmt: skip
     calibrated = calibrate(
         pipeline, args.precision, prompts[: args.calib_size], exclude=exclude,
-        dependencies=dependencies(pipeline, args.model),
+        dependencies=dependencies(model_sources(wf, args.model, log=lambda msg: None)),
         progress=lambda i, n: bar("calibrate", i, n),
     )  # fmt: skip
     path = save(calibrated, args.out, force=args.force)

@@ -58,11 +58,15 @@ def cmd_build(args: argparse.Namespace) -> int:
         timing_cache=args.timing_cache,
         lora_ignore_unmatched=args.lora_ignore_unmatched,
         compute_capability=args.compute_capability,
+        calibration=args.calibration,
     )
     log = stderr_log(args.quiet)
     plan = plan_build(options, model=args.model, workflow=wf, resolutions=resolutions, log=log)
+    quantized = (f", DiT {plan.calibration.precision} Q/DQ" if plan.calibration is not None
+                 else "")  # fmt: skip
     print(
-        f"profiles for {plan.source_label} ({precision}, captions up to {plan.caption.max} tokens)"
+        f"profiles for {plan.source_label} ({precision}{quantized}, captions up to "
+        f"{plan.caption.max} tokens)"
     )
     print(format_profiles(plan.profiles))
     if args.dry_run:
@@ -161,6 +165,14 @@ def add_build_parser(sub: Any) -> None:
         help="graph precision (default: bf16 for tensorrt and tensorrt-rtx, fp32 for "
         "onnxruntime); "
         "fp16 is refused (NaN images with Z-Image)",
+    )
+    p.add_argument(
+        "--calibration",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="a zimage-trt calibrate folder: the DiT engines (caption path, denoiser) get its "
+        "FP8 / INT8 Q/DQ nodes (needs zimage-trt[calibrate]; FP8 needs compute capability ≥ 8.9)",
     )
     p.add_argument(
         "--caption-max",

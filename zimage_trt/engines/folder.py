@@ -134,6 +134,7 @@ def load_engine_folder(
         device=device,
         dtype=PRECISION_DTYPES[manifest.precision],
         profiles=manifest.profiles_by_engine(),
+        quantization=manifest.quantization.precision if manifest.quantization else None,
     )
     if tokenizer is None:
         tokenizer = folder_tokenizer(root, manifest)
@@ -172,6 +173,13 @@ def describe_folder(folder: str | Path, *, verify: bool = False) -> str:
         lines.append(f"compiled by: {m.library['name']} {m.library['version']} for compute "
                      f"capabilities {ccs} (ahead of time)")  # fmt: skip
     lines.append(f"weights: {m.weights.origin}")
+    if m.quantization is not None:
+        q = m.quantization
+        lines.append(
+            f"quantization: DiT {q.precision} Q/DQ, {q.quantizers} quantizers calibrated on "
+            f"{q.workflow} with {q.prompts} prompt(s); full precision: {', '.join(q.exclude)} "
+            f"(calibration sha-256 {q.calibration_sha256[:12]}…)"
+        )
     loras = show_loras([(r.name, r.strength) for r in m.weights.loras])
     refusal = swap_refusal(m, root)
     other = "swapped in when the folder loads" if refusal is None else f"a rebuild ({refusal})"

@@ -130,10 +130,23 @@ class WeightsRecord(_Model):
     lora_keys: list[str] | None = None
 
 
+class QuantizationRecord(_Model):
+    """The DiT's engines hold Q/DQ nodes from a ``zimage-trt calibrate`` folder."""
+
+    precision: Literal["fp8", "int8"]
+    calibration_sha256: str  # of its calibration.json (which names its amax file by hash)
+    quantizers: int
+    exclude: list[str]  # module-name fragments left in full precision
+    workflow: str  # what it was calibrated on
+    prompts: int
+    opset: int  # of the DiT engines' graphs (the others keep the options' opset)
+
+
 class Manifest(_Model):
     format: int = FORMAT_VERSION
     backend: Literal["onnxruntime", "tensorrt", "tensorrt-rtx"]
-    precision: Literal["fp32", "bf16"]
+    precision: Literal["fp32", "bf16"]  # the graphs' float type (Q/DQ: ``quantization``)
+    quantization: QuantizationRecord | None = None
     created: str  # ISO time
     build_seconds: float
     peak_rss_bytes: int

@@ -81,6 +81,11 @@ def swap_refusal(manifest: Manifest, folder: str | Path) -> str | None:
     """Why the folder's engines cannot take other LoRAs; None when they can."""
     if manifest.backend == "tensorrt-rtx":
         return "TensorRT-RTX engines are not refitted here (LoRA swaps are TensorRT's only)"
+    if manifest.quantization is not None:
+        return (
+            f"its DiT engines are {manifest.quantization.precision}-calibrated and a LoRA change "
+            "invalidates a calibration (calibrate with the LoRAs, then build)"
+        )
     dit = [n for n in DIT_ENGINES if n in manifest.engines]
     fixed = [n for n in dit if not manifest.engines[n].refittable]
     if fixed or not dit:

@@ -16,6 +16,7 @@ MIN_TENSORRT = (10, 0)
 RTX_COMPUTE_CAPABILITIES = ("7.5", "8.0", "8.6", "8.9", "12.0", "12.1")
 # built for when no GPU is here to ask: RTX 30/40/50 series, L4/L40S, RTX PRO 6000 Blackwell
 RTX_DEFAULT_TARGETS = ("8.6", "8.9", "12.0")
+FP8_MIN_CAPABILITY = (8, 9)  # Ada: the first FP8 tensor cores (Hopper, Blackwell have them too)
 
 # TensorRT DataType member name → torch dtype (the types our graphs use at their boundaries).
 TRT_TORCH_DTYPES: dict[str, torch.dtype] = {
@@ -76,9 +77,34 @@ def require_tensorrt_rtx() -> str:
     return str(tensorrt_rtx.__version__)
 
 
-def rtx_targets(text: str | None) -> tuple[tuple[str, ...], str]:
+def without_fp8(capabilities: tuple[str, ...]) -> list[str]:
+    """Those of ``capabilities`` whose GPUs have no FP8 tensor cores (below Ada's 8.9)."""
+    return [cc for cc in capabilities if version_tuple(cc) < FP8_MIN_CAPABILITY]
+
+
+def fp8_refusal(capabilities: tuple[str, ...], where: str) -> InputError:
+    bad = without_fp8(capabilities)
+    return InputError(
+        f"FP8 engines need compute capability ≥ 8.9 (Ada, Hopper, Blackwell: FP8 tensor cores); "
+        f"{where} {', '.join(bad)} {'has' if len(bad) == 1 else 'have'} none: build there from "
+        "an int8 calibration (zimage-trt calibrate --precision int8)"
+    )
+
+
+def rtx_targets(text: str | None, fp8: bool = False) -> tuple[tuple[str, ...], str]:
     """The compute capabilities a TensorRT-RTX build is for, and why: ``text`` ("8.9,12.0"),
-    else this machine's GPU when TensorRT-RTX targets it, else ``RTX_DEFAULT_TARGETS``."""
+    else this machine's GPU when TensorRT-RTX targets it, else ``RTX_DEFAULT_TARGETS``. For
+    ``fp8`` engines a target without FP8 is refused, and left out of the defaults."""
+    targets, why = _rtx_targets(text)
+    if fp8 and without_fp8(targets):
+        if text is not None or why.startswith("this machine's GPU ("):
+            raise fp8_refusal(targets, "--compute-capability" if text else "this GPU,")
+        kept = tuple(cc for cc in targets if cc not in without_fp8(targets))
+        return kept, f"{why}, less {', '.join(without_fp8(targets))} (no FP8)"
+    return targets, why
+
+
+def _rtx_targets(text: str | None) -> tuple[tuple[str, ...], str]:
     if text is not None:
         wanted = [part.strip() for part in text.split(",") if part.strip()]
         bad = [cc for cc in wanted if cc not in RTX_COMPUTE_CAPABILITIES]
