@@ -21,7 +21,7 @@ from zimage_trt.calibration.quantize import restore
 from zimage_trt.cli import main
 from zimage_trt.engines.manifest import read_manifest
 from zimage_trt.runtime.pipeline import Pipeline
-from zimage_trt.workflow import load_workflow
+from zimage_trt.workflow import Workflow, load_workflow
 from zimage_trt.workflow.resolve import model_sources
 
 QUIET = {"log": lambda msg: None}
@@ -35,9 +35,10 @@ class Calibrated:
 
 
 def _calibrated_folder(precision: str, built: BuildResult, tmp: Path) -> Calibrated:
-    """Calibrate on the reference workflow (1 prompt), then build the shared fp32 folder's copy
-    with the calibration through the CLI: only the caption path and the denoiser are made."""
-    pipeline = Pipeline.open(model="tiny", workflow="zimage-121101", device="cpu", **QUIET)
+    """Calibrate on the reference workflow's first stage (1 prompt, 2 steps: the same DiT and
+    LoRA, in seconds), then build the shared fp32 folder's copy with the calibration through the
+    CLI: only the caption path and the denoiser are made."""
+    pipeline = Pipeline.open(model="tiny", workflow=_short(2), device="cpu", **QUIET)
     assert pipeline.workflow is not None
     sources = model_sources(pipeline.workflow, "tiny", **QUIET)
     calibrated = calibrate(pipeline, precision, shipped_prompts()[:1],
@@ -51,6 +52,14 @@ def _calibrated_folder(precision: str, built: BuildResult, tmp: Path) -> Calibra
     with contextlib.redirect_stdout(printed):
         assert main(argv) == 0
     return Calibrated(tmp / "calibration", out, printed.getvalue())
+
+
+def _short(steps: int) -> Workflow:
+    """The reference workflow's first stage only, at ``steps`` steps."""
+    wf = load_workflow("zimage-121101")
+    first = wf.stages[0]
+    scheduler = first.scheduler.model_copy(update={"steps": steps})
+    return wf.model_copy(update={"stages": [first.model_copy(update={"scheduler": scheduler})]})
 
 
 @pytest.fixture(scope="module")
@@ -95,6 +104,7 @@ def test_a_calibrated_build_exports_standard_qdq_for_the_dit_only(
     assert q is not None and manifest.precision == "fp32"
     assert (q.precision, q.quantizers, q.prompts, q.opset) == (precision, 68, 1, 19)
     assert q.calibration_sha256 == saved.sha256 and q.workflow == "zimage-121101"
+    assert saved.record["stages"] == ["base"]  # calibrated on the first stage (see the fixture)
     assert q.exclude == ["x_embedder", "t_embedder", "cap_embedder", "final_layer"]
     shared = read_manifest(built.folder)
     for name in ("text_encoder", "vae_decoder"):  # reused from the fp32 folder: same files
@@ -124,10 +134,7 @@ def test_a_calibrated_build_exports_standard_qdq_for_the_dit_only(
 def test_the_fp8_folder_generates_what_the_fake_quant_model_generates(fp8: Calibrated) -> None:
     """One stage of the reference workflow (1 step) from the ONNX Runtime folder against the
     torch backend with ModelOpt's fake quantization restored, and the unquantized model."""
-    wf = load_workflow("zimage-121101")
-    first = wf.stages[0]
-    stage = first.model_copy(update={"scheduler": first.scheduler.model_copy(update={"steps": 1})})
-    short = wf.model_copy(update={"stages": [stage]})
+    short = _short(1)
     onnx_run = Pipeline.open(engines=fp8.folder, workflow=short, **QUIET)
     assert onnx_run.engines.quantization == "fp8"
     torch_run = Pipeline.open(model="tiny", workflow=short, device="cpu", **QUIET)

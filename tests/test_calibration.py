@@ -17,7 +17,7 @@ from zimage_trt.cli import main
 from zimage_trt.engines.manifest import weights_sha256
 from zimage_trt.errors import FileError, InputError
 from zimage_trt.runtime.pipeline import Pipeline
-from zimage_trt.workflow import Workflow
+from zimage_trt.workflow import Workflow, load_workflow
 
 EXCLUDED = ["x_embedder", "cap_embedder.1", "t_embedder.mlp.0", "t_embedder.mlp.2",
             "final_layer.linear", "final_layer.adaLN_modulation.1"]  # fmt: skip
@@ -222,3 +222,49 @@ def test_a_qdq_linear_computes_modelopt_s_fake_quantization_and_exports_exactly(
             "reference": ReferenceEvaluator(str(path)).run(None, feeds)[0]}  # fmt: skip
     for runner, out in runs.items():  # the same quantization; the matmul's own rounding aside
         assert float(np.abs(out - got.numpy()).max()) < 1e-5, runner
+
+
+def test_psnr_and_ssim_measure_what_they_name() -> None:
+    import math
+
+    import numpy as np
+
+    from zimage_trt.calibration.report import psnr, ssim
+
+    rng = np.random.default_rng(0)
+    a = rng.integers(20, 200, (32, 24, 3), dtype=np.uint8)
+    assert psnr(a, a) == math.inf and ssim(a, a) == pytest.approx(1.0, abs=1e-12)
+    assert psnr(a, a + 10) == pytest.approx(10 * math.log10(255**2 / 100))  # 28.13 dB
+    noisy = [np.clip(a + rng.normal(0, s, a.shape), 0, 255).astype(np.uint8) for s in (2, 20)]
+    assert 0 < ssim(a, noisy[1]) < ssim(a, noisy[0]) < 1 and psnr(a, noisy[1]) < psnr(a, noisy[0])
+    with pytest.raises(ValueError, match="SSIM needs images of 11×11 pixels at least"):
+        ssim(a[:8], a[:8])
+
+
+def test_the_quality_report_gates_what_is_written(
+    workflow: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "calib"
+    argv = ["calibrate", "--model", "tiny", "-w", str(workflow), "--precision", "fp8",
+            "--calib-size", "1", "--report-prompts", "1", "--out", str(out), "-q"]  # fmt: skip
+    assert main([*argv, "--min-psnr", "99"]) == 6
+    captured = capsys.readouterr()
+    assert captured.err.strip().startswith(
+        "zimage-trt: error: the calibration's worst held-out PSNR is "
+    ) and captured.err.strip().endswith(
+        " dB, below --min-psnr 99: not written (leave more layers in full precision with "
+        "--exclude, e.g. adaLN_modulation, or calibrate on more prompts)"
+    )
+    assert not out.exists() or not any(out.iterdir())
+    assert main([*argv, "--report"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    stages = [s.name for s in load_workflow(workflow).stages]
+    assert table[0].split() == ["seed", "prompt", *[f for s in stages for f in (s, "Δ")],
+                                "PSNR", "dB", "SSIM"]  # fmt: skip
+    report = json.loads((out / CALIBRATION).read_text())["report"]
+    row = report["rows"][0]
+    assert report["prompts"] == 1 and (row["seed"], row["prompt"]) == (1, shipped_prompts()[1])
+    assert list(row["latent_error"]) == stages == list(report["latent_error"])
+    assert all(0 < e < 1 for e in row["latent_error"].values())  # quantized, and close
+    assert 10 < row["psnr_db"] < 99 and 0 < row["ssim"] < 1
+    assert report["psnr_db"]["min"] == row["psnr_db"]

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import sys
+import io
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
@@ -78,7 +78,7 @@ def quantize(
     """Insert the config's quantizers into ``dit`` (in place) and calibrate them by running
     ``forward_loop`` (None: insert only, e.g. before ``restore``)."""
     mtq = modelopt_quantization()
-    with contextlib.redirect_stdout(sys.stderr):  # its "Inserted N quantizers" is a log line
+    with contextlib.redirect_stdout(io.StringIO()):  # its "Inserted N quantizers" (we say more)
         return mtq.quantize(dit, _modelopt_form(config), forward_loop=forward_loop)
 
 

@@ -8,9 +8,13 @@ from pathlib import Path
 from typing import Any
 
 from zimage_trt.cli.common import RAW, examples, progress_bars, stderr_log
-from zimage_trt.errors import InputError
+from zimage_trt.errors import InputError, RunError
 
 CALIB_SIZE_MAX = 4096
+
+
+class QualityError(RunError):
+    """A calibration below the quality asked for (``--min-psnr``): nothing is written."""
 
 
 def add_parser(sub: Any) -> None:
@@ -48,6 +52,22 @@ def add_parser(sub: Any) -> None:
         help="a module-name fragment to leave in full precision too (repeatable; always: "
         f"{', '.join(DEFAULT_EXCLUDE)}; e.g. adaLN_modulation, layers.0.)",
     )
+    p.add_argument(
+        "--report",
+        action="store_true",
+        help="then render --report-prompts held-out prompts quantized and unquantized (same "
+        "seeds): per-stage latent error, PSNR, SSIM; printed and kept in calibration.json",
+    )
+    p.add_argument(
+        "--report-prompts",
+        type=int,
+        default=4,
+        metavar="N",
+        help="held-out prompts for --report (default 4: those after --calib-size)",
+    )
+    p.add_argument("--min-psnr", type=float, default=None, metavar="DB",
+                   help="refuse to write a calibration whose worst held-out PSNR is below DB "
+                   "(implies --report)")  # fmt: skip
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda")
     p.add_argument("--out", type=Path, required=True, metavar="DIR")
     p.add_argument("--force", action="store_true", help="replace a calibration in DIR")
@@ -79,6 +99,13 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         raise InputError(
             f"--calib-size {args.calib_size} is more than the {len(prompts)} prompts given"
         )
+    report = args.report or args.min_psnr is not None
+    held_out = prompts[args.calib_size : args.calib_size + args.report_prompts]
+    if report and not 1 <= args.report_prompts <= len(held_out):
+        raise InputError(
+            f"--report-prompts {args.report_prompts} is outside 1 … {len(held_out)} (the prompts "
+            f"left after the first --calib-size {args.calib_size} of {len(prompts)})"
+        )
     log = stderr_log(args.quiet)
     modelopt_quantization()  # a missing ModelOpt is said before any weight loads
     pipeline = Pipeline.open(model=args.model, workflow=args.workflow, device=args.device,
@@ -94,8 +121,24 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         dependencies=dependencies(model_sources(wf, args.model, log=lambda msg: None)),
         progress=lambda i, n: bar("calibrate", i, n),
     )  # fmt: skip
-    path = save(calibrated, args.out, force=args.force)
     record = calibrated.record
+    if report:
+        from zimage_trt.calibration.report import format_report, quality_report
+
+        log(f"quality report: {len(held_out)} held-out prompt(s), quantized and unquantized")
+        record["report"] = quality_report(
+            pipeline, calibrated.dit, held_out, args.calib_size,
+            progress=lambda i, n: bar("report", i, n),
+        )  # fmt: skip
+        print(format_report(record["report"]))
+        worst = record["report"]["psnr_db"]["min"]
+        if args.min_psnr is not None and worst < args.min_psnr:
+            raise QualityError(
+                f"the calibration's worst held-out PSNR is {worst:.2f} dB, below --min-psnr "
+                f"{args.min_psnr:g}: not written (leave more layers in full precision with "
+                "--exclude, e.g. adaLN_modulation, or calibrate on more prompts)"
+            )
+    path = save(calibrated, args.out, force=args.force)
     print(
         f"calibrated {record['quantizers']} quantizers ({args.precision}) in "
         f"{record['seconds']:.1f} s on {args.calib_size} prompt(s); "

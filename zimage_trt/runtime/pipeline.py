@@ -397,7 +397,13 @@ class Pipeline:
             preview = self.decode(latent) if spec.preview else None
             reports.append(
                 StageReport(
-                    name, tuple(latent.shape), result.model_calls, skipped, seconds[name], preview
+                    name,
+                    tuple(latent.shape),
+                    result.model_calls,
+                    skipped,
+                    seconds[name],
+                    preview,
+                    latent,
                 )
             )
         assert latent is not None

@@ -67,6 +67,7 @@ class StageReport:
     calls_skipped: int
     seconds: float
     preview: np.ndarray | None = None
+    latent: Tensor | None = None  # the stage's result (VAE space)
 
 
 @dataclass
