@@ -106,6 +106,11 @@ def test_the_cli_writes_a_calibration_and_refuses_to_overwrite_it(
     [
         (["--calib-size", "0"], "--calib-size 0 is outside 1 … 4096"),
         (["--calib-size", "129"], "--calib-size 129 is more than the 128 prompts given"),
+        (
+            ["--calib-size", "126", "--report"],
+            "--report-prompts 4 is outside 1 … 2 (the prompts left after the first "
+            "--calib-size 126 of 128)",
+        ),
     ],
 )
 def test_bad_calibration_arguments_are_refused_naming_them(

@@ -101,10 +101,11 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         )
     report = args.report or args.min_psnr is not None
     held_out = prompts[args.calib_size : args.calib_size + args.report_prompts]
-    if report and not 1 <= args.report_prompts <= len(held_out):
+    left = len(prompts) - args.calib_size
+    if report and not 1 <= args.report_prompts <= left:
         raise InputError(
-            f"--report-prompts {args.report_prompts} is outside 1 … {len(held_out)} (the prompts "
-            f"left after the first --calib-size {args.calib_size} of {len(prompts)})"
+            f"--report-prompts {args.report_prompts} is outside 1 … {left} (the prompts left "
+            f"after the first --calib-size {args.calib_size} of {len(prompts)})"
         )
     log = stderr_log(args.quiet)
     modelopt_quantization()  # a missing ModelOpt is said before any weight loads
