@@ -64,7 +64,6 @@ def quality_report(
     wf = pipeline.workflow
     assert wf is not None  # calibration opened it with one
     rows: list[dict[str, Any]] = []
-    stages: dict[str, float] = {}
     for i, prompt in enumerate(prompts):
         run = apply_overrides(wf.model_copy(deep=True), prompt=prompt, seed=first_seed + i)
         pipeline.clear_caches()  # every caption through the model being measured
@@ -92,7 +91,8 @@ def quality_report(
         "psnr_db": {"mean": float(np.mean(finite)) if finite else math.inf, "min": min(psnrs)},
         "ssim": {"mean": float(np.mean(ssims)), "min": min(ssims)},
         "latent_error": {
-            name: float(np.mean([r["latent_error"][name] for r in rows])) for name in stages
+            name: float(np.mean([r["latent_error"][name] for r in rows]))
+            for name in rows[0]["latent_error"]
         },
         "rows": rows,
     }
