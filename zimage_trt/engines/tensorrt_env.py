@@ -97,7 +97,7 @@ def rtx_targets(text: str | None, fp8: bool = False) -> tuple[tuple[str, ...], s
     ``fp8`` engines a target without FP8 is refused, and left out of the defaults."""
     targets, why = _rtx_targets(text)
     if fp8 and without_fp8(targets):
-        if text is not None or why.startswith("this machine's GPU ("):
+        if text is not None or targets != RTX_DEFAULT_TARGETS:  # asked for, or this GPU
             raise fp8_refusal(targets, "--compute-capability" if text else "this GPU,")
         kept = tuple(cc for cc in targets if cc not in without_fp8(targets))
         return kept, f"{why}, less {', '.join(without_fp8(targets))} (no FP8)"
