@@ -1,13 +1,14 @@
 """``zimage-trt build --calibration`` (issue 16): the tiny DiT calibrated on the reference
-workflow (its tiny LoRA fused) at FP8 and INT8, built into ONNX Runtime folders beside the shared
-fp32 one (the text encoder and VAE reused), the Q/DQ graphs checked against ModelOpt's
-fake-quant model, run end to end, and compiled by the real TensorRT-RTX builder (8.9 and 12.0;
-refused for 8.6)."""
+workflow (its tiny LoRA fused) at FP8 — its attention's q/k/v and the text encoder too — and
+INT8, built into ONNX Runtime folders beside the shared fp32 one (what is not quantized reused),
+the Q/DQ graphs checked against ModelOpt's fake-quant model, run end to end, and compiled by the
+real TensorRT-RTX builder (8.9 and 12.0; refused for 8.6)."""
 
 from __future__ import annotations
 
 import contextlib
 import io
+import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,13 +37,16 @@ class Calibrated:
 
 def _calibrated_folder(precision: str, built: BuildResult, tmp: Path) -> Calibrated:
     """Calibrate on the reference workflow's first stage (1 prompt, 2 steps: the same DiT and
-    LoRA, in seconds), then build the shared fp32 folder's copy with the calibration through the
-    CLI: only the caption path and the denoiser are made."""
+    LoRA, in seconds; FP8 with the attention and the text encoder), then build the shared fp32
+    folder's copy with the calibration through the CLI: only the quantized engines are made."""
     pipeline = Pipeline.open(model="tiny", workflow=_short(2), device="cpu", **QUIET)
     assert pipeline.workflow is not None
     sources = model_sources(pipeline.workflow, "tiny", **QUIET)
-    calibrated = calibrate(pipeline, precision, shipped_prompts()[:1],
-                           dependencies=dependencies(sources))  # fmt: skip
+    everything = precision == "fp8"
+    calibrated = calibrate(
+        pipeline, precision, shipped_prompts()[:1], attention=everything,
+        text_encoder=everything, dependencies=dependencies(sources, text_encoder=everything),
+    )  # fmt: skip
     save(calibrated, tmp / "calibration")
     out = tmp / "engines"
     shutil.copytree(built.folder, out)
@@ -93,7 +97,7 @@ def _parity_lines(printed: str, engine: str) -> list[list[str]]:
 
 
 @pytest.mark.parametrize("precision", ["fp8", "int8"])
-def test_a_calibrated_build_exports_standard_qdq_for_the_dit_only(
+def test_a_calibrated_build_exports_standard_qdq_for_what_was_calibrated(
     precision: str, request: pytest.FixtureRequest, built: BuildResult
 ) -> None:
     case: Calibrated = request.getfixturevalue(precision)
@@ -102,29 +106,39 @@ def test_a_calibrated_build_exports_standard_qdq_for_the_dit_only(
     saved = load(case.calibration)
     q = manifest.quantization
     assert q is not None and manifest.precision == "fp32"
-    assert (q.precision, q.quantizers, q.prompts, q.opset) == (precision, 68, 1, 19)
+    fp8 = precision == "fp8"  # its attention q/k/v and text encoder quantized too
+    assert (q.precision, q.quantizers, q.prompts, q.opset) == (precision, 86 if fp8 else 68, 1, 19)
+    assert (q.attention, q.text_encoder, q.text_encoder_quantizers) == (
+        (True, "fp8", 42) if fp8 else (False, None, 0)
+    )
     assert q.calibration_sha256 == saved.sha256 and q.workflow == "zimage-121101"
     assert saved.record["stages"] == ["base"]  # calibrated on the first stage (see the fixture)
     assert q.exclude == ["x_embedder", "t_embedder", "cap_embedder", "final_layer"]
     shared = read_manifest(built.folder)
-    for name in ("text_encoder", "vae_decoder"):  # reused from the fp32 folder: same files
+    quantized = {"caption_path": (10, 2), "denoiser": (24, 4)}  # Linears, attentions
+    if fp8:
+        quantized["text_encoder"] = (21, 0)  # 3 blocks of 7 Linears; the embedding kept
+    for name in {"text_encoder", "vae_decoder"} - set(quantized):  # reused: same files
         assert manifest.engines[name] == shared.engines[name]
         assert f"{name}: reused (cache key matches, files verified)" in case.stdout
-    zero = "FLOAT8E4M3FN" if precision == "fp8" else "INT8"
-    for name, linears in (("caption_path", 10), ("denoiser", 24)):
+    zero = "FLOAT8E4M3FN" if fp8 else "INT8"
+    for name, (linears, attentions) in quantized.items():
         entry = manifest.engines[name]
         assert entry.cache_key != shared.engines[name].cache_key and not entry.refittable
         graph = onnx.load(str(folder / entry.file)).graph
         counts = _qdq(graph)
-        # one Q/DQ pair per input and per weight of every quantized Linear
-        assert counts["QuantizeLinear"] == counts["DequantizeLinear"] == 2 * linears, name
-        assert counts[zero] == 2 * linears and counts["per_channel"] == (
-            linears if precision == "int8" else 0
+        # one Q/DQ pair per input and per weight of every quantized Linear, and (FP8) per q, k
+        # and v of every attention
+        pairs = 2 * linears + 3 * attentions * fp8
+        assert counts["QuantizeLinear"] == counts["DequantizeLinear"] == pairs, name
+        assert counts[zero] == pairs and counts["per_channel"] == (
+            0 if fp8 else linears
         )  # INT8 weights: a scale per output channel
         amax = {i.name for i in graph.initializer if i.name.endswith(".amax")}
-        assert len(amax) == 2 * linears and amax <= set(saved.state), name
+        component = "text_encoder" if name == "text_encoder" else "transformer"
+        assert len(amax) == pairs and amax <= set(saved.states[component]), name
         rows = _parity_lines(case.stdout, name)  # every profile corner, graph vs fake-quant
-        assert len(rows) == (3 if name == "caption_path" else 6), name
+        assert len(rows) == {"caption_path": 3, "denoiser": 6, "text_encoder": 3}[name], name
         for row in rows:  # … max|Δ| limit "mean" mean-rel unquantized runner ok
             mean_rel, unquantized = float(row[-4]), float(row[-3])
             assert row[-2:] == ["onnxruntime", "ok"] and mean_rel < 0.1, row
@@ -133,14 +147,19 @@ def test_a_calibrated_build_exports_standard_qdq_for_the_dit_only(
 
 def test_the_fp8_folder_generates_what_the_fake_quant_model_generates(fp8: Calibrated) -> None:
     """One stage of the reference workflow (1 step) from the ONNX Runtime folder against the
-    torch backend with ModelOpt's fake quantization restored, and the unquantized model."""
+    torch backend with ModelOpt's fake quantization restored (DiT and text encoder), and the
+    unquantized model."""
     short = _short(1)
     onnx_run = Pipeline.open(engines=fp8.folder, workflow=short, **QUIET)
-    assert onnx_run.engines.quantization == "fp8"
+    assert onnx_run.engines.quantization == (
+        "DiT fp8 Q/DQ (attention q/k/v too), text encoder fp8 Q/DQ"
+    )
     torch_run = Pipeline.open(model="tiny", workflow=short, device="cpu", **QUIET)
     full = torch_run.run(short).latent
     saved = load(fp8.calibration)
-    restore(torch_run.engines.denoiser.module, saved.record["config"], saved.state)
+    for engine, component in ((torch_run.engines.denoiser, "transformer"),
+                              (torch_run.engines.text_encoder, "text_encoder")):  # fmt: skip
+        restore(engine.module, saved.config(component), saved.states[component])
     torch_run.clear_caches()  # the captions again, through the caption path's quantizers
     fake = torch_run.run(short).latent
     got = onnx_run.run(short).latent
@@ -150,22 +169,26 @@ def test_the_fp8_folder_generates_what_the_fake_quant_model_generates(fp8: Calib
     assert error < 0.1 and error < 0.5 * off
 
 
-@pytest.mark.parametrize("precision", ["fp8", "int8"])
-def test_tensorrt_rtx_compiles_the_qdq_caption_path_strongly_typed(
-    precision: str, request: pytest.FixtureRequest, tmp_path: Path
-) -> None:
+@pytest.mark.parametrize(
+    ("precision", "engine", "quantize_layers"),
+    [("fp8", "caption_path", 26), ("fp8", "text_encoder", 42), ("int8", "caption_path", 20)],
+)
+def test_tensorrt_rtx_compiles_the_qdq_graphs_strongly_typed(
+    precision: str, engine: str, quantize_layers: int, request: pytest.FixtureRequest,
+    tmp_path: Path,
+) -> None:  # fmt: skip
     from zimage_trt.build_engines.tensorrt_builder import build_tensorrt_engine
 
     case: Calibrated = request.getfixturevalue(precision)
-    entry = read_manifest(case.folder).engines["caption_path"]
+    entry = read_manifest(case.folder).engines[engine]
     info = build_tensorrt_engine(
-        case.folder / entry.file, tmp_path / "caption_path.plan", entry.profiles,
+        case.folder / entry.file, tmp_path / f"{engine}.plan", entry.profiles,
         library="tensorrt_rtx", compute_capabilities=("8.9", "12.0"), log=lambda m: None,
     )  # fmt: skip
     typed = {dtype: sum(kinds.get(dtype, 0) for kinds in info.layers.values())
              for dtype in ("fp8", "int8")}  # fmt: skip
     # the builder types each quantize layer's output in the calibration's format, nothing else
-    assert typed == {kind: 20 if kind == precision else 0 for kind in ("fp8", "int8")}
+    assert typed == {kind: quantize_layers if kind == precision else 0 for kind in ("fp8", "int8")}
     assert info.engine_bytes > 1_000_000 and info.compute_capabilities == ("8.9", "12.0")
 
 
@@ -200,6 +223,15 @@ def test_what_a_calibration_cannot_build_is_refused_before_any_work(
     assert _refusal([*build[:-1], str(tmp_path)], capsys) == (
         f"--calibration {tmp_path}: no calibration.json there (make one with zimage-trt calibrate)"
     )
+    other = tmp_path / "other-encoder"  # the same calibration, made for another text encoder
+    shutil.copytree(fp8.calibration, other)
+    record = json.loads((other / "calibration.json").read_text())
+    record["depends_on"]["text_encoder"] = "0" * 64
+    (other / "calibration.json").write_text(json.dumps(record))
+    assert _refusal([*build[:-1], str(other), "--backend", "onnxruntime", "-q"], capsys) == (
+        f"the calibration in {other} quantizes other text encoder weights (sha-256 "
+        "000000000000…); calibrate with this text encoder"
+    )
     assert not (tmp_path / "out").exists()
 
 
@@ -220,7 +252,8 @@ def test_inspect_names_the_quantization_and_refuses_lora_swaps(
     shown = capsys.readouterr().out
     sha = load(fp8.calibration).sha256[:12]
     assert (
-        "quantization: DiT fp8 Q/DQ, 68 quantizers calibrated on zimage-121101 with 1 prompt(s); "
+        "quantization: DiT fp8 Q/DQ (attention q/k/v too), text encoder fp8 Q/DQ, 128 quantizers "
+        "calibrated on zimage-121101 with 1 prompt(s); "
         "full precision: x_embedder, t_embedder, cap_embedder, final_layer (calibration sha-256 "
         f"{sha}…)"
     ) in shown

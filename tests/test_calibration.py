@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -107,6 +108,16 @@ def test_the_cli_writes_a_calibration_and_refuses_to_overwrite_it(
         (["--calib-size", "0"], "--calib-size 0 is outside 1 … 4096"),
         (["--calib-size", "129"], "--calib-size 129 is more than the 128 prompts given"),
         (
+            ["--quantize-attention"],
+            "--quantize-attention is FP8 only (TensorRT's fused attention quantizes q/k/v to "
+            "FP8; there is no INT8 attention): use --precision fp8",
+        ),
+        (
+            ["--quantize-text-encoder"],
+            "--quantize-text-encoder is FP8 only (Qwen3's INT8 activations need SmoothQuant, "
+            "which is not offered): use --precision fp8",
+        ),
+        (
             ["--calib-size", "126", "--report"],
             "--report-prompts 4 is outside 1 … 2 (the prompts left after the first "
             "--calib-size 126 of 128)",
@@ -155,10 +166,49 @@ def test_the_shipped_prompts_are_128_english_and_chinese() -> None:
 
 @pytest.fixture(scope="module")
 def calibrated_dits(workflow: Path) -> dict[str, torch.nn.Module]:
+    """int8, and fp8 with the attention's q/k/v quantized too."""
     return {
-        precision: calibrate(_pipeline(workflow), precision, shipped_prompts()[:1]).dit
+        precision: calibrate(
+            _pipeline(workflow), precision, shipped_prompts()[:1], attention=precision == "fp8"
+        ).dit
         for precision in ("fp8", "int8")
     }
+
+
+def _export_and_run(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...],
+                    path: Path) -> dict[str, Any]:  # fmt: skip
+    """``module`` exported with the Q/DQ translation, then run by ONNX Runtime and ONNX's
+    reference evaluator: the graph's Q/DQ op types and each runner's output."""
+    import warnings
+
+    import onnx
+    import onnxruntime as ort
+    from onnx.reference import ReferenceEvaluator
+
+    from zimage_trt.calibration.onnx_qdq import OPSET, translation_table
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(module.eval(), inputs, dynamo=True, opset_version=OPSET,
+                                    optimize=False, verbose=False,
+                                    custom_translation_table=translation_table())  # fmt: skip
+    assert program is not None
+    program.save(str(path))
+    graph = onnx.load(str(path)).graph
+    qdq = ("QuantizeLinear", "DequantizeLinear")
+    feeds = {i.name: t.numpy() for i, t in zip(graph.input, inputs, strict=False)}
+    return {
+        "ops": sorted(n.op_type for n in graph.node if n.op_type in qdq),
+        "onnxruntime": ort.InferenceSession(str(path)).run(None, feeds)[0],
+        "reference": ReferenceEvaluator(str(path)).run(None, feeds)[0],
+    }
+
+
+def _ulp_apart(a: torch.Tensor, b: torch.Tensor, ulps: int = 1) -> bool:
+    """Every value of ``a`` within ``ulps`` float32 ulps (of the larger magnitude) of ``b``."""
+    scale = torch.maximum(a.abs(), b.abs()).amax().clamp_min(1e-30)
+    ulp = torch.finfo(torch.float32).eps * scale
+    return bool(((a - b).abs() <= ulps * ulp).all())
 
 
 @pytest.mark.parametrize("precision", ["fp8", "int8"])
@@ -166,23 +216,14 @@ def test_a_qdq_linear_computes_modelopt_s_fake_quantization_and_exports_exactly(
     precision: str, calibrated_dits: dict[str, torch.nn.Module], tmp_path: Path
 ) -> None:
     """The export stand-in (calibration/onnx_qdq.py) of one quantized Linear: FP8 equals
-    ModelOpt's fake quantization bit for bit; INT8 within one step (ONNX divides by amax/127
-    where ModelOpt multiplies by 127/amax: an exact half rounds either way); and the exported
+    ModelOpt's fake quantization to the last bit of the scale (ONNX divides by amax/448 where
+    ModelOpt multiplies by 448/amax and dequantizes by its inverse); INT8 within one step (an
+    exact half rounds either way); and the exported
     Q/DQ graph computes what the stand-in computes, on ONNX Runtime and ONNX's reference
     evaluator."""
-    import warnings
-
     import numpy as np
-    import onnx
-    import onnxruntime as ort
-    from onnx.reference import ReferenceEvaluator
 
-    from zimage_trt.calibration.onnx_qdq import (
-        OPSET,
-        QuantizedLinear,
-        insert_qdq,
-        translation_table,
-    )
+    from zimage_trt.calibration.onnx_qdq import QuantizedLinear, insert_qdq
 
     name = "layers.0.attention.qkv"
     modelopt = calibrated_dits[precision].get_submodule(name)
@@ -204,29 +245,56 @@ def test_a_qdq_linear_computes_modelopt_s_fake_quantization_and_exports_exactly(
         weights = (modelopt.weight_quantizer(modelopt.weight),
                    standin.weight_quantizer(standin.weight))  # fmt: skip
     step = (state[f"{name}.weight_quantizer.amax"] / 127).expand_as(modelopt.weight)
-    if precision == "fp8":
-        assert torch.equal(got, expected) and torch.equal(*weights)
+    if precision == "fp8":  # the same FP8 steps, times scales one float32 ulp apart at most
+        assert _ulp_apart(*weights) and _ulp_apart(got, expected, ulps=64)
     else:
         off = (weights[0] - weights[1]).abs()
         assert bool((off <= step * 1.001).all())  # at most one step apart …
         assert int((off > step / 2).sum()) < off.numel() // 100  # … and rarely
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        program = torch.onnx.export(standin.eval(), (x,), dynamo=True, opset_version=OPSET,
-                                    optimize=False, verbose=False,
-                                    custom_translation_table=translation_table())  # fmt: skip
-    assert program is not None
-    path = tmp_path / "linear.onnx"
-    program.save(str(path))
-    graph = onnx.load(str(path)).graph
-    qdq = ("QuantizeLinear", "DequantizeLinear")
-    ops = sorted(n.op_type for n in graph.node if n.op_type in qdq)
-    assert ops == ["DequantizeLinear"] * 2 + ["QuantizeLinear"] * 2
-    feeds = {graph.input[0].name: x.numpy()}
-    runs = {"onnxruntime": ort.InferenceSession(str(path)).run(None, feeds)[0],
-            "reference": ReferenceEvaluator(str(path)).run(None, feeds)[0]}  # fmt: skip
-    for runner, out in runs.items():  # the same quantization; the matmul's own rounding aside
-        assert float(np.abs(out - got.numpy()).max()) < 1e-5, runner
+    runs = _export_and_run(standin, (x,), tmp_path / "linear.onnx")
+    assert runs["ops"] == ["DequantizeLinear"] * 2 + ["QuantizeLinear"] * 2
+    for runner in ("onnxruntime", "reference"):  # the same quantization; the matmul's rounding
+        assert float(np.abs(runs[runner] - got.numpy()).max()) < 1e-5, runner
+
+
+def test_a_qdq_attention_computes_modelopt_s_fp8_q_k_v_quantization(
+    calibrated_dits: dict[str, torch.nn.Module], tmp_path: Path
+) -> None:
+    """--quantize-attention's stand-in (``QuantizedAttend``) quantizes q, k and v as ModelOpt's
+    quantized attention does (to the last bit of the scale), and its graph (three Q/DQ pairs
+    before the attention) computes it."""
+    import numpy as np
+
+    from zimage_trt.calibration.onnx_qdq import QuantizedAttend, insert_qdq
+    from zimage_trt.models.dit import Attend
+
+    name = "layers.1.attention.attend"
+    modelopt = calibrated_dits["fp8"].get_submodule(name)
+    parts = ("q_bmm_quantizer", "k_bmm_quantizer", "v_bmm_quantizer")
+    state = {f"{name}.{q}.amax": getattr(modelopt, q).amax for q in parts}
+    assert all(a.numel() == 1 and float(a) > 0 for a in state.values())  # per tensor, calibrated
+    holder = torch.nn.Module()
+    holder.layers = torch.nn.ModuleList([torch.nn.Module(), torch.nn.Module()])
+    holder.layers[1].attention = torch.nn.Module()
+    holder.layers[1].attention.attend = Attend()
+    holder.weight = torch.nn.Parameter(torch.zeros(1))  # insert_qdq reads the device from one
+    insert_qdq(holder, state, "fp8")
+    standin = holder.get_submodule(name)
+    assert isinstance(standin, QuantizedAttend)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 12, 16, generator=g) * float(a) / 2 for a in state.values())
+    mask = torch.ones(2, 1, 1, 12, dtype=torch.bool)
+    mask[1, ..., 9:] = False  # the second item's last keys are padding
+    with torch.no_grad():
+        expected, got = modelopt(q, k, v, mask), standin(q, k, v, mask)
+        plain = Attend()(q, k, v, mask)
+        for part, t in zip(parts, (q, k, v), strict=True):  # the same FP8 steps (see above)
+            assert _ulp_apart(getattr(modelopt, part)(t), getattr(standin, part)(t)), part
+    assert _ulp_apart(got, expected, ulps=64) and not _ulp_apart(got, plain, ulps=10**4)
+    runs = _export_and_run(standin, (q, k, v, mask), tmp_path / "attend.onnx")
+    assert runs["ops"] == ["DequantizeLinear"] * 3 + ["QuantizeLinear"] * 3
+    for runner in ("onnxruntime", "reference"):
+        assert float(np.abs(runs[runner] - got.numpy()).max()) < 1e-5, runner
 
 
 def test_psnr_and_ssim_measure_what_they_name() -> None:
@@ -261,12 +329,24 @@ def test_the_quality_report_gates_what_is_written(
         "--exclude, e.g. adaLN_modulation, or calibrate on more prompts)"
     )
     assert not out.exists() or not any(out.iterdir())
-    assert main([*argv, "--report"]) == 0
+    assert main([*argv, "--report", "--quantize-attention", "--quantize-text-encoder"]) == 0
     table = capsys.readouterr().out.splitlines()
     stages = [s.name for s in load_workflow(workflow).stages]
-    assert table[0].split() == ["seed", "prompt", *[f for s in stages for f in (s, "Δ")],
+    assert table[0].split() == ["seed", "prompt", "text", "enc", "Δ",
+                                *[f for s in stages for f in (s, "Δ")],
                                 "PSNR", "dB", "SSIM"]  # fmt: skip
-    report = json.loads((out / CALIBRATION).read_text())["report"]
+    assert table[-1].startswith(
+        "calibrated 86 quantizers (fp8) (attention q/k/v too), and 42 in the text encoder in "
+    )
+    record = json.loads((out / CALIBRATION).read_text())
+    assert record["attention"] is True and record["text_encoder"]["quantizers"] == 42
+    assert record["text_encoder"]["exclude"] == ["embed_tokens"]
+    from zimage_trt.models.tiny import tiny_model_dir
+
+    encoder = sorted((tiny_model_dir() / "text_encoder").glob("*.safetensors"))
+    assert record["depends_on"]["text_encoder"] == weights_sha256(encoder)
+    report = record["report"]
+    assert 0 < report["text_encoder_error"] == report["rows"][0]["text_encoder_error"] < 1
     row = report["rows"][0]
     assert report["prompts"] == 1 and (row["seed"], row["prompt"]) == (1, shipped_prompts()[1])
     assert list(row["latent_error"]) == stages == list(report["latent_error"])

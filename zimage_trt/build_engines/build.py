@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from zimage_trt import __version__
 from zimage_trt.atomic import write_json
@@ -136,14 +136,14 @@ def run_build(
         onnx_path = out / onnx_rel
         meta = _meta_module(name, net, plan, options)
         weights_map = module_weights(module)
-        quantized = plan.calibration is not None and net.component == "transformer"
+        amax = _calibrated(plan, net.component)
+        quantized = amax is not None
         qdq: dict[str, Any] = {}
-        if quantized:  # the quantizers' amax values stream in beside the weights
+        if amax is not None:  # the quantizers' amax values stream in beside the weights
             from zimage_trt.calibration.onnx_qdq import OPSET as QDQ_OPSET
             from zimage_trt.calibration.onnx_qdq import translation_table
 
-            assert plan.calibration is not None
-            weights_map.update(plan.calibration.state)
+            weights_map.update(amax)
             qdq = {"opset": QDQ_OPSET, "translations": translation_table()}
         result = export_network(
             net, meta, weights_map, onnx_path, example=_example(limits(profiles, net)),
@@ -277,27 +277,19 @@ def run_build(
     return BuildResult(manifest, reports, out)
 
 
+def _calibrated(plan: BuildPlan, component: str) -> dict[str, Tensor] | None:
+    """The calibration's amax values for ``component``'s engines; None: not quantized."""
+    return None if plan.calibration is None else plan.calibration.states.get(component)
+
+
 def _quantization_record(plan: BuildPlan) -> QuantizationRecord | None:
-    from zimage_trt.calibration.onnx_qdq import OPSET as QDQ_OPSET
-
-    if plan.calibration is None:
-        return None
-    record = plan.calibration.record
-    return QuantizationRecord(
-        precision=plan.calibration.precision,  # type: ignore[arg-type]
-        calibration_sha256=plan.calibration.sha256,
-        quantizers=record["quantizers"],
-        exclude=record["exclude"],
-        workflow=record["workflow"],
-        prompts=record["prompts"]["count"],
-        opset=QDQ_OPSET,
-    )
+    return None if plan.calibration is None else plan.calibration.manifest_record()
 
 
-def _unquantizer(dit: nn.Module) -> Callable[[], AbstractContextManager[object]]:
+def _unquantizer(model: nn.Module) -> Callable[[], AbstractContextManager[object]]:
     from zimage_trt.calibration.quantize import unquantized
 
-    return lambda: unquantized(dit)
+    return lambda: unquantized(model)
 
 
 def _phase_logger(prefix: str, log: Log) -> Callable[[str, int, int], None]:
@@ -447,7 +439,7 @@ def _engine_key(
         parts["weights"] = weights.sha256.get(component)
         if component == "transformer":
             parts["loras"] = [lora.model_dump(mode="json") for lora in weights.loras]
-    if component == "transformer" and calibration is not None:
+    if calibration is not None and component in calibration.states:
         parts["calibration"] = calibration.sha256
     return cache_key(parts)
 
@@ -470,20 +462,26 @@ def _real_module(
             cache[net.component] = load_fused_dit(
                 plan.sources, dtype, lora_ignore_unmatched=options.lora_ignore_unmatched, log=log
             )
-            if plan.calibration is not None:  # ModelOpt's fake-quant model: parity's reference
-                from zimage_trt.calibration.quantize import restore
-
-                restore(cache[net.component], plan.calibration.record["config"],
-                        plan.calibration.state)  # fmt: skip
         elif net.component == "text_encoder":
             cache[net.component] = load_text_encoder_weights(files.text_encoder, dtype)
         else:
             cache[net.component] = load_vae_weights(files.vae, dtype)
+        amax = _calibrated(plan, net.component)
+        if amax is not None:  # ModelOpt's fake-quant model: parity's reference
+            from zimage_trt.calibration.quantize import restore
+
+            assert plan.calibration is not None
+            restore(cache[net.component], plan.calibration.config(net.component), amax)
     model = cache[net.component]
     if isinstance(model, ZImageDiT):
         lengths = _rope_lengths(plan, name)
         if model.rope_tables is None or model.rope_tables.lengths != lengths:
             model.rope_tables = RopeTables(model.config, lengths)
+    return _engine_module(net, model)
+
+
+def _engine_module(net: Network, model: nn.Module) -> nn.Module:
+    """``net``'s module around ``model``, the network of its component."""
     return net.module(
         model if isinstance(model, ZImageDiT) else None,
         model if net.component == "text_encoder" else None,  # type: ignore[arg-type]
@@ -507,17 +505,19 @@ def _meta_module(name: str, net: Network, plan: BuildPlan, options: BuildOptions
 
     dtype = PRECISIONS[options.precision]
     files = plan.sources.files
+    model: nn.Module
     if net.component == "transformer":
-        dit = load_dit(files.transformer, dtype, meta=True)
+        model = load_dit(files.transformer, dtype, meta=True)
         with torch.device("meta"):
-            dit.rope_tables = RopeTables(dit.config, _rope_lengths(plan, name))
-        if plan.calibration is not None:  # its Linears as Q/DQ stand-ins (calibration.onnx_qdq)
-            from zimage_trt.calibration.onnx_qdq import insert_qdq
+            model.rope_tables = RopeTables(model.config, _rope_lengths(plan, name))
+    elif net.component == "text_encoder":
+        model = load_text_encoder_weights(files.text_encoder, dtype, meta=True)
+    else:
+        model = load_vae_weights(files.vae, dtype, meta=True)
+    amax = _calibrated(plan, net.component)
+    if amax is not None:  # its quantized modules as Q/DQ stand-ins (calibration.onnx_qdq)
+        from zimage_trt.calibration.onnx_qdq import insert_qdq
 
-            insert_qdq(dit, plan.calibration.state, plan.calibration.precision)
-        return net.module(dit, None, None)
-    if net.component == "text_encoder":
-        return net.module(
-            None, load_text_encoder_weights(files.text_encoder, dtype, meta=True), None
-        )
-    return net.module(None, None, load_vae_weights(files.vae, dtype, meta=True))
+        assert plan.calibration is not None
+        insert_qdq(model, amax, plan.calibration.precision_of(net.component))
+    return _engine_module(net, model)

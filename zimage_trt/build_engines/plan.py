@@ -191,8 +191,9 @@ def plan_build(
 
         calibration = load(options.calibration)
         calibration.check_fits(sources)
-        count = calibration.record["quantizers"]
-        log(f"calibration {options.calibration}: {calibration.precision}, {count} quantizers "
+        q = calibration.manifest_record()
+        log(f"calibration {options.calibration}: {q.label()}, "
+            f"{q.quantizers + q.text_encoder_quantizers} quantizers "
             f"(sha-256 {calibration.sha256[:12]}…)")  # fmt: skip
     return BuildPlan(sources, label, stages, caption, nets, profiles, configs, workflow,
                      calibration)  # fmt: skip

@@ -1,8 +1,9 @@
-"""The Q/DQ form of a calibrated DiT, which the builder exports: each Linear a calibration
-quantized becomes ``QuantizedLinear`` — its weight and its input fake-quantized by one custom op,
-``zimage_trt::fake_quant(x, amax, precision)``, that ``translation_table`` turns into the ONNX
-form TensorRT runs explicitly quantized: ``DequantizeLinear(QuantizeLinear(x, scale, 0), scale)``
-at opset 19 —
+"""The Q/DQ form of a calibrated DiT (or text encoder), which the builder exports: each Linear a
+calibration quantized becomes ``QuantizedLinear`` — its weight and its input fake-quantized by
+one custom op, ``zimage_trt::fake_quant(x, amax, precision)`` — and each ``Attend`` whose
+q/k/v it quantized a ``QuantizedAttend`` (the same op on q, k and v); ``translation_table``
+turns that op into the ONNX form TensorRT runs explicitly quantized:
+``DequantizeLinear(QuantizeLinear(x, scale, 0), scale)`` at opset 19 —
 
 | precision | zero point   | scale          | axis                                   |
 |-----------|--------------|----------------|----------------------------------------|
@@ -15,7 +16,8 @@ branches). The stand-in is the same arithmetic in ONNX's terms, so it traces fro
 device like every graph here, and each quantizer's amax is a buffer named
 ``<quantizer>.amax`` — the saved calibration's own keys — streamed into the weights file.
 
-One Linear computes what ModelOpt's fake quantization computes (FP8: bit for bit; INT8: ONNX's
+One Linear computes what ModelOpt's fake quantization computes (FP8: the same steps, the scale
+to its last bit — ONNX divides by amax/448 where ModelOpt multiplies by 448/amax; INT8: ONNX's
 ``QuantizeLinear`` saturates at −128 where ModelOpt's narrow range stops at −127, reached only
 by an input beyond its calibrated amax). A whole network agrees with ModelOpt's model only
 approximately: a last-bit difference in a matmul moves a value across a rounding step at the
@@ -32,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from zimage_trt.errors import InputError
+from zimage_trt.models.dit import Attend
 
 OPSET = 19  # the first with FLOAT8E4M3FN in QuantizeLinear / DequantizeLinear
 LEVELS = {"fp8": 448.0, "int8": 127.0}  # amax maps to this many steps: E4M3's max, INT8's
@@ -87,39 +90,67 @@ class QuantizedLinear(nn.Module):
         return F.linear(self.input_quantizer(x), self.weight_quantizer(self.weight), self.bias)
 
 
-def quantized_linears(state: dict[str, Tensor]) -> list[str]:
-    """The Linear layers a saved calibration state quantizes (its keys are
-    ``<linear>.input_quantizer.amax`` and ``<linear>.weight_quantizer.amax``)."""
-    names: dict[str, set[str]] = {}
+class QuantizedAttend(Attend):
+    """Attention whose q, k and v (after RoPE) pass through their quantizers (FP8)."""
+
+    def __init__(self, q_amax: Tensor, k_amax: Tensor, v_amax: Tensor, precision: str) -> None:
+        super().__init__()
+        self.q_bmm_quantizer = Quantizer(q_amax, precision)
+        self.k_bmm_quantizer = Quantizer(k_amax, precision)
+        self.v_bmm_quantizer = Quantizer(v_amax, precision)
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+        return super().forward(self.q_bmm_quantizer(q), self.k_bmm_quantizer(k),
+                               self.v_bmm_quantizer(v), mask)  # fmt: skip
+
+
+# what each quantized module's quantizers are called, and the stand-in that replaces it
+KINDS: dict[str, tuple[type[nn.Module], tuple[str, ...]]] = {
+    "Linear": (nn.Linear, ("input_quantizer", "weight_quantizer")),
+    "Attend": (Attend, ("q_bmm_quantizer", "k_bmm_quantizer", "v_bmm_quantizer")),
+}
+
+
+def quantized_modules(state: dict[str, Tensor]) -> dict[str, str]:
+    """The modules a saved calibration state quantizes and their kinds (``KINDS``): its keys are
+    ``<module>.<quantizer>.amax`` — a Linear's input and weight quantizers, an Attend's q, k and
+    v quantizers — and every module has all of its kind's quantizers."""
+    found: dict[str, set[str]] = {}
     for key in state:
-        linear, _, rest = key.rpartition(".")[0].rpartition(".")
-        if key.endswith(".amax") and rest in ("input_quantizer", "weight_quantizer") and linear:
-            names.setdefault(linear, set()).add(rest)
-        else:
-            raise InputError(f"the calibration state has a key this DiT cannot use: {key!r}")
-    unpaired = sorted(n for n, parts in names.items() if len(parts) != 2)
-    if unpaired:
-        raise InputError(f"the calibration quantizes only the input or the weight of {unpaired[0]}")
-    return sorted(names)
+        module, _, rest = key.rpartition(".")[0].rpartition(".")
+        if not (key.endswith(".amax") and module and any(rest in q for _, q in KINDS.values())):
+            raise InputError(f"the calibration state has a key this model cannot use: {key!r}")
+        found.setdefault(module, set()).add(rest)
+    kinds = {}
+    for module, parts in sorted(found.items()):
+        kind = next((k for k, (_, names) in KINDS.items() if parts == set(names)), None)
+        if kind is None:
+            raise InputError(f"the calibration quantizes only {', '.join(sorted(parts))} of "
+                             f"{module}")  # fmt: skip
+        kinds[module] = kind
+    return kinds
 
 
-def insert_qdq(dit: nn.Module, state: dict[str, Tensor], precision: str) -> nn.Module:
-    """``dit`` (in place; real or on ``meta``) with every Linear the state names replaced by a
-    ``QuantizedLinear`` holding its amax values (on ``meta``: their shapes only)."""
-    meta = next(dit.parameters()).is_meta
-    for name in quantized_linears(state):
+def insert_qdq(model: nn.Module, state: dict[str, Tensor], precision: str) -> nn.Module:
+    """``model`` (in place; real or on ``meta``) with every Linear and Attend the state names
+    replaced by its stand-in holding its amax values (on ``meta``: their shapes only)."""
+    meta = next(model.parameters()).is_meta
+    for name, kind in quantized_modules(state).items():
         parent_name, _, child = name.rpartition(".")
-        parent = dit.get_submodule(parent_name) if parent_name else dit
-        linear = getattr(parent, child, None)
-        if not isinstance(linear, nn.Linear):
-            raise InputError(f"the calibration quantizes {name}, which is not a Linear of this DiT")
-        inputs, weights = (state[f"{name}.{part}.amax"]
-                           for part in ("input_quantizer", "weight_quantizer"))  # fmt: skip
+        parent = model.get_submodule(parent_name) if parent_name else model
+        module = getattr(parent, child, None)
+        cls, parts = KINDS[kind]
+        if not isinstance(module, cls) or isinstance(module, QuantizedAttend):
+            raise InputError(f"the calibration quantizes {name}, which is not a {kind} here")
+        amax = [state[f"{name}.{part}.amax"] for part in parts]
         if meta:
-            inputs, weights = (torch.empty(a.shape, dtype=torch.float32, device="meta")
-                               for a in (inputs, weights))  # fmt: skip
-        setattr(parent, child, QuantizedLinear(linear, inputs, weights, precision))
-    return dit
+            amax = [torch.empty(a.shape, dtype=torch.float32, device="meta") for a in amax]
+        if kind == "Linear":
+            assert isinstance(module, nn.Linear)
+            setattr(parent, child, QuantizedLinear(module, amax[0], amax[1], precision))
+        else:
+            setattr(parent, child, QuantizedAttend(amax[0], amax[1], amax[2], precision))
+    return model
 
 
 def translation_table() -> dict[Any, Any]:

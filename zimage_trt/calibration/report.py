@@ -1,7 +1,9 @@
 """A calibration's quality gate (``zimage-trt calibrate --report``): the workflow rendered for
-held-out prompts by the quantized DiT and by the same DiT with its quantizers off, on the same
-seeds, compared per stage (mean |Δ| of the latents relative to the full-precision one's mean |x|)
-and on the final image (PSNR and SSIM on uint8 RGB). No model is downloaded for it: no CLIP.
+held-out prompts by the quantized DiT (and text encoder, if quantized) and by the same models
+with their quantizers off, on the same seeds, compared per stage (mean |Δ| of the latents
+relative to the full-precision one's mean |x|) and on the final image (PSNR and SSIM on uint8
+RGB); a quantized text encoder's own error (its hidden states for the prompt, by the same
+measure) is reported beside them. No model is downloaded for it: no CLIP.
 
 On the tiny random-weight model the figures only prove the plumbing; with real weights the same
 command gives the real ones.
@@ -51,43 +53,58 @@ def ssim(a: np.ndarray, b: np.ndarray) -> float:
     return float(value.mean())
 
 
+def relative_error(got: torch.Tensor, ref: torch.Tensor) -> float:
+    """mean |got − ref| / mean |ref|."""
+    scale = max(float(ref.abs().mean()), 1e-12)
+    return float((got.float() - ref.float()).abs().mean()) / scale
+
+
 def quality_report(
     pipeline: Pipeline,
-    dit: nn.Module,
+    models: Sequence[nn.Module],
     prompts: Sequence[str],
     first_seed: int,
     *,
     progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
     """Render ``prompts`` (seed ``first_seed + i`` for prompt ``i``) through ``pipeline``'s
-    workflow with ``dit`` quantized and unquantized; the comparison as JSON-ready data."""
+    workflow with ``models`` (the DiT; the text encoder too when it is quantized) quantized and
+    unquantized; the comparison as JSON-ready data."""
     wf = pipeline.workflow
     assert wf is not None  # calibration opened it with one
+    text_encoder = getattr(pipeline.engines.text_encoder, "module", None)
+    encoder_quantized = any(model is text_encoder for model in models)
     rows: list[dict[str, Any]] = []
     for i, prompt in enumerate(prompts):
         run = apply_overrides(wf.model_copy(deep=True), prompt=prompt, seed=first_seed + i)
         pipeline.clear_caches()  # every caption through the model being measured
-        with unquantized(dit):
+        with unquantized(*models):
             full = pipeline.run(run)
+            hidden = pipeline.prompts(prompt) if encoder_quantized else None
         pipeline.clear_caches()
         quantized = pipeline.run(run)
         stages = {}
         for ref, got in zip(full.stages, quantized.stages, strict=True):
             assert ref.latent is not None and got.latent is not None
-            scale = max(float(ref.latent.abs().mean()), 1e-12)
-            stages[ref.name] = float((got.latent - ref.latent).abs().mean()) / scale
-        rows.append({
+            stages[ref.name] = relative_error(got.latent, ref.latent)
+        row = {
             "prompt": prompt, "seed": first_seed + i, "latent_error": stages,
             "psnr_db": psnr(quantized.image, full.image), "ssim": ssim(quantized.image, full.image),
-        })  # fmt: skip
+        }  # fmt: skip
+        if hidden is not None:
+            row["text_encoder_error"] = relative_error(pipeline.prompts(prompt), hidden)
+        rows.append(row)
         if progress is not None:
             progress(i + 1, len(prompts))
     pipeline.clear_caches()
     psnrs = [float(r["psnr_db"]) for r in rows]
     ssims = [float(r["ssim"]) for r in rows]
     finite = [p for p in psnrs if math.isfinite(p)]
+    encoder = {"text_encoder_error": float(np.mean([r["text_encoder_error"] for r in rows]))
+               } if encoder_quantized else {}  # fmt: skip
     return {
         "prompts": len(rows),
+        **encoder,
         "psnr_db": {"mean": float(np.mean(finite)) if finite else math.inf, "min": min(psnrs)},
         "ssim": {"mean": float(np.mean(ssims)), "min": min(ssims)},
         "latent_error": {
@@ -101,11 +118,18 @@ def quality_report(
 def format_report(report: dict[str, Any]) -> str:
     """The report as a table: one row per prompt, then the means."""
     stages = list(report["latent_error"])
-    table = [("seed", "prompt", *(f"{s} Δ" for s in stages), "PSNR dB", "SSIM")]
+    encoder = "text_encoder_error" in report
+
+    def cells(row: dict[str, Any], psnr_db: float, ssim_value: float) -> tuple[str, ...]:
+        text = (f"{row['text_encoder_error']:.4f}",) if encoder else ()
+        return (*text, *(f"{row['latent_error'][s]:.4f}" for s in stages),
+                f"{psnr_db:.2f}", f"{ssim_value:.4f}")  # fmt: skip
+
+    table = [("seed", "prompt", *(("text enc Δ",) if encoder else ()),
+              *(f"{s} Δ" for s in stages), "PSNR dB", "SSIM")]  # fmt: skip
     for row in report["rows"]:
         prompt = row["prompt"] if len(row["prompt"]) <= 32 else row["prompt"][:31] + "…"
-        table.append((str(row["seed"]), prompt, *(f"{row['latent_error'][s]:.4f}" for s in stages),
-                      f"{row['psnr_db']:.2f}", f"{row['ssim']:.4f}"))  # fmt: skip
-    table.append(("mean", "", *(f"{report['latent_error'][s]:.4f}" for s in stages),
-                  f"{report['psnr_db']['mean']:.2f}", f"{report['ssim']['mean']:.4f}"))  # fmt: skip
+        table.append((str(row["seed"]), prompt, *cells(row, row["psnr_db"], row["ssim"])))
+    means = cells(report, report["psnr_db"]["mean"], report["ssim"]["mean"])
+    table.append(("mean", "", *means))
     return text_table(table)

@@ -30,10 +30,15 @@ def add_parser(sub: Any) -> None:
         "sizes, cfg with the negative prompt, EasyCache — over --calib-size prompts (the shipped "
         "English and Chinese set, or --prompts), seed i for prompt i. Writes DIR/calibration.json "
         "(config, exclusions, hashes of the DiT, LoRAs and prompts) and the quantizers' amax "
-        "values (safetensors). Needs pip install 'zimage-trt[calibrate]'.",
+        "values (safetensors). FP8 only: --quantize-attention adds q/k/v quantizers to every "
+        "attention of the DiT; --quantize-text-encoder quantizes the Qwen3 text encoder's "
+        "Linear layers too (calibrated on the same prompts and the negative prompt; 8 GB → 4 GB "
+        "of weights at full size). Needs pip install 'zimage-trt[calibrate]'.",
         epilog=examples(
             "zimage-trt calibrate --model ~/models/Z-Image-Turbo -w zimage-121101 "
             "--precision fp8 --out calib-fp8/",
+            "zimage-trt calibrate --model ~/models/Z-Image-Turbo -w zimage-121101 "
+            "--precision fp8 --quantize-attention --quantize-text-encoder --out calib-fp8-all/",
             "zimage-trt calibrate --model tiny --precision int8 --calib-size 4 --out /tmp/c",
         ),
     )
@@ -51,6 +56,16 @@ def add_parser(sub: Any) -> None:
         metavar="PATTERN",
         help="a module-name fragment to leave in full precision too (repeatable; always: "
         f"{', '.join(DEFAULT_EXCLUDE)}; e.g. adaLN_modulation, layers.0.)",
+    )
+    p.add_argument(
+        "--quantize-attention",
+        action="store_true",
+        help="FP8 quantizers on the DiT attention's q, k and v (after RoPE) too",
+    )
+    p.add_argument(
+        "--quantize-text-encoder",
+        action="store_true",
+        help="quantize the text encoder to FP8 too (every Linear, weights and inputs)",
     )
     p.add_argument(
         "--report",
@@ -84,10 +99,13 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         save,
         shipped_prompts,
     )
-    from zimage_trt.calibration.quantize import DEFAULT_EXCLUDE, modelopt_quantization
+    from zimage_trt.calibration.quantize import DEFAULT_EXCLUDE, FP8_ONLY, modelopt_quantization
     from zimage_trt.runtime.pipeline import Pipeline
     from zimage_trt.workflow.resolve import model_sources
 
+    for part in ("attention", "text_encoder"):
+        if getattr(args, f"quantize_{part}") and args.precision != "fp8":
+            raise InputError(FP8_ONLY[part])
     if not 1 <= args.calib_size <= CALIB_SIZE_MAX:
         raise InputError(f"--calib-size {args.calib_size} is outside 1 … {CALIB_SIZE_MAX}")
     if (args.out / CALIBRATION).exists() and not args.force:
@@ -117,9 +135,11 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     exclude = (*DEFAULT_EXCLUDE, *(args.exclude or ()))
     log(f"calibrating {args.precision} on {args.calib_size} prompt(s); full precision: "
         f"{', '.join(exclude) or 'nothing'}")  # fmt: skip
+    sources = model_sources(wf, args.model, log=lambda msg: None)
     calibrated = calibrate(
         pipeline, args.precision, prompts[: args.calib_size], exclude=exclude,
-        dependencies=dependencies(model_sources(wf, args.model, log=lambda msg: None)),
+        attention=args.quantize_attention, text_encoder=args.quantize_text_encoder,
+        dependencies=dependencies(sources, text_encoder=args.quantize_text_encoder),
         progress=lambda i, n: bar("calibrate", i, n),
     )  # fmt: skip
     record = calibrated.record
@@ -128,7 +148,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
         log(f"quality report: {len(held_out)} held-out prompt(s), quantized and unquantized")
         record["report"] = quality_report(
-            pipeline, calibrated.dit, held_out, args.calib_size,
+            pipeline, calibrated.models, held_out, args.calib_size,
             progress=lambda i, n: bar("report", i, n),
         )  # fmt: skip
         print(format_report(record["report"]))
@@ -140,8 +160,11 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
                 "--exclude, e.g. adaLN_modulation, or calibrate on more prompts)"
             )
     path = save(calibrated, args.out, force=args.force)
+    extra = " (attention q/k/v too)" if args.quantize_attention else ""
+    if record["text_encoder"] is not None:
+        extra += f", and {record['text_encoder']['quantizers']} in the text encoder"
     print(
-        f"calibrated {record['quantizers']} quantizers ({args.precision}) in "
+        f"calibrated {record['quantizers']} quantizers ({args.precision}){extra} in "
         f"{record['seconds']:.1f} s on {args.calib_size} prompt(s); "
         f"{len(record['excluded_modules'])} Linear layer(s) left in full precision; wrote {path}"
     )

@@ -62,8 +62,9 @@ def cmd_build(args: argparse.Namespace) -> int:
     )
     log = stderr_log(args.quiet)
     plan = plan_build(options, model=args.model, workflow=wf, resolutions=resolutions, log=log)
-    quantized = (f", DiT {plan.calibration.precision} Q/DQ" if plan.calibration is not None
-                 else "")  # fmt: skip
+    quantized = ""
+    if plan.calibration is not None:
+        quantized = f", {plan.calibration.manifest_record().label()}"
     print(
         f"profiles for {plan.source_label} ({precision}{quantized}, captions up to "
         f"{plan.caption.max} tokens)"

@@ -24,7 +24,7 @@ def _summary(generation: Any, engines: Any) -> str:
     rows.append(("total", "", "", "", f"{sum(generation.seconds.values()):.2f}"))
     dtype = str(engines.dtype).removeprefix("torch.")
     if engines.quantization is not None:
-        dtype += f", DiT {engines.quantization} Q/DQ"
+        dtype += f", {engines.quantization}"
     table = text_table(rows, right=(1, 2, 3, 4))
     return f"{table}\n({engines.backend} backend on {engines.device}, {dtype})"
 

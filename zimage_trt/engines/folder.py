@@ -134,7 +134,7 @@ def load_engine_folder(
         device=device,
         dtype=PRECISION_DTYPES[manifest.precision],
         profiles=manifest.profiles_by_engine(),
-        quantization=manifest.quantization.precision if manifest.quantization else None,
+        quantization=manifest.quantization.label() if manifest.quantization else None,
     )
     if tokenizer is None:
         tokenizer = folder_tokenizer(root, manifest)
@@ -176,7 +176,8 @@ def describe_folder(folder: str | Path, *, verify: bool = False) -> str:
     if m.quantization is not None:
         q = m.quantization
         lines.append(
-            f"quantization: DiT {q.precision} Q/DQ, {q.quantizers} quantizers calibrated on "
+            f"quantization: {q.label()}, {q.quantizers + q.text_encoder_quantizers} quantizers "
+            "calibrated on "
             f"{q.workflow} with {q.prompts} prompt(s); full precision: {', '.join(q.exclude)} "
             f"(calibration sha-256 {q.calibration_sha256[:12]}…)"
         )

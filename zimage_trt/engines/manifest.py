@@ -131,15 +131,24 @@ class WeightsRecord(_Model):
 
 
 class QuantizationRecord(_Model):
-    """The DiT's engines hold Q/DQ nodes from a ``zimage-trt calibrate`` folder."""
+    """The DiT's engines (and the text encoder's, if calibrated) hold Q/DQ nodes from a
+    ``zimage-trt calibrate`` folder."""
 
     precision: Literal["fp8", "int8"]
     calibration_sha256: str  # of its calibration.json (which names its amax file by hash)
-    quantizers: int
+    quantizers: int  # the DiT's
     exclude: list[str]  # module-name fragments left in full precision
     workflow: str  # what it was calibrated on
     prompts: int
-    opset: int  # of the DiT engines' graphs (the others keep the options' opset)
+    opset: int  # of the quantized engines' graphs (the others keep the options' opset)
+    attention: bool = False  # the DiT's attention q/k/v quantized too (FP8)
+    text_encoder: Literal["fp8"] | None = None  # the text encoder's Q/DQ precision, if any
+    text_encoder_quantizers: int = 0
+
+    def label(self) -> str:
+        """What is quantized, in a few words: ``DiT fp8 Q/DQ (q/k/v too), text encoder fp8``."""
+        text = f"DiT {self.precision} Q/DQ" + (" (attention q/k/v too)" if self.attention else "")
+        return text + (f", text encoder {self.text_encoder} Q/DQ" if self.text_encoder else "")
 
 
 class Manifest(_Model):

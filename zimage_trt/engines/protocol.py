@@ -72,4 +72,4 @@ class Engines:
     dtype: torch.dtype  # the DiT's compute dtype (bf16 on GPU; never fp16 for DiT or VAE)
     # compiled engines serve only the shapes they were built for (engine → profiles)
     profiles: dict[str, list[Profile]] = field(default_factory=dict)
-    quantization: str | None = None  # the DiT engines' Q/DQ precision (fp8 | int8), if any
+    quantization: str | None = None  # what holds Q/DQ nodes, e.g. "DiT fp8 Q/DQ"; None: nothing
