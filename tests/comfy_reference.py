@@ -103,3 +103,43 @@ STAGE2_EASYCACHE_WINDOW = (0.785714, 0.136364)
 STAGE2_EASYCACHE_WINDOW_SHIFT7 = (0.895349, 0.269231)
 # §16 / §9.4 stage 3: percents 0.7 / 0.95 through shift 7.
 STAGE3_EASYCACHE_WINDOW = (0.75, 0.269231)
+
+# ---- VAEDecodeTiled (comfy/sd.py decode_tiled_, comfy/utils.py tiled_scale_multidim) -------------
+# ComfyUI's own functions run on CPU over test_vae_tiles.py's exact latent recipe and toy decoder
+# (elementwise float32 only, so the bytes are the same on any machine): (latent shape, the node's
+# tile_size, overlap in pixels) → (sha-256 of the float32 output before process_output, its
+# float64 sum). 512/128 is VAE.decode's own fallback on out-of-memory (decode_tiled_'s defaults).
+VAE_DECODE_TILED = {
+    ((1, 16, 108, 84), 512, 128): (
+        "52c46c105dfbb547d544b0213bdf90972fe4003deb2124deeefe721f6eadf1fc",
+        -98179.33731269371,
+    ),
+    ((1, 16, 108, 84), 512, 64): (
+        "faf68d9167197c55c07345b7428500ed3fcea6b9ac4c7a2511cfa7ce85d9c1da",
+        -98143.46698729834,
+    ),
+    ((1, 16, 108, 84), 64, 16): (
+        "f71cbba5e11029ca9c9c2dc4a1b4ea40b87759ae08ca89befc0d3764ab3bd23b",
+        -92351.21506153782,
+    ),
+    ((2, 16, 54, 42), 256, 64): (
+        "2be4197ad1e054eed622c52e1684c4e1cc598ef498eda02a53320f2f67b8e867",
+        -15983.623783307114,
+    ),
+    ((1, 16, 28, 22), 512, 64): (
+        "ecd9ddad1cfe9382fe3d05e3e67c5eb1c9a3cbccdad3e4976c57dcd7b193dda0",
+        -606.4446601942182,
+    ),
+    ((1, 16, 3, 40), 64, 16): (
+        "9605310bcfb552bb78c744074ac7d6e9d21464e31f3b3ce2c0abed7eb5b2b412",
+        1956.2144873937068,
+    ),
+    ((1, 16, 2, 40), 64, 32): (
+        "5c6877c6e010fdafaf74ed0483f9ade9473fed5cfc7cf3eaa98e21b151c32665",
+        1266.7636737045832,
+    ),
+    ((1, 16, 37, 61), 96, 32): (
+        "3c04a7c2533f2e7307ee23a7cf42ce0d1be14510e76813e2c811fe9282690e40",
+        18226.581463412105,
+    ),
+}

@@ -83,8 +83,10 @@ def _lines(path: Path) -> list[str]:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from zimage_trt.runtime.pipeline import Pipeline
+    from zimage_trt.runtime.vae_tiles import VaeTiles
 
     requests = _requests(args)
+    tiles = VaeTiles.parse(args.vae_tiles) if args.vae_tiles else None
     pipeline = Pipeline.open(
         model=args.model,
         engines=args.engines,
@@ -105,6 +107,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         # always reported
         log=stderr_log(args.quiet and args.engines is not None),
     )
+    pipeline.vae_tiles = tiles
     for request in requests:
         wf = pipeline.request_workflow(request)
         generation = pipeline.run(wf, progress=progress_bars(args.quiet))
@@ -251,6 +254,13 @@ def add_generate_parser(sub: Any) -> None:
         "negative_prompt, trigger_word, seed",
     )
     _model_options(p)
+    p.add_argument(
+        "--vae-tiles",
+        default=None,
+        metavar="TILE[:OVERLAP]",
+        help="decode in tiles as ComfyUI's VAEDecodeTiled (pixels, e.g. 512:64; less memory "
+        "for the decoder, seams blended as ComfyUI blends them)",
+    )
     p.add_argument(
         "--engines",
         type=Path,

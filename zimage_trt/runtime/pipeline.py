@@ -48,6 +48,7 @@ from zimage_trt.runtime.requests import (
     StageReport,
 )
 from zimage_trt.runtime.text import LRUCache, PromptEncoder
+from zimage_trt.runtime.vae_tiles import VaeTiles, decode_tiled
 from zimage_trt.sampling.guider import Cond, ModelFn
 from zimage_trt.sampling.stage import sample_stage, stage_input_latent
 from zimage_trt.workflow import Workflow
@@ -87,6 +88,7 @@ class Pipeline:
         # denoiser's lockstep batches
         self.engine_lock = threading.RLock()
         self.loras: LoraBank | None = None  # LoRAs switched per request (runtime.loras)
+        self.vae_tiles: VaeTiles | None = None  # decode in tiles as ComfyUI's VAEDecodeTiled
 
     @classmethod
     def open(
@@ -303,8 +305,13 @@ class Pipeline:
 
     def decode(self, latent: Tensor) -> np.ndarray:
         with self.engine_lock:
-            image = self.engines.vae_decoder(latents=latent.to(self.engines.device))["image"]
-            return to_uint8(image)
+            latent = latent.to(self.engines.device)
+            if self.vae_tiles is None:
+                return to_uint8(self.engines.vae_decoder(latents=latent)["image"])
+            return to_uint8(decode_tiled(latent, self._decode_piece, self.vae_tiles))
+
+    def _decode_piece(self, latent: Tensor) -> Tensor:
+        return self.engines.vae_decoder(latents=latent)["image"]
 
     def encode_image(self, source: str | Image.Image, width: int, height: int) -> Tensor:
         """An image file (or a picture in memory) resized to ``width``×``height``, VAE-encoded."""

@@ -1,0 +1,102 @@
+"""Tiled VAE decoding (issue 17): ComfyUI's ``VAEDecodeTiled`` reproduced byte for byte
+(``runtime/vae_tiles.py`` against numbers ComfyUI's own functions computed,
+tests/comfy_reference.py), and the pipeline decoding in tiles when asked."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tests.comfy_reference import VAE_DECODE_TILED
+from zimage_trt.errors import InputError
+from zimage_trt.runtime.vae_tiles import VaeTiles, decode_tiled, tile_shapes
+
+
+def _toy_decode(z: torch.Tensor) -> torch.Tensor:
+    """[B, 16, h, w] → [B, 3, 8h, 8w]: each pixel depends on a 3×3 latent neighbourhood (so the
+    tiles' edges differ from the whole), elementwise float32 arithmetic only (the same bytes on
+    every machine)."""
+    p = F.pad(z[:, :3], (1, 1, 1, 1), mode="replicate")
+    ctx = p[..., :-2, 1:-1] - p[..., 2:, 1:-1] + 0.5 * (p[..., 1:-1, :-2] - p[..., 1:-1, 2:])
+    y = z[:, :3] + ctx
+    y = y / (1 + y.abs())
+    return y.repeat_interleave(8, dim=2).repeat_interleave(8, dim=3)
+
+
+def _latent(shape: tuple[int, ...]) -> torch.Tensor:
+    """Values in [−1, 1) from integer arithmetic: the same on every machine."""
+    n = torch.arange(torch.Size(shape).numel(), dtype=torch.int64)
+    return (((n * 7919) % 1009).float() / 504.5 - 1.0).reshape(shape)
+
+
+@pytest.mark.parametrize(("shape", "tile_size", "overlap"), list(VAE_DECODE_TILED))
+def test_tiled_decoding_is_comfyui_s_byte_for_byte(
+    shape: tuple[int, ...], tile_size: int, overlap: int
+) -> None:
+    """The final stage's 108×84 latent at VAE.decode's out-of-memory fallback (512/128), the
+    node's defaults (512/64) and small tiles (64/16); a batch, one tile, tiles thinner than twice
+    the ramp, a side thinner than it."""
+    out = decode_tiled(_latent(shape), _toy_decode, VaeTiles(tile_size, overlap))
+    sha, total = VAE_DECODE_TILED[(shape, tile_size, overlap)]
+    assert out.shape == (shape[0], 3, 8 * shape[2], 8 * shape[3]) and out.dtype == torch.float32
+    assert hashlib.sha256(out.numpy().tobytes()).hexdigest() == sha
+    assert float(out.double().sum()) == total
+
+
+def test_the_node_s_settings_are_checked_and_adjusted() -> None:
+    assert VaeTiles().latent() == (64, 8)  # 512 / 64 px
+    assert VaeTiles(128, 64).latent() == (16, 4)  # overlap > tile/4: tile // 4
+    assert VaeTiles.parse("256") == VaeTiles(256, 64) and VaeTiles.parse("96:32").latent() == (
+        12,
+        3,
+    )
+    with pytest.raises(InputError) as bad:
+        VaeTiles(32, 64)
+    assert str(bad.value) == (
+        "VAE tile size 32 is outside 64 … 4096 pixels (ComfyUI's VAEDecodeTiled)"
+    )
+    with pytest.raises(InputError, match=r"--vae-tiles 'big': give TILE or TILE:OVERLAP"):
+        VaeTiles.parse("big")
+    with pytest.raises(InputError, match=r"^VAE tile overlap 5000 is outside 0 … 4096 pixels"):
+        VaeTiles.parse("512:5000")
+    # 108×84 at 512/64 (64-latent tiles, overlapping by 8): tall 128×32 tiles start at columns
+    # 0, 24, 48, 72 (the last 12 wide); wide 32×128 at rows 0 … 96 (the last 12 high); square
+    # 64×64 at rows and columns 0 and 56 (the last 52 high, 28 wide)
+    assert tile_shapes(108, 84, VaeTiles()) == [
+        (12, 84), (32, 84), (52, 28), (52, 64), (64, 28), (64, 64), (108, 12), (108, 32)
+    ]  # fmt: skip
+
+
+def test_the_pipeline_decodes_in_tiles_when_asked() -> None:
+    """The tiny model's decoder called on exactly the tiles ``tile_shapes`` names, the result the
+    tiled decode of those calls; the real decoder's group norms see each tile alone, so the image
+    differs from the whole decode (as in ComfyUI)."""
+    from zimage_trt.runtime.images import to_uint8
+    from zimage_trt.runtime.pipeline import Pipeline
+
+    pipeline = Pipeline.open(model="tiny", workflow="zimage-121101", device="cpu",
+                             log=lambda m: None)  # fmt: skip
+    decoder = pipeline.engines.vae_decoder
+    seen: list[tuple[int, int]] = []
+
+    def spy(latents: torch.Tensor) -> dict[str, torch.Tensor]:
+        seen.append(tuple(latents.shape[2:]))
+        return decoder(latents=latents)
+
+    pipeline.engines.vae_decoder = spy
+    latent = _latent((1, 16, 28, 22)) * 2
+    whole = pipeline.decode(latent)
+    assert seen == [(28, 22)]
+    seen.clear()
+    tiles = VaeTiles(64, 32)  # 8-latent tiles, overlapping by 2
+    pipeline.vae_tiles = tiles
+    image = pipeline.decode(latent)
+    assert (
+        sorted(set(seen)) == tile_shapes(28, 22, tiles) and len(seen) == 20 + 26 + 20
+    )  # tall, wide, square
+    expected = decode_tiled(latent, lambda z: decoder(latents=z)["image"], tiles)
+    assert (image == to_uint8(expected)).all() and image.shape == whole.shape == (224, 176, 3)
+    assert (image != whole).any()
