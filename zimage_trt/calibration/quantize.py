@@ -20,15 +20,13 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from zimage_trt.errors import InputError, MissingLibraryError
-from zimage_trt.models.dit import Attend
+from zimage_trt.models.dit import FULL_PRECISION_PARTS, Attend
 
 if TYPE_CHECKING:
     from torch import Tensor, nn
 
 PRECISIONS = ("fp8", "int8")
-# NVIDIA's exclusions for FLUX / SD3 (ModelOpt's diffusers example), in this DiT's names: the
-# embedders and the final layer stay in full precision
-DEFAULT_EXCLUDE = ("x_embedder", "t_embedder", "cap_embedder", "final_layer")
+DEFAULT_EXCLUDE = FULL_PRECISION_PARTS  # NVIDIA's exclusions for FLUX / SD3
 FORMATS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {  # (weights, inputs)
     # E4M3, one scale per tensor (amax / 448)
     "fp8": ({"num_bits": [4, 3], "axis": None}, {"num_bits": [4, 3], "axis": None}),

@@ -9,7 +9,17 @@ import sys
 from collections.abc import Sequence
 
 from zimage_trt import __version__
-from zimage_trt.cli import bench, calibrate, engines, generate, models, serve, sigmas, workflow
+from zimage_trt.cli import (
+    bench,
+    calibrate,
+    engines,
+    generate,
+    models,
+    plan,
+    serve,
+    sigmas,
+    workflow,
+)
 from zimage_trt.cli.common import RAW, examples
 from zimage_trt.errors import (
     EXIT_INTERNAL,
@@ -57,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_generate_parser(sub)
     engines.add_build_parser(sub)
     calibrate.add_parser(sub)
+    plan.add_parser(sub)
     generate.add_reproduce_parser(sub)
     bench.add_bench_parser(sub)
     serve.add_serve_parser(sub)

@@ -6,6 +6,8 @@ import argparse
 import sys
 from collections.abc import Callable
 
+from zimage_trt.errors import InputError
+
 RAW = argparse.RawDescriptionHelpFormatter
 
 
@@ -34,3 +36,18 @@ def stderr_log(quiet: bool) -> Callable[[str], None]:
             print(msg, file=sys.stderr, flush=True)
 
     return log
+
+
+def parse_bytes(text: str) -> int:
+    """``8G``, ``12GiB``, ``512M``, ``0.42G``, ``1024`` → bytes (binary units)."""
+    units = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+    number, unit = text.rstrip("iBb").upper()[:-1], text.rstrip("iBb").upper()[-1:]
+    if unit.isdigit():
+        number, unit = number + unit, ""
+    try:
+        value = int(float(number) * units[unit])
+    except (ValueError, KeyError):
+        raise InputError(f"memory size {text!r} is not a number with K, M or G (e.g. 8G)") from None
+    if value <= 0:
+        raise InputError(f"memory size {text!r} must be positive")
+    return value

@@ -6,22 +6,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from zimage_trt.cli.common import RAW, examples, stderr_log
+from zimage_trt.cli.common import RAW, examples, parse_bytes, stderr_log
 from zimage_trt.errors import InputError
-
-
-def _parse_bytes(text: str) -> int:
-    units = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
-    number, unit = text.rstrip("iBb").upper()[:-1], text.rstrip("iBb").upper()[-1:]
-    if unit.isdigit():
-        number, unit = number + unit, ""
-    try:
-        value = int(float(number) * units[unit])
-    except (ValueError, KeyError):
-        raise InputError(f"memory size {text!r} is not a number with K, M or G (e.g. 8G)") from None
-    if value <= 0:
-        raise InputError(f"memory size {text!r} must be positive")
-    return value
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -53,7 +39,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         with_encoder=args.with_encoder,
         check_parity=not args.no_parity,
         optimization_level=args.opt_level,
-        memory_pool_limit=_parse_bytes(args.memory_pool_limit) if args.memory_pool_limit else None,
+        memory_pool_limit=parse_bytes(args.memory_pool_limit) if args.memory_pool_limit else None,
         refittable=args.refittable,
         timing_cache=args.timing_cache,
         lora_ignore_unmatched=args.lora_ignore_unmatched,

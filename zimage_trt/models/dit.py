@@ -38,6 +38,11 @@ FINAL_NORM_EPS = 1e-6
 VAE_DOWNSCALE = 8  # latent pixel → image pixels, for error messages
 
 
+# the parts NVIDIA leaves in full precision when it quantizes FLUX / SD3 (ModelOpt's diffusers
+# example), in this DiT's names: the embedders and the final layer
+FULL_PRECISION_PARTS = ("x_embedder", "t_embedder", "cap_embedder", "final_layer")
+
+
 @dataclass(frozen=True)
 class DiTConfig:
     """Architecture of the Z-Image DiT; the defaults are Z-Image-Turbo's (6.15 B parameters)."""

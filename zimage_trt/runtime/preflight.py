@@ -49,27 +49,33 @@ def check_prompt_lengths(
     return tokens
 
 
-def engine_calls(wf: Workflow, tokens: list[int]) -> list[EngineCall]:
+def phase_calls(wf: Workflow, tokens: list[int]) -> list[tuple[str, list[EngineCall]]]:
     """The shapes of every engine call of a run, given the token counts of its prompts
-    (positive, then negative where a stage has cfg ≠ 1)."""
+    (positive, then negative where a stage has cfg ≠ 1), by phase: ``text`` (the text encoder),
+    ``captions`` (the caption path), then each stage's denoising (its name), its decode
+    (``<stage> decode``, for a preview or the image) and its image input (``<stage> encode``)."""
     slots = [-(-n // 32) * 32 for n in tokens]
-    calls: list[EngineCall] = []
-    for n in tokens:
-        calls += [
-            ("text_encoder", {"input_ids": (1, n)}),
-            ("caption_path", {"cap_mask": (1, n)}),
-        ]
+    phases: list[tuple[str, list[EngineCall]]] = [
+        ("text", [("text_encoder", {"input_ids": (1, n)}) for n in tokens]),
+        ("captions", [("caption_path", {"cap_mask": (1, n)}) for n in tokens]),
+    ]
     for i, (stage, (h, w)) in enumerate(zip(wf.stages, wf.latent_sizes(), strict=True)):
         uses = slots if not math.isclose(stage.cfg, 1.0) else slots[:1]
         batched = len(uses) == 2 and uses[0] == uses[1] and tokens[0] == tokens[1]
-        for lc in uses[:1] if batched else uses:
-            b = 2 if batched else 1
-            calls.append(("denoiser", {"latents": (b, 16, h, w), "cap_valid": (b, lc)}))
+        b = 2 if batched else 1
+        phases.append((stage.name, [("denoiser", {"latents": (b, 16, h, w), "cap_valid": (b, lc)})
+                                    for lc in (uses[:1] if batched else uses)]))  # fmt: skip
         if stage.preview or i == len(wf.stages) - 1:
-            calls.append(("vae_decoder", {"latents": (1, 16, h, w)}))
+            phases.append((f"{stage.name} decode", [("vae_decoder", {"latents": (1, 16, h, w)})]))
         if stage.latent.source == "image":
-            calls.append(("vae_encoder", {"image": (1, 3, 8 * h, 8 * w)}))
-    return calls
+            phases.append((f"{stage.name} encode",
+                           [("vae_encoder", {"image": (1, 3, 8 * h, 8 * w)})]))  # fmt: skip
+    return phases
+
+
+def engine_calls(wf: Workflow, tokens: list[int]) -> list[EngineCall]:
+    """Every engine call of a run (``phase_calls``, in one list)."""
+    return [call for _, calls in phase_calls(wf, tokens) for call in calls]
 
 
 def preflight(

@@ -100,22 +100,24 @@ def tiled(
     tile: tuple[int, int],
     overlap: int,
     channels: int = 3,
+    device: str = "cpu",
 ) -> Tensor:
     """One tiling: ``latent`` [B, C, h, w] decoded in (rows, columns) ``tile`` pieces that share
-    ``overlap`` latent rows / columns, blended (float32, on the CPU)."""
+    ``overlap`` latent rows / columns, blended in float32 on ``device`` (ComfyUI's intermediate
+    device: the CPU)."""
     if min(tile) <= overlap:
         raise InputError(f"a VAE tile of {tile} latents cannot overlap by {overlap}")
     batch, _, height, width = latent.shape
-    output = torch.empty(batch, channels, height * SCALE, width * SCALE)
+    output = torch.empty(batch, channels, height * SCALE, width * SCALE, device=device)
     for b in range(batch):
         item = latent[b : b + 1]
         if height <= tile[0] and width <= tile[1]:
-            output[b : b + 1] = decode(item).float().cpu()
+            output[b : b + 1] = decode(item).float().to(device)
             continue
-        total = torch.zeros(1, channels, height * SCALE, width * SCALE)
+        total = torch.zeros(1, channels, height * SCALE, width * SCALE, device=device)
         weights = torch.zeros_like(total)
         for y, x, rows, cols in _windows(height, width, tile, overlap):
-            piece = decode(item[:, :, y : y + rows, x : x + cols]).float().cpu()
+            piece = decode(item[:, :, y : y + rows, x : x + cols]).float().to(device)
             mask = torch.ones_like(piece)
             _feather(mask, overlap * SCALE)
             window = (slice(None), slice(None), slice(y * SCALE, y * SCALE + piece.shape[2]),
@@ -126,10 +128,14 @@ def tiled(
     return output
 
 
-def decode_tiled(latent: Tensor, decode: Callable[[Tensor], Tensor], tiles: VaeTiles) -> Tensor:
-    """``latent`` decoded as ``VAEDecodeTiled`` with ``tiles`` does: three tilings averaged."""
+def decode_tiled(
+    latent: Tensor, decode: Callable[[Tensor], Tensor], tiles: VaeTiles, device: str = "cpu"
+) -> Tensor:
+    """``latent`` decoded as ``VAEDecodeTiled`` with ``tiles`` does: three tilings averaged (on
+    ``device``)."""
     tile, overlap = tiles.latent()
-    tall, wide, square = (tiled(latent, decode, size, overlap) for size in _tilings(tile))
+    tall, wide, square = (tiled(latent, decode, size, overlap, device=device)
+                          for size in _tilings(tile))  # fmt: skip
     return (tall + wide + square) / 3.0
 
 
