@@ -233,6 +233,21 @@ def test_reference_run_json_has_every_figure(reference_run: tuple[Path, str]) ->
     assert math.isfinite(base["per_step_overhead_seconds"])
     assert result["baselines"]["torch_eager_multi_stage"]["speedup_vs_torch"] == {"torch": 1.0}
 
+    memory = torch_run["memory"]  # the planner's activations beside the RSS each phase added
+    assert memory["kind"] == "rss" and memory["baseline_bytes"] > 100 * 2**20
+    phases = {p["name"]: p for p in memory["phases"]}
+    assert list(phases) == ["text", "captions", "base", "base decode", "refine", "refine decode",
+                            "upscale", "upscale decode"]  # fmt: skip
+    decode = phases["upscale decode"]  # the run's largest: the 672×864 decode
+    assert decode["predicted_peak_bytes"] > 400 * 2**20
+    assert abs(decode["measured_peak_bytes"] - decode["predicted_peak_bytes"]) <= 8 * 2**20
+    assert parts[4]["memory"] == {"kind": "rss", "predicted_peak_bytes": max(
+        phases[n]["predicted_peak_bytes"] for n in ("base decode", "refine decode",
+                                                    "upscale decode")),
+        "measured_peak_bytes": max(phases[n]["measured_peak_bytes"] for n in (
+            "base decode", "refine decode", "upscale decode"))}  # fmt: skip
+    assert parts[0]["memory"]["predicted_peak_bytes"] == phases["text"]["predicted_peak_bytes"]
+
     roof = result["roofline"]
     assert roof["gpu"] is None and roof["bf16_peak_flops"] is None
     assert [r["shape"] for r in roof["denoiser"]] == [c[1] for c in components if
@@ -252,6 +267,7 @@ def test_reference_run_markdown_and_chart(reference_run: tuple[Path, str]) -> No
         "| backend | stage | EasyCache | DiT calls | calls saved | calls without cache | "
         "s cached | s uncached |",
         "| backend | denoiser call | GFLOP/call | median ms | TFLOP/s | bf16 peak |",
+        "| backend | phase | kind | measured MiB | predicted MiB |",
     ):
         assert header in md.splitlines(), header
     assert "| torch | upscale | 16×108×84 | 16 | 31 | 0 |" in md

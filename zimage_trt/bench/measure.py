@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from zimage_trt.bench.memory import attach, bench_memory, measurable
 from zimage_trt.bench.roofline import dit_flops, flops_rate, gpu_bf16_peak, image_tokens
 from zimage_trt.bench.timing import Log, Timer, check_count, summary
 from zimage_trt.errors import InputError
@@ -428,9 +429,9 @@ def bench_pipeline(
     on_part: Callable[[dict[str, Any]], None] = lambda record: None,
     log: Log = lambda msg: None,
 ) -> tuple[dict[str, Any], Generation]:
-    """Components, end to end and cache effect of one pipeline (a backend's record in the JSON),
-    and the last end-to-end Generation. ``on_part``: called with the record so far after each
-    of the three parts."""
+    """Components, end to end, cache effect and memory of one pipeline (a backend's record in the
+    JSON), and the last end-to-end Generation. ``on_part``: called with the record so far after
+    each of the four parts."""
     record: dict[str, Any] = {}
     record["components"] = bench_components(
         pipeline, wf, warmup, iters, dit_config=dit_config, log=log
@@ -441,5 +442,11 @@ def bench_pipeline(
     )
     on_part(record)
     record["cache_effect"] = bench_cache_effect(pipeline, wf, cached=generation, log=log)
+    on_part(record)
+    if measurable(torch.device(pipeline.engines.device)):
+        record["memory"] = bench_memory(pipeline, wf, log=log)
+        attach(record["end_to_end"], record["memory"])
+    else:
+        record["memory"] = {"skipped": "per-phase peaks need CUDA or Linux's /proc (clear_refs)"}
     on_part(record)
     return record, generation

@@ -124,6 +124,26 @@ def _md_cache(ok: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def _md_memory(ok: Mapping[str, Any]) -> list[str]:
+    rows: list[Row] = []
+    notes = []
+    for b, r in ok.items():
+        memory = r.get("memory", {})
+        if "skipped" in memory:
+            notes.append(f"- {b}: {memory['skipped']}")
+        for p in memory.get("phases", []):
+            predicted = p["predicted_peak_bytes"]
+            rows.append((b, p["name"], memory["kind"], f"{p['measured_peak_bytes'] / 2**20:.1f}",
+                         "—" if predicted is None else f"{predicted / 2**20:.1f}"))  # fmt: skip
+    if not rows and not notes:
+        return []
+    lines = ["## Memory per phase", "",
+             "Each phase's peak above what was held before its engine call (MiB), beside the "
+             "planner's prediction (`zimage-trt plan`).", ""]  # fmt: skip
+    lines += _table(("backend", "phase", "kind", "measured MiB", "predicted MiB"), rows)
+    return lines + ([*notes, ""] if notes else [])
+
+
 def _md_roofline(roof: Mapping[str, Any]) -> list[str]:
     peak = roof["bf16_peak_flops"]
     where = f"{peak / 1e12:.1f} TFLOP/s ({roof['peak_source']})" if peak else "not tabulated"
@@ -143,7 +163,8 @@ def _md_roofline(roof: Mapping[str, Any]) -> list[str]:
 
 
 def markdown(result: Mapping[str, Any]) -> str:
-    """The bench as markdown tables: components, end to end, baselines, cache effect, roofline."""
+    """The bench as markdown tables: components, end to end, baselines, cache effect, memory,
+    roofline."""
     m, settings = result["machine"], result["settings"]
     where = m["gpu"] or f"{m['cpu']} ({m['cpu_count']} cores)"
     lines = [
@@ -159,7 +180,7 @@ def markdown(result: Mapping[str, Any]) -> str:
         if r.get("status") != "ok":
             lines += [f"- {b}: {r.get('status')}, {r.get('reason')}", ""]
     lines += _md_components(ok) + _md_end_to_end(ok, result) + _md_baselines(result)
-    lines += _md_cache(ok)
+    lines += _md_cache(ok) + _md_memory(ok)
     if "roofline" in result:
         lines += _md_roofline(result["roofline"])
     return "\n".join(lines)

@@ -205,6 +205,7 @@ class Decoder(nn.Module):
 
     def __init__(self, config: VAEConfig) -> None:
         super().__init__()
+        self.config = config
         ch = tuple(reversed(config.block_out_channels))  # decoder runs widest level first
         groups, levels = config.norm_num_groups, len(ch)
         self.conv_in = nn.Conv2d(config.latent_channels, ch[0], 3, padding=1)

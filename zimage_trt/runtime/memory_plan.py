@@ -36,6 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from zimage_trt.engines.protocol import Engines
 from zimage_trt.errors import InputError
 from zimage_trt.models.dit import FULL_PRECISION_PARTS, CaptionPath, DiTConfig, ZImageDiT
 from zimage_trt.models.text_encoder import Qwen3Config, Qwen3TextEncoder
@@ -251,14 +252,19 @@ class MemoryPlanner:
         device: str = "cuda",
         dit_precision: str = "bf16",
         text_precision: str = "bf16",
+        dtype: torch.dtype | None = None,
+        text_dtype: torch.dtype | None = None,
     ) -> None:
+        """``dtype`` / ``text_dtype``: the activations' (default bf16 on a GPU, fp32 on the CPU;
+        the torch backend runs its text encoder in fp32 everywhere, as ComfyUI does)."""
         if dit_precision not in DIT_PRECISIONS:
             raise InputError(f"DiT precision {dit_precision!r} is not one of {DIT_PRECISIONS}")
         if text_precision not in TEXT_PRECISIONS:
             raise InputError(f"text encoder precision {text_precision!r} is not one of "
                              f"{TEXT_PRECISIONS}")  # fmt: skip
         self.wf, self.configs, self.device = wf, configs, device
-        self.dtype = torch.bfloat16 if device == "cuda" else torch.float32
+        self.dtype = dtype or (torch.bfloat16 if device == "cuda" else torch.float32)
+        self.text_dtype = text_dtype or self.dtype
         nets = _networks(configs, self.dtype)
         vae = "fp32" if device == "cpu" else "bf16"
         self.precisions = {"DiT": dit_precision, "text encoder": text_precision, "VAE": vae}
@@ -309,7 +315,8 @@ class MemoryPlanner:
         return rows
 
     def _activations(self, engine: str, shapes: dict[str, tuple[int, ...]]) -> int:
-        return _activations(self.configs, self.dtype, engine, tuple(sorted(shapes.items())))
+        dtype = self.text_dtype if engine == "text_encoder" else self.dtype
+        return _activations(self.configs, dtype, engine, tuple(sorted(shapes.items())))
 
     def ladder(self) -> list[Strategy]:
         """The strategies ``plan`` tries, in order."""
@@ -379,3 +386,18 @@ def model_configs(wf: Workflow, model: str | None) -> tuple[DiTConfig, Qwen3Conf
         load_text_encoder_weights(files.text_encoder, torch.bfloat16, meta=True).config,
         load_vae_weights(files.vae, torch.bfloat16, meta=True).config,
     )
+
+
+def model_configs_of(engines: Engines) -> tuple[DiTConfig, Qwen3Config, VAEConfig]:
+    """The configurations behind torch-backend engines (their modules carry them)."""
+    found: dict[type, Any] = {}
+    for engine in (engines.denoiser, engines.text_encoder, engines.vae_decoder):
+        module = getattr(engine, "module", None)
+        for part in module.modules() if isinstance(module, nn.Module) else ():
+            config = getattr(part, "config", None)
+            if isinstance(config, (DiTConfig, Qwen3Config, VAEConfig)):
+                found.setdefault(type(config), config)
+    if len(found) != 3:
+        raise InputError(f"the {engines.backend} engines do not carry their networks' "
+                         "configurations (the torch backend's do)")  # fmt: skip
+    return found[DiTConfig], found[Qwen3Config], found[VAEConfig]
