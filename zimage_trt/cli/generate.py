@@ -98,6 +98,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         compile=args.compile,
         compile_scope=args.compile_scope,
+        gguf_in_memory=args.gguf_in_memory,
         cuda_graphs=args.cuda_graphs,
         lora_ignore_unmatched=args.lora_ignore_unmatched,
         strict_model=True,
@@ -254,6 +255,12 @@ def add_generate_parser(sub: Any) -> None:
         "negative_prompt, trigger_word, seed",
     )
     _model_options(p)
+    p.add_argument(
+        "--gguf-in-memory",
+        action="store_true",
+        help="keep a GGUF DiT quantized in memory (Q8_0: 1.06 bytes a weight, Q4_K: 0.56) and "
+        "dequantize each layer as it runs, as ComfyUI-GGUF does (the same output; no LoRAs)",
+    )
     p.add_argument(
         "--vae-tiles",
         default=None,

@@ -150,11 +150,14 @@ def load_torch_engines(
     device: torch.device,
     dtype: torch.dtype,
     lora_ignore_unmatched: bool = False,
+    gguf_in_memory: bool = False,
     log: Callable[[str], None] = lambda msg: print(msg, file=sys.stderr),
 ) -> Engines:
-    """The three networks of ``sources`` (its LoRAs fused into the DiT) on ``device``, eager."""
+    """The three networks of ``sources`` (its LoRAs fused into the DiT) on ``device``, eager
+    (``gguf_in_memory``: a GGUF DiT kept quantized, ``models.gguf_resident``)."""
     files = sources.files
-    dit = load_fused_dit(sources, dtype, lora_ignore_unmatched=lora_ignore_unmatched, log=log)
+    dit = load_fused_dit(sources, dtype, lora_ignore_unmatched=lora_ignore_unmatched,
+                         gguf_in_memory=gguf_in_memory, log=log)  # fmt: skip
     log(f"loading the text encoder from {files.text_encoder}")
     text_encoder = load_text_encoder_weights(files.text_encoder, torch.float32)
     log(f"loading the VAE from {files.vae}")

@@ -332,6 +332,25 @@ def _check_types(path: Path, tensors: Mapping[str, GGUFTensor]) -> None:
         )
 
 
+def runtime_value(tensor: GGUFTensor, kind: GGUFKind, dtype: torch.dtype) -> Tensor:
+    """The tensor as ComfyUI-GGUF computes it at run time, cast to ``dtype``."""
+    big_vocabulary = tensor.name == TOKEN_EMBD and tensor.shape[0] >= TOKEN_EMBD_FP16_ROWS
+    if kind == "text_encoder" and big_vocabulary:
+        return tensor.dequantize(torch.float16).to(dtype)
+    if len(tensor.shape) <= 1 and tensor.qtype == "BF16":
+        return tensor.dequantize(torch.float32).to(dtype)
+    return tensor.dequantize(dtype)
+
+
+def open_dit_gguf(path: str | os.PathLike[str]) -> dict[str, GGUFTensor]:
+    """A GGUF DiT's tensors by ComfyUI/original name (its prefix stripped), types checked."""
+    file = read_gguf(path)
+    tensors = _strip_dit_prefix(file.tensors)
+    _resolve_kind(file.path, file.architecture, list(tensors), "dit")
+    _check_types(file.path, tensors)
+    return tensors
+
+
 def load_gguf_state_dict(
     path: str | os.PathLike[str],
     dtype: torch.dtype = torch.float32,
@@ -352,13 +371,7 @@ def load_gguf_state_dict(
     _check_types(file.path, tensors)
     state_dict: dict[str, Tensor] = {}
     for name, tensor in tensors.items():
-        big_vocabulary = name == TOKEN_EMBD and tensor.shape[0] >= TOKEN_EMBD_FP16_ROWS
-        if kind == "text_encoder" and big_vocabulary:
-            value = tensor.dequantize(torch.float16).to(dtype)
-        elif len(tensor.shape) <= 1 and tensor.qtype == "BF16":
-            value = tensor.dequantize(torch.float32).to(dtype)
-        else:
-            value = tensor.dequantize(dtype)
+        value = runtime_value(tensor, kind, dtype)
         key = llama_to_hf_name(name) if kind == "text_encoder" else name
         if key in state_dict:
             raise ValueError(f"{file.path}: two tensors map to {key!r}")

@@ -121,6 +121,7 @@ def load_model(
     lora_ignore_unmatched: bool = False,
     compile: bool = False,
     compile_scope: str = "whole",
+    gguf_in_memory: bool = False,
     check_prompts: PromptCheck | None = None,
     log: Log = _stderr,
 ) -> Loaded:
@@ -140,6 +141,7 @@ def load_model(
         device=torch_device,
         dtype=torch_dtype,
         lora_ignore_unmatched=lora_ignore_unmatched,
+        gguf_in_memory=gguf_in_memory,
         log=log,
     )
     if compile:

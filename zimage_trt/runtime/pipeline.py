@@ -106,6 +106,7 @@ class Pipeline:
         compile_scope: str = "whole",
         cuda_graphs: bool = False,
         lora_ignore_unmatched: bool = False,
+        gguf_in_memory: bool = False,
         strict_model: bool = False,
         search: Sequence[Path] | None = None,
         requests: Sequence[GenerateRequest] = (),
@@ -118,7 +119,8 @@ class Pipeline:
 
         ``model`` (a folder, a Hugging Face repo id from the local cache, or ``"tiny"``) loads
         the torch backend (``compile``: ``torch.compile`` per stage shape, ``compile_scope``
-        ``"whole"`` or ``"regional"``); ``engines`` serves a built folder (``cuda_graphs``:
+        ``"whole"`` or ``"regional"``; ``gguf_in_memory``: a GGUF DiT kept quantized in memory,
+        dequantized layer by layer); ``engines`` serves a built folder (``cuda_graphs``:
         TensorRT replays the denoiser), with ``model`` as the base DiT when its engines take
         other LoRAs (``strict_model``: refuse a ``model`` that no swap needs). ``loras``
         ((file, strength) pairs) replace the workflow's LoRAs, ``negative_prompt_file`` its
@@ -171,7 +173,8 @@ class Pipeline:
             loaded = loading.load_model(
                 wf, model, device=device, dtype=dtype, search=where,
                 lora_ignore_unmatched=lora_ignore_unmatched, compile=compile,
-                compile_scope=compile_scope, check_prompts=check_prompts, log=log,
+                compile_scope=compile_scope, gguf_in_memory=gguf_in_memory,
+                check_prompts=check_prompts, log=log,
             )  # fmt: skip
         pipeline = cls(
             loaded.engines, loaded.tokenizer, cache_size, workflow=loaded.workflow,
