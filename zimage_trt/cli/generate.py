@@ -99,6 +99,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         compile=args.compile,
         compile_scope=args.compile_scope,
         gguf_in_memory=args.gguf_in_memory,
+        resident_blocks=args.resident_blocks,
         cuda_graphs=args.cuda_graphs,
         lora_ignore_unmatched=args.lora_ignore_unmatched,
         strict_model=True,
@@ -260,6 +261,15 @@ def add_generate_parser(sub: Any) -> None:
         action="store_true",
         help="keep a GGUF DiT quantized in memory (Q8_0: 1.06 bytes a weight, Q4_K: 0.56) and "
         "dequantize each layer as it runs, as ComfyUI-GGUF does (the same output; no LoRAs)",
+    )
+    p.add_argument(
+        "--resident-blocks",
+        type=int,
+        default=None,
+        metavar="N",
+        help="keep N of the DiT's main blocks on the device and stream the others from CPU "
+        "memory through two staging blocks, the next copied while one computes (torch backend; "
+        "zimage-trt plan says how many fit)",
     )
     p.add_argument(
         "--vae-tiles",

@@ -101,13 +101,15 @@ def torch_engines(
     dtype: torch.dtype = torch.float32,
     text_encoder_dtype: torch.dtype = torch.float32,
     vae_dtype: torch.dtype | None = None,
+    resident_blocks: int | None = None,
 ) -> Engines:
     """The eager ``torch`` backend over the project's modules (``zimage_trt.models``).
 
     The DiT computes in ``dtype`` (bf16 on GPU as ComfyUI; fp32 on CPU), the text encoder in
     fp32 activations as ComfyUI does (its manual-cast ops upcast the weights), the VAE in
-    ``vae_dtype`` (default: the DiT's). fp16 is refused for the DiT and VAE: Z-Image overflows
-    to NaN / black images in fp16.
+    ``vae_dtype`` (default: the DiT's); ``resident_blocks``: only that many of the DiT's main
+    blocks on ``device``, the others streamed (``engines.block_streaming``). fp16 is refused
+    for the DiT and VAE: Z-Image overflows to NaN / black images in fp16.
     """
     vae_dtype = vae_dtype or dtype
     if torch.float16 in (dtype, vae_dtype):
@@ -116,7 +118,12 @@ def torch_engines(
             "black images in fp16); use bfloat16 or float32"
         )
     device = torch.device(device)
-    dit = dit.to(device=device, dtype=dtype)
+    if resident_blocks is None:
+        dit = dit.to(device=device, dtype=dtype)
+    else:  # the other main blocks streamed from CPU memory (engines.block_streaming)
+        from zimage_trt.engines.block_streaming import stream_blocks
+
+        dit = stream_blocks(dit, resident_blocks, device, dtype)
     vae = vae.to(device=device, dtype=vae_dtype)
     return Engines(
         text_encoder=TorchEngine(
@@ -151,6 +158,7 @@ def load_torch_engines(
     dtype: torch.dtype,
     lora_ignore_unmatched: bool = False,
     gguf_in_memory: bool = False,
+    resident_blocks: int | None = None,
     log: Callable[[str], None] = lambda msg: print(msg, file=sys.stderr),
 ) -> Engines:
     """The three networks of ``sources`` (its LoRAs fused into the DiT) on ``device``, eager
@@ -162,4 +170,5 @@ def load_torch_engines(
     text_encoder = load_text_encoder_weights(files.text_encoder, torch.float32)
     log(f"loading the VAE from {files.vae}")
     vae = load_vae_weights(files.vae, dtype)
-    return torch_engines(dit, text_encoder, vae, device=device, dtype=dtype)
+    return torch_engines(dit, text_encoder, vae, device=device, dtype=dtype,
+                         resident_blocks=resident_blocks)  # fmt: skip

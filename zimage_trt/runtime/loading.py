@@ -122,6 +122,7 @@ def load_model(
     compile: bool = False,
     compile_scope: str = "whole",
     gguf_in_memory: bool = False,
+    resident_blocks: int | None = None,
     check_prompts: PromptCheck | None = None,
     log: Log = _stderr,
 ) -> Loaded:
@@ -142,6 +143,7 @@ def load_model(
         dtype=torch_dtype,
         lora_ignore_unmatched=lora_ignore_unmatched,
         gguf_in_memory=gguf_in_memory,
+        resident_blocks=resident_blocks,
         log=log,
     )
     if compile:

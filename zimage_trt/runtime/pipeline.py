@@ -107,6 +107,7 @@ class Pipeline:
         cuda_graphs: bool = False,
         lora_ignore_unmatched: bool = False,
         gguf_in_memory: bool = False,
+        resident_blocks: int | None = None,
         strict_model: bool = False,
         search: Sequence[Path] | None = None,
         requests: Sequence[GenerateRequest] = (),
@@ -120,9 +121,11 @@ class Pipeline:
         ``model`` (a folder, a Hugging Face repo id from the local cache, or ``"tiny"``) loads
         the torch backend (``compile``: ``torch.compile`` per stage shape, ``compile_scope``
         ``"whole"`` or ``"regional"``; ``gguf_in_memory``: a GGUF DiT kept quantized in memory,
-        dequantized layer by layer); ``engines`` serves a built folder (``cuda_graphs``:
-        TensorRT replays the denoiser), with ``model`` as the base DiT when its engines take
-        other LoRAs (``strict_model``: refuse a ``model`` that no swap needs). ``loras``
+        dequantized layer by layer; ``resident_blocks``: that many of the DiT's main blocks on
+        the device, the others streamed from CPU memory); ``engines`` serves a built folder
+        (``cuda_graphs``: TensorRT replays the denoiser), with ``model`` as the base DiT when
+        its engines take other LoRAs (``strict_model``: refuse a ``model`` that no swap
+        needs). ``loras``
         ((file, strength) pairs) replace the workflow's LoRAs, ``negative_prompt_file`` its
         negative prompt; relative LoRA paths are looked for in ``search`` (default: the
         workflow file's folder, then the current one). ``backend`` names the backend the
@@ -174,6 +177,7 @@ class Pipeline:
                 wf, model, device=device, dtype=dtype, search=where,
                 lora_ignore_unmatched=lora_ignore_unmatched, compile=compile,
                 compile_scope=compile_scope, gguf_in_memory=gguf_in_memory,
+                resident_blocks=resident_blocks,
                 check_prompts=check_prompts, log=log,
             )  # fmt: skip
         pipeline = cls(
