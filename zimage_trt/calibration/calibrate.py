@@ -169,8 +169,8 @@ def _calibrate_text_encoder(
     pipeline: Pipeline, prompts: Sequence[str]
 ) -> tuple[nn.Module, dict[str, Any]]:
     """The pipeline's text encoder quantized to FP8 (every Linear; the token embedding stays
-    full precision) and calibrated on encoding
-    ``prompts`` and the workflow's negative prompt; its part of the record."""
+    full precision) and calibrated on encoding ``prompts`` and the workflow's negative prompt;
+    its part of the record."""
     engine = pipeline.engines.text_encoder
     assert isinstance(engine, TorchEngine) and pipeline.workflow is not None  # as calibrate
     negative = pipeline.workflow.prompts.negative_text()

@@ -53,8 +53,6 @@ BYTES = {"fp32": 4.0, "bf16": 2.0, "fp8": 1.0, "int8": 1.0, "q8_0": 34 / 32, "q4
 GGUF = ("q8_0", "q4_k")
 DIT_PRECISIONS = ("bf16", "fp32", "fp8", "int8", "q8_0", "q4_k")
 TEXT_PRECISIONS = ("bf16", "fp32", "fp8", "q8_0", "q4_k")
-ENGINE_COMPONENT = {"text_encoder": "text encoder", "caption_path": "DiT", "denoiser": "DiT",
-                    "vae_decoder": "VAE", "vae_encoder": "VAE"}  # fmt: skip
 
 
 def weight_bytes(model: nn.Module, precision: str, keep: Sequence[str] = ()) -> int:
