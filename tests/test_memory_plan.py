@@ -185,6 +185,13 @@ def test_the_cli_prints_and_writes_plans_and_refuses_a_budget_too_small(
     assert capsys.readouterr().err.strip() == (
         f"zimage-trt: error: {out} exists; not overwritten (pass --force to replace it)"
     )
+    from zimage_trt.models.tiny import tiny_model_dir
+
+    folder = ["plan", "--model", str(tiny_model_dir()), "-w", "zimage-121101", "--device", "cpu"]
+    assert main([*folder, "--max-vram", "1G"]) == 0  # configurations read from the weights
+    from_folder = capsys.readouterr().out.strip().splitlines()
+    from_tiny = printed.split("\n\n== ")[0].strip().splitlines()  # its 1G plan
+    assert from_folder[1:] == from_tiny[1:]  # the same plan under another header
     assert main([*argv, "--max-vram", "10M"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(

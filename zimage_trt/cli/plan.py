@@ -75,7 +75,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    configs = model_configs(wf, args.model)
+    configs = model_configs(args.model)
     tokens = prompt_tokens(wf, QwenTokenizer.from_package())
     planner = MemoryPlanner(wf, tokens, configs, device=device, dit_precision=args.dit_precision,
                             text_precision=args.text_encoder_precision)  # fmt: skip

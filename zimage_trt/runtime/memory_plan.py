@@ -363,10 +363,10 @@ class MemoryPlanner:
                           s.describe(self.blocks))  # fmt: skip
 
 
-def model_configs(wf: Workflow, model: str | None) -> tuple[DiTConfig, Qwen3Config, VAEConfig]:
+def model_configs(model: str | None) -> tuple[DiTConfig, Qwen3Config, VAEConfig]:
     """The three networks' configurations: Z-Image-Turbo's own when ``model`` is None (nothing
     read), the tiny model's for ``tiny``, else read from the model's weight headers (a folder or
-    a cached repo id, as ``generate --model`` takes it)."""
+    a cached repo id, as ``generate --model`` takes it; nothing is downloaded)."""
     if model is None:
         return DiTConfig(), Qwen3Config(), VAEConfig()
     if model == "tiny":
@@ -376,9 +376,9 @@ def model_configs(wf: Workflow, model: str | None) -> tuple[DiTConfig, Qwen3Conf
         load_text_encoder_weights,
         load_vae_weights,
     )
-    from zimage_trt.workflow.resolve import model_sources
+    from zimage_trt.models.model_files import resolve_model
 
-    files = model_sources(wf, model, log=lambda msg: None).files
+    files = resolve_model(model, download=False)  # LoRAs change no size: not looked for
     return (
         load_dit(files.transformer, torch.bfloat16, meta=True).config,
         load_text_encoder_weights(files.text_encoder, torch.bfloat16, meta=True).config,
