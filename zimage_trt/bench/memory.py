@@ -30,7 +30,7 @@ from torch import Tensor
 from zimage_trt.bench.timing import Log
 from zimage_trt.runtime.memory_plan import MemoryPlanner, Strategy, model_configs_of
 from zimage_trt.runtime.pipeline import Pipeline
-from zimage_trt.runtime.preflight import prompt_tokens
+from zimage_trt.runtime.preflight import phase_name, prompt_tokens
 from zimage_trt.workflow import Workflow
 
 M_MMAP_THRESHOLD = -3  # mallopt's parameter number
@@ -103,14 +103,9 @@ def bench_memory(pipeline: Pipeline, wf: Workflow, log: Log = lambda msg: None) 
     peaks: dict[str, int] = {}
     reserved: dict[str, int] = {}
 
-    def phase(engine: str) -> str:
-        if engine == "text_encoder":
-            return "text"
-        if engine == "caption_path":
-            return "captions"
-        if engine == "denoiser":
-            return names[min(state["stage"], len(names) - 1)]
-        return f"{names[max(state['stage'] - 1, 0)]} decode"
+    def phase(engine: str) -> str:  # a decode follows its stage's last step
+        done = engine == "vae_decoder" and state["stage"] > 0
+        return phase_name(engine, names[min(state["stage"] - done, len(names) - 1)])
 
     def wrap(engine: str, call: Callable[..., dict[str, Tensor]]) -> Callable[..., Any]:
         def measured(**inputs: Tensor) -> dict[str, Tensor]:
@@ -184,9 +179,11 @@ def _module_dtype(engine: Any) -> torch.dtype | None:
 def attach(end_to_end: dict[str, Any], memory: dict[str, Any]) -> None:
     """Each end-to-end part's ``memory`` (text, each stage, decode: the most of its phases)."""
     phases = {p["name"]: p for p in memory.get("phases", [])}
+    stages = [part["name"] for part in end_to_end["parts"] if part["kind"] == "stage"]
+    decodes = {phase_name("vae_decoder", stage) for stage in stages}
     for part in end_to_end["parts"]:
         if part["kind"] == "decode":
-            mine = [p for name, p in phases.items() if name.endswith(" decode")]
+            mine = [p for name, p in phases.items() if name in decodes]
         else:
             mine = [phases[part["name"]]] if part["name"] in phases else []
         if not mine:

@@ -26,6 +26,8 @@ class _Stager:
     def __init__(self, template: nn.Module, device: torch.device) -> None:
         self.device = device
         self.slots = [copy.deepcopy(template).to(device) for _ in range(2)]
+        self.targets = [dict(slot.named_parameters()) | dict(slot.named_buffers())
+                        for slot in self.slots]  # fmt: skip
         self.holds: list[int | None] = [None, None]
         self.ready: list[torch.cuda.Event | None] = [None, None]
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
@@ -34,7 +36,7 @@ class _Stager:
         """Start copying block ``index``'s weights into ``slot`` (on the side stream)."""
         if self.holds[slot] == index:
             return
-        target = dict(self.slots[slot].named_parameters()) | dict(self.slots[slot].named_buffers())
+        target = self.targets[slot]
         if self.stream is None:
             with torch.no_grad():
                 for name, value in weights.items():
@@ -63,24 +65,21 @@ class StreamedBlock(nn.Module):
     the DiT leaves them there); its forward runs them in a staging block, and starts the next
     streamed block's copy into the other one."""
 
-    def __init__(self, order: int, weights: dict[str, Tensor], stager: _Stager,
-                 following: list[dict[str, Tensor]]) -> None:  # fmt: skip
+    def __init__(self, order: int, stager: _Stager, streamed: list[dict[str, Tensor]]) -> None:
         super().__init__()
         self.order = order  # among the streamed blocks
-        self.__dict__["_weights"] = weights
         self.__dict__["_stager"] = stager
-        self.__dict__["_following"] = following  # every streamed block's weights, in order
+        self.__dict__["_streamed"] = streamed  # every streamed block's weights, in order
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         stager: _Stager = self.__dict__["_stager"]
-        following: list[dict[str, Tensor]] = self.__dict__["_following"]
+        streamed: list[dict[str, Tensor]] = self.__dict__["_streamed"]
         slot = self.order % 2
-        stager.load(slot, self.order, self.__dict__["_weights"])
+        stager.load(slot, self.order, streamed[self.order])
         block = stager.take(slot)
         out = block(*args, **kwargs)
-        after = (self.order + 1) % len(following)  # the next one; the first again next step
-        if after != self.order:
-            stager.load(after % 2, after, following[after])
+        after = (self.order + 1) % len(streamed)  # the next one; the first again next step
+        stager.load(after % 2, after, streamed[after])
         return out
 
 
@@ -108,5 +107,5 @@ def stream_blocks(dit: ZImageDiT, resident: int, device: torch.device | str,
         streamed.append(state)
     stager = _Stager(copy.deepcopy(template).to(dtype=dtype), device)
     for order, i in enumerate(range(resident, blocks)):
-        dit.layers[i] = StreamedBlock(order, streamed[order], stager, streamed)
+        dit.layers[i] = StreamedBlock(order, stager, streamed)
     return dit.to(device=device, dtype=dtype)

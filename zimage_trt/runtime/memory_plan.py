@@ -60,15 +60,16 @@ def weight_bytes(model: nn.Module, precision: str, keep: Sequence[str] = ()) -> 
     fragments whose Linears an FP8 / INT8 build leaves in bf16."""
     quantized = {f"{name}.weight" for name, module in model.named_modules()
                  if isinstance(module, nn.Linear) and not any(k in name for k in keep)}  # fmt: skip
+    plain = BYTES["fp32" if precision in ("fp32", *GGUF) else "bf16"]  # what is not quantized
     total = 0.0
     for name, param in model.named_parameters():
-        n = param.numel()
-        if precision in ("fp8", "int8") and name in quantized:
-            total += n
-        elif precision in GGUF:
-            total += n * (BYTES[precision] if param.ndim >= 2 else 4.0)
+        if precision in GGUF:
+            stored = BYTES[precision] if param.ndim >= 2 else plain
         else:
-            total += n * (4.0 if precision == "fp32" else 2.0)
+            stored = (
+                BYTES[precision] if precision in ("fp8", "int8") and name in quantized else plain
+            )
+        total += param.numel() * stored
     return int(total)
 
 
@@ -167,8 +168,12 @@ class MemoryPlan:
     strategy: Strategy
     placements: list[Placement]
     phases: list[PhaseMemory]
-    peak: int  # the most any phase holds (weights + activations), the overhead aside
     choices: list[str]
+
+    @property
+    def peak(self) -> int:
+        """The most any phase holds (weights + activations), the overhead aside."""
+        return max(p.peak for p in self.phases)
 
     @property
     def total(self) -> int:
@@ -192,8 +197,9 @@ class MemoryPlan:
 
     def as_json(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
-        data["strategy"]["vae_tiles"] = str(self.strategy.vae_tiles or "") or None
-        data["total"] = self.total
+        tiles = self.strategy.vae_tiles
+        data["strategy"]["vae_tiles"] = None if tiles is None else str(tiles)
+        data.update(peak=self.peak, total=self.total)
         return data
 
 
@@ -216,19 +222,21 @@ def _activations(
 @functools.cache
 def _tiled_activations(
     configs: tuple[DiTConfig, Qwen3Config, VAEConfig],
-    device: str,
+    dtype: torch.dtype,
     latents: tuple[int, ...],
     tiles: VaeTiles,
+    blended_here: bool,
 ) -> int:
-    """A tiled decode's peak: on a GPU its largest tile's (the blending happens in CPU memory,
-    as in ComfyUI); on the CPU (float32) the whole ``decode_tiled``, its buffers included."""
-    if device == "cuda":
+    """A tiled decode's peak: its largest tile's when the blending happens in other memory (on
+    a GPU: CPU memory, as in ComfyUI); with ``blended_here`` (the CPU) the whole
+    ``decode_tiled``, its buffers included."""
+    if not blended_here:
         return max(
-            _activations(configs, torch.bfloat16, "vae_decoder", (("latents", (1, 16, h, w)),))
+            _activations(configs, dtype, "vae_decoder", (("latents", (1, 16, h, w)),))
             for h, w in tile_shapes(latents[2], latents[3], tiles)
         )
-    decoder = VAEDecoder(_networks(configs, torch.float32).vae)
-    latent = torch.ones(latents, device="meta")
+    decoder = VAEDecoder(_networks(configs, dtype).vae)
+    latent = torch.ones(latents, dtype=dtype, device="meta")
     return activation_peak(lambda: decode_tiled(latent, decoder, tiles, device="meta"))
 
 
@@ -296,8 +304,8 @@ class MemoryPlanner:
         for name, calls in self.phases:
             engine = calls[0][0]
             if engine == "vae_decoder" and s.vae_tiles is not None:
-                act = _tiled_activations(self.configs, self.device, calls[0][1]["latents"],
-                                         s.vae_tiles)  # fmt: skip
+                act = _tiled_activations(self.configs, self.dtype, calls[0][1]["latents"],
+                                         s.vae_tiles, self.device == "cpu")  # fmt: skip
             elif engine == "text_encoder" and s.text_encoder == "cpu":
                 act = 0
             else:
@@ -332,9 +340,8 @@ class MemoryPlanner:
         ladder = self.ladder()
         for strategy in ladder:
             rows = self.predict(strategy)
-            peak = max(r.peak for r in rows)
-            if peak + self.overhead <= budget:
-                return self._plan(budget, strategy, rows, peak)
+            if max(r.peak for r in rows) + self.overhead <= budget:
+                return self._plan(budget, strategy, rows)
         frugal = ladder[-1]
         least = max(r.peak for r in self.predict(frugal)) + self.overhead
         unit = "" if self.device == "cuda" else " (RAM: planned for the CPU)"
@@ -345,7 +352,7 @@ class MemoryPlanner:
             f"({'; '.join(frugal.describe(self.blocks))})"
         )
 
-    def _plan(self, budget: int, s: Strategy, rows: list[PhaseMemory], peak: int) -> MemoryPlan:
+    def _plan(self, budget: int, s: Strategy, rows: list[PhaseMemory]) -> MemoryPlan:
         where = {
             "DiT": "GPU" if s.dit_blocks is None else (
                 f"GPU: {s.dit_blocks} of {self.blocks} blocks (+{s.staged} staged), the rest "
@@ -359,7 +366,7 @@ class MemoryPlanner:
         held = self.held(s)
         placements = [Placement(c, self.precisions[c], self.weights[c], where[c], held[c])
                       for c in self.weights]  # fmt: skip
-        return MemoryPlan(budget, self.device, self.overhead, s, placements, rows, peak,
+        return MemoryPlan(budget, self.device, self.overhead, s, placements, rows,
                           s.describe(self.blocks))  # fmt: skip
 
 

@@ -49,6 +49,12 @@ def check_prompt_lengths(
     return tokens
 
 
+def phase_name(engine: str, stage: str) -> str:
+    """The phase a call of ``engine`` belongs to, during or after ``stage`` (``phase_calls``)."""
+    return {"text_encoder": "text", "caption_path": "captions", "denoiser": stage,
+            "vae_decoder": f"{stage} decode", "vae_encoder": f"{stage} encode"}[engine]  # fmt: skip
+
+
 def phase_calls(wf: Workflow, tokens: list[int]) -> list[tuple[str, list[EngineCall]]]:
     """The shapes of every engine call of a run, given the token counts of its prompts
     (positive, then negative where a stage has cfg ≠ 1), by phase: ``text`` (the text encoder),
@@ -56,20 +62,22 @@ def phase_calls(wf: Workflow, tokens: list[int]) -> list[tuple[str, list[EngineC
     (``<stage> decode``, for a preview or the image) and its image input (``<stage> encode``)."""
     slots = [-(-n // 32) * 32 for n in tokens]
     phases: list[tuple[str, list[EngineCall]]] = [
-        ("text", [("text_encoder", {"input_ids": (1, n)}) for n in tokens]),
-        ("captions", [("caption_path", {"cap_mask": (1, n)}) for n in tokens]),
+        (phase_name(engine, ""), [(engine, {axis: (1, n)}) for n in tokens])
+        for engine, axis in (("text_encoder", "input_ids"), ("caption_path", "cap_mask"))
     ]
     for i, (stage, (h, w)) in enumerate(zip(wf.stages, wf.latent_sizes(), strict=True)):
         uses = slots if not math.isclose(stage.cfg, 1.0) else slots[:1]
         batched = len(uses) == 2 and uses[0] == uses[1] and tokens[0] == tokens[1]
         b = 2 if batched else 1
-        phases.append((stage.name, [("denoiser", {"latents": (b, 16, h, w), "cap_valid": (b, lc)})
-                                    for lc in (uses[:1] if batched else uses)]))  # fmt: skip
+        denoise = [("denoiser", {"latents": (b, 16, h, w), "cap_valid": (b, lc)})
+                   for lc in (uses[:1] if batched else uses)]  # fmt: skip
+        phases.append((phase_name("denoiser", stage.name), denoise))
         if stage.preview or i == len(wf.stages) - 1:
-            phases.append((f"{stage.name} decode", [("vae_decoder", {"latents": (1, 16, h, w)})]))
+            decode: EngineCall = ("vae_decoder", {"latents": (1, 16, h, w)})
+            phases.append((phase_name("vae_decoder", stage.name), [decode]))
         if stage.latent.source == "image":
-            phases.append((f"{stage.name} encode",
-                           [("vae_encoder", {"image": (1, 3, 8 * h, 8 * w)})]))  # fmt: skip
+            encode: EngineCall = ("vae_encoder", {"image": (1, 3, 8 * h, 8 * w)})
+            phases.append((phase_name("vae_encoder", stage.name), [encode]))
     return phases
 
 
