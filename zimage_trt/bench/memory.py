@@ -108,7 +108,11 @@ def bench_memory(pipeline: Pipeline, wf: Workflow, log: Log = lambda msg: None) 
         return phase_name(engine, names[min(state["stage"] - done, len(names) - 1)])
 
     def wrap(engine: str, call: Callable[..., dict[str, Tensor]]) -> Callable[..., Any]:
+        hold = getattr(call, "hold", None)  # a network taking turns: brought in unmeasured
+
         def measured(**inputs: Tensor) -> dict[str, Tensor]:
+            if hold is not None:
+                hold()
             before = meter.reset()
             out = call(**inputs)
             if meter.cuda:
@@ -167,7 +171,10 @@ def _predicted(pipeline: Pipeline, wf: Workflow, device: torch.device) -> dict[s
         device="cuda" if device.type == "cuda" else "cpu", dtype=pipeline.engines.dtype,
         text_dtype=_module_dtype(pipeline.engines.text_encoder),
     )  # fmt: skip
-    rows = planner.predict(Strategy(vae_tiles=pipeline.vae_tiles))
+    budget = pipeline.budget
+    rows = planner.predict(
+        budget.plan.strategy if budget else Strategy(vae_tiles=pipeline.vae_tiles)
+    )
     return {row.name: row.activations for row in rows}
 
 

@@ -206,6 +206,7 @@ def run_bench(
     compile_options: Mapping[str, Any] | None = None,
     deadline: float | None = None,
     on_backend: Callable[[dict[str, Any]], None] | None = None,
+    max_vram: int | None = None,
     log: Log = lambda msg: None,
 ) -> dict[str, Any]:
     """Every figure of one bench run as a JSON-ready dict (see ``benchmarks/README.md``).
@@ -221,7 +222,9 @@ def run_bench(
 
     The torch backend is added when the baselines are wanted (this project's eager math is the
     multi-stage baseline). Compiled backends without a folder get one built (or reused by cache
-    key) under ``engines_root`` (default: the zimage-trt cache's ``engines/``).
+    key) under ``engines_root`` (default: the zimage-trt cache's ``engines/``). ``max_vram``:
+    the eager torch backend opened under that memory budget's plan (``runtime.memory_plan``);
+    no other backend follows one.
     """
     from zimage_trt.engines.torch_engines import pick_device, pick_dtype
 
@@ -235,6 +238,10 @@ def run_bench(
     # torch first: torch-compile wraps its engines, the others compare against it
     wanted.sort(key=lambda b: BACKENDS.index(b) if b in ("torch", "torch-compile") else 9)
     folders = _engine_dirs(engines_dirs, wanted)
+    if max_vram is not None and (wanted != ["torch"] or not skip_baseline):
+        raise InputError("--max-vram plans the eager torch backend alone: pass --backends "
+                         "torch --skip-baseline (the other backends and diffusers' baseline "
+                         "follow no budget)")  # fmt: skip
     if "tensorrt" in wanted:
         try:
             import tensorrt  # noqa: F401
@@ -297,7 +304,7 @@ def run_bench(
             if eager is None:
                 eager = Pipeline.open(
                     model=model, workflow=wf, device=torch_device, dtype=torch_dtype, search=(),
-                    log=log,
+                    max_vram=max_vram, log=log,
                 )  # fmt: skip
             pipeline = eager
             if backend == "torch-compile":

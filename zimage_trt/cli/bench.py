@@ -10,6 +10,7 @@ from typing import Any
 
 from zimage_trt.bench.report import markdown, write_outputs
 from zimage_trt.bench.run import BACKENDS, run_bench
+from zimage_trt.cli.common import parse_bytes
 
 
 def add_bench_parser(sub: Any) -> argparse.ArgumentParser:
@@ -81,6 +82,10 @@ def add_bench_parser(sub: Any) -> argparse.ArgumentParser:
         action="store_true",
         help="no diffusers baseline and no torch eager run unless asked for",
     )
+    p.add_argument("--max-vram", default=None, metavar="SIZE",
+                   help="the torch backend under this memory budget's plan (zimage-trt plan; "
+                   "8G, 12G …; RAM without a GPU): its memory table shows the plan's "
+                   "predictions beside what was measured")  # fmt: skip
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
     p.set_defaults(func=cmd_bench)
     return p
@@ -102,6 +107,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         iters=args.iters,
         repeats=args.repeats,
         skip_baseline=args.skip_baseline,
+        max_vram=parse_bytes(args.max_vram) if args.max_vram else None,
         log=log,
     )
     md, png = args.md, args.png

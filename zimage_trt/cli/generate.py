@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from zimage_trt.cli.common import RAW, examples, progress_bars, stderr_log
+from zimage_trt.cli.common import RAW, examples, parse_bytes, progress_bars, stderr_log
 from zimage_trt.errors import InputError
 from zimage_trt.runtime.requests import GenerateRequest
 from zimage_trt.text_table import text_table
@@ -87,6 +87,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     requests = _requests(args)
     tiles = VaeTiles.parse(args.vae_tiles) if args.vae_tiles else None
+    max_vram = parse_bytes(args.max_vram) if args.max_vram else None
     pipeline = Pipeline.open(
         model=args.model,
         engines=args.engines,
@@ -100,6 +101,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         compile_scope=args.compile_scope,
         gguf_in_memory=args.gguf_in_memory,
         resident_blocks=args.resident_blocks,
+        text_encoder=args.text_encoder,
+        vae_tiles=tiles,
+        max_vram=max_vram,
         cuda_graphs=args.cuda_graphs,
         lora_ignore_unmatched=args.lora_ignore_unmatched,
         strict_model=True,
@@ -109,7 +113,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
         # always reported
         log=stderr_log(args.quiet and args.engines is not None),
     )
-    pipeline.vae_tiles = tiles
     for request in requests:
         wf = pipeline.request_workflow(request)
         generation = pipeline.run(wf, progress=progress_bars(args.quiet))
@@ -270,6 +273,22 @@ def add_generate_parser(sub: Any) -> None:
         help="keep N of the DiT's main blocks on the device and stream the others from CPU "
         "memory through two staging blocks, the next copied while one computes (torch backend; "
         "zimage-trt plan says how many fit)",
+    )
+    p.add_argument(
+        "--text-encoder",
+        choices=("resident", "released", "cpu"),
+        default="resident",
+        help="where the text encoder stays: on the device (default), released after encoding "
+        "(it and the DiT take turns on the device; a new prompt brings it back), or on the CPU "
+        "(torch backend)",
+    )
+    p.add_argument(
+        "--max-vram",
+        default=None,
+        metavar="SIZE",
+        help="a memory budget (8G, 12G, 512M …; RAM on a machine without a GPU): its plan "
+        "(zimage-trt plan) places the networks, tiles the decode, and refuses what cannot fit "
+        "(torch backend)",
     )
     p.add_argument(
         "--vae-tiles",

@@ -14,7 +14,7 @@ import socket
 import threading
 from typing import Any, NoReturn
 
-from zimage_trt.cli.common import RAW, examples, stderr_log
+from zimage_trt.cli.common import RAW, examples, parse_bytes, stderr_log
 from zimage_trt.errors import EXIT_INTERRUPTED, InputError, MissingLibraryError
 
 API_KEY_VARIABLE = "ZIMAGE_TRT_API_KEY"
@@ -72,6 +72,14 @@ def add_serve_parser(sub: Any) -> None:
         help='register a LoRA that requests may name ("lora": [{"name": NAME}]); it is '
         "switched into the DiT engines between batches (torch backends, ONNX Runtime folders, "
         "TensorRT folders built with --refittable). Repeatable; strength default 1",
+    )
+    p.add_argument(
+        "--max-vram",
+        default=None,
+        metavar="SIZE",
+        help="a memory budget (8G, 12G …; RAM without a GPU) for --model: its plan, made for "
+        "--max-batch images sampled together, places the networks and tiles the decode; a "
+        "request that would pass it is refused with 400",
     )
     p.add_argument(
         "--host",
@@ -195,7 +203,9 @@ def source_from(args: argparse.Namespace) -> Any:
 
     loras = tuple(RegisteredLora.parse(spec) for spec in args.lora)
     check_names(loras)
-    return Source(args.model, args.engines, args.workflow, args.device, loras)
+    max_vram = parse_bytes(args.max_vram) if args.max_vram else None
+    return Source(args.model, args.engines, args.workflow, args.device, loras, max_vram,
+                  args.max_batch)  # fmt: skip
 
 
 def ray_app(args: dict[str, str]) -> Any:

@@ -20,12 +20,14 @@ from zimage_trt.errors import InputError
 from zimage_trt.models.dit import ZImageDiT
 
 
-class _Stager:
-    """The two staging blocks on the device and which streamed block each holds."""
+class _Stager(nn.Module):
+    """The two staging blocks on the device and which streamed block each holds (a submodule of
+    the DiT, so that moving the DiT moves them: ``engines.placement``)."""
 
     def __init__(self, template: nn.Module, device: torch.device) -> None:
+        super().__init__()
         self.device = device
-        self.slots = [copy.deepcopy(template).to(device) for _ in range(2)]
+        self.slots = nn.ModuleList(copy.deepcopy(template).to(device) for _ in range(2))
         self.targets = [dict(slot.named_parameters()) | dict(slot.named_buffers())
                         for slot in self.slots]  # fmt: skip
         self.holds: list[int | None] = [None, None]
@@ -57,7 +59,8 @@ class _Stager:
         if event is not None:
             torch.cuda.current_stream(self.device).wait_event(event)
             self.ready[slot] = None
-        return self.slots[slot]
+        block: nn.Module = self.slots[slot]
+        return block
 
 
 class StreamedBlock(nn.Module):
@@ -108,4 +111,5 @@ def stream_blocks(dit: ZImageDiT, resident: int, device: torch.device | str,
     stager = _Stager(copy.deepcopy(template).to(dtype=dtype), device)
     for order, i in enumerate(range(resident, blocks)):
         dit.layers[i] = StreamedBlock(order, stager, streamed)
+    dit.add_module("stager", stager)
     return dit.to(device=device, dtype=dtype)

@@ -9,7 +9,7 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from zimage_trt.engines.protocol import ENGINE_IO, Engines
+from zimage_trt.engines.protocol import ENGINE_IO, Engine, Engines
 from zimage_trt.errors import InputError, RunError, UnavailableError
 from zimage_trt.models.checkpoints import load_text_encoder_weights, load_vae_weights
 from zimage_trt.models.dit import CaptionPath, ZImageDiT
@@ -102,13 +102,18 @@ def torch_engines(
     text_encoder_dtype: torch.dtype = torch.float32,
     vae_dtype: torch.dtype | None = None,
     resident_blocks: int | None = None,
+    text_encoder_placement: str = "resident",
+    reload: Mapping[str, Callable[[], nn.Module]] | None = None,
 ) -> Engines:
     """The eager ``torch`` backend over the project's modules (``zimage_trt.models``).
 
     The DiT computes in ``dtype`` (bf16 on GPU as ComfyUI; fp32 on CPU), the text encoder in
     fp32 activations as ComfyUI does (its manual-cast ops upcast the weights), the VAE in
     ``vae_dtype`` (default: the DiT's); ``resident_blocks``: only that many of the DiT's main
-    blocks on ``device``, the others streamed (``engines.block_streaming``). fp16 is refused
+    blocks on ``device``, the others streamed (``engines.block_streaming``);
+    ``text_encoder_placement``: ``resident``, ``released`` (taking turns with the DiT) or
+    ``cpu`` (``engines.placement``; released on the CPU reads the networks again through
+    ``reload``: ``"text encoder"`` and ``"DiT"`` → the module, as built here). fp16 is refused
     for the DiT and VAE: Z-Image overflows to NaN / black images in fp16.
     """
     vae_dtype = vae_dtype or dtype
@@ -125,18 +130,63 @@ def torch_engines(
 
         dit = stream_blocks(dit, resident_blocks, device, dtype)
     vae = vae.to(device=device, dtype=vae_dtype)
+    engines = _placed(
+        TorchEngine("text_encoder", text_encoder.to(dtype=text_encoder_dtype)),
+        TorchEngine("caption_path", CaptionPath(dit)),
+        TorchEngine("denoiser", dit),
+        device,
+        text_encoder_placement,
+        reload,
+    )
     return Engines(
-        text_encoder=TorchEngine(
-            "text_encoder", text_encoder.to(device=device, dtype=text_encoder_dtype)
-        ),
-        caption_path=TorchEngine("caption_path", CaptionPath(dit)),
-        denoiser=TorchEngine("denoiser", dit),
+        *engines,
         vae_decoder=TorchEngine("vae_decoder", _Cast(VAEDecoder(vae), vae_dtype)),
         vae_encoder=TorchEngine("vae_encoder", _Cast(VAEEncoder(vae), vae_dtype)),
         backend="torch",
         device=device,
         dtype=dtype,
     )
+
+
+def _placed(
+    text: TorchEngine,
+    caption: TorchEngine,
+    denoiser: TorchEngine,
+    device: torch.device,
+    placement: str,
+    reload: Mapping[str, Callable[[], nn.Module]] | None,
+) -> tuple[Engine, Engine, Engine]:
+    """The text encoder and the DiT's engines placed (``engines.placement``); the text encoder
+    arrives on the CPU (or on ``meta``: released already, read at its first call)."""
+    from zimage_trt.engines import placement as where
+
+    if placement not in where.TEXT_ENCODER_PLACEMENTS:
+        raise InputError(f"text encoder placement {placement!r} is not one of "
+                         f"{', '.join(where.TEXT_ENCODER_PLACEMENTS)}")  # fmt: skip
+    released = next(text.module.parameters()).device.type == "meta"
+    if released and placement != "released":
+        raise InputError("the text encoder arrived released (on meta): it must be placed "
+                         "'released'")  # fmt: skip
+    if placement == "resident":
+        text.module.to(device)
+        return text, caption, denoiser
+    if placement == "cpu":
+        return where.OnCpu(text, device), caption, denoiser
+    parked: dict[str, where.Parking]
+    if device.type == "cuda":
+        parked = {"text encoder": where.Offload(text.module, device),
+                  "DiT": where.Offload(denoiser.module, device)}  # fmt: skip
+    else:
+        if reload is None or set(reload) != {"text encoder", "DiT"}:
+            raise InputError("releasing the text encoder on the CPU reads it (and the DiT) again "
+                             "from the model's files: load the model from files")  # fmt: skip
+        parked = {name: where.Reload(module, reload[name]) for name, module in
+                  (("text encoder", text.module), ("DiT", denoiser.module))}  # fmt: skip
+        if not released:
+            parked["text encoder"].park()
+    turns = where.Turns(parked, on="DiT")
+    dit = [where.TurnEngine(engine, "DiT", turns) for engine in (caption, denoiser)]
+    return where.TurnEngine(text, "text encoder", turns), dit[0], dit[1]
 
 
 class _Cast(nn.Module):
@@ -159,16 +209,34 @@ def load_torch_engines(
     lora_ignore_unmatched: bool = False,
     gguf_in_memory: bool = False,
     resident_blocks: int | None = None,
+    text_encoder_placement: str = "resident",
     log: Callable[[str], None] = lambda msg: print(msg, file=sys.stderr),
 ) -> Engines:
     """The three networks of ``sources`` (its LoRAs fused into the DiT) on ``device``, eager
-    (``gguf_in_memory``: a GGUF DiT kept quantized, ``models.gguf_resident``)."""
+    (``gguf_in_memory``: a GGUF DiT kept quantized, ``models.gguf_resident``;
+    ``text_encoder_placement``: see ``torch_engines``; released on the CPU, the text encoder is
+    read at its first call, never beside the DiT)."""
     files = sources.files
-    dit = load_fused_dit(sources, dtype, lora_ignore_unmatched=lora_ignore_unmatched,
-                         gguf_in_memory=gguf_in_memory, log=log)  # fmt: skip
-    log(f"loading the text encoder from {files.text_encoder}")
-    text_encoder = load_text_encoder_weights(files.text_encoder, torch.float32)
+
+    def dit() -> nn.Module:
+        return load_fused_dit(sources, dtype, lora_ignore_unmatched=lora_ignore_unmatched,
+                              gguf_in_memory=gguf_in_memory, log=log)  # fmt: skip
+
+    def text_encoder(meta: bool = False) -> nn.Module:
+        log(f"loading the text encoder from {files.text_encoder}" + (" (its shapes)" * meta))
+        return load_text_encoder_weights(files.text_encoder, torch.float32, meta=meta)
+
+    later = text_encoder_placement == "released" and device.type == "cpu"
+    if later and resident_blocks is not None:
+        raise InputError("on the CPU the DiT's blocks have nowhere else to stream from: "
+                         "drop --resident-blocks (a released text encoder reads the DiT "
+                         "again)")  # fmt: skip
+    fused = dit()
+    text = text_encoder(meta=later)
     log(f"loading the VAE from {files.vae}")
     vae = load_vae_weights(files.vae, dtype)
-    return torch_engines(dit, text_encoder, vae, device=device, dtype=dtype,
-                         resident_blocks=resident_blocks)  # fmt: skip
+    assert isinstance(fused, ZImageDiT) and isinstance(text, Qwen3TextEncoder)
+    return torch_engines(fused, text, vae, device=device, dtype=dtype,
+                         resident_blocks=resident_blocks,
+                         text_encoder_placement=text_encoder_placement,
+                         reload={"text encoder": text_encoder, "DiT": dit})  # fmt: skip

@@ -15,6 +15,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -30,6 +31,9 @@ from zimage_trt.runtime.requests import DEFAULT_WORKFLOW
 from zimage_trt.workflow import LoraRef, Workflow, load_workflow
 from zimage_trt.workflow.resolve import model_sources
 from zimage_trt.workflow.spec import LORA_STRENGTH_MAX
+
+if TYPE_CHECKING:
+    from zimage_trt.runtime.memory_plan import Budget
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt", "tensorrt-rtx")
 Log = Callable[[str], None]
@@ -49,6 +53,7 @@ class Loaded:
     workflow: Workflow
     manifest: Manifest | None = None
     lora_swap: LoraSwap | None = None
+    budget: Budget | None = None  # the memory plan it follows (--max-vram)
 
 
 def open_workflow(
@@ -123,6 +128,10 @@ def load_model(
     compile_scope: str = "whole",
     gguf_in_memory: bool = False,
     resident_blocks: int | None = None,
+    text_encoder: str = "resident",
+    max_vram: int | None = None,
+    side_by_side: int = 1,
+    workflows: Sequence[Workflow] = (),
     check_prompts: PromptCheck | None = None,
     log: Log = _stderr,
 ) -> Loaded:
@@ -130,13 +139,36 @@ def load_model(
     backend, its LoRAs fused (``compile``: each engine compiled per stage shape, whole networks
     or their repeated blocks by ``compile_scope``, see ``engines.compiled``).
     ``check_prompts`` gets the tokenizer and the backend's caption maximum before any weight
-    loads."""
+    loads. ``max_vram``: the memory plan for that many bytes (``runtime.memory_plan``) of the
+    workflow and of ``workflows`` (the requests the caller will make; ``side_by_side`` of
+    them sampled together at the most) places the networks and is followed;
+    ``resident_blocks`` and ``text_encoder`` place them by hand."""
     torch_device = pick_device(device) if isinstance(device, str) else device
     torch_dtype = pick_dtype(dtype, torch_device) if isinstance(dtype, str) else dtype
     sources = model_sources(wf, None if model is None else str(model), search=search, log=log)
     tokenizer = sources.files.load_tokenizer()
     if check_prompts is not None:
         check_prompts(tokenizer, TORCH_CAPTION_MAX, "torch")
+    budget = None
+    if max_vram is not None:
+        from zimage_trt.runtime.memory_plan import plan_budget
+
+        if resident_blocks is not None or text_encoder != "resident":
+            raise InputError("--max-vram places the networks by its plan: pass it without "
+                             "--resident-blocks or --text-encoder")  # fmt: skip
+        budget = plan_budget([wf, *workflows], tokenizer, sources.files, torch_device,
+                             torch_dtype, max_vram, gguf_in_memory=gguf_in_memory,
+                             side_by_side=side_by_side)  # fmt: skip
+        log(f"memory plan for --max-vram:\n{budget.plan.table()}")
+        resident_blocks, text_encoder = (
+            budget.plan.strategy.dit_blocks,
+            budget.plan.strategy.text_encoder,
+        )
+    placed = [f"places the text encoder {text_encoder}"] * (text_encoder != "resident")
+    placed += ["streams the DiT's blocks"] * (resident_blocks is not None)
+    if compile and placed:
+        raise InputError(f"--compile keeps every network whole on the device; this run "
+                         f"{' and '.join(placed)}: run it eager (without --compile)")  # fmt: skip
     engines = load_torch_engines(
         sources,
         device=torch_device,
@@ -144,13 +176,14 @@ def load_model(
         lora_ignore_unmatched=lora_ignore_unmatched,
         gguf_in_memory=gguf_in_memory,
         resident_blocks=resident_blocks,
+        text_encoder_placement=text_encoder,
         log=log,
     )
     if compile:
         from zimage_trt.engines.compiled import compiled_engines
 
         engines = compiled_engines(engines, scope=compile_scope)
-    return Loaded(engines, tokenizer, wf)
+    return Loaded(engines, tokenizer, wf, budget=budget)
 
 
 def load_folder(

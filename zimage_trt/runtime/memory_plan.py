@@ -27,10 +27,13 @@ allocator); on the CPU the plan budgets RAM above the process's baseline.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -39,10 +42,12 @@ from torch import nn
 from zimage_trt.engines.protocol import Engines
 from zimage_trt.errors import InputError
 from zimage_trt.models.dit import FULL_PRECISION_PARTS, CaptionPath, DiTConfig, ZImageDiT
+from zimage_trt.models.model_files import ModelFiles
 from zimage_trt.models.text_encoder import Qwen3Config, Qwen3TextEncoder
+from zimage_trt.models.tokenizer import QwenTokenizer
 from zimage_trt.models.vae import FluxVAE, VAEConfig, VAEDecoder, VAEEncoder
 from zimage_trt.runtime.activation_peak import activation_peak
-from zimage_trt.runtime.preflight import EngineCall, phase_calls
+from zimage_trt.runtime.preflight import EngineCall, phase_calls, prompt_tokens
 from zimage_trt.runtime.vae_tiles import VaeTiles, decode_tiled, tile_shapes
 from zimage_trt.text_table import text_table
 from zimage_trt.workflow import Workflow
@@ -260,9 +265,11 @@ class MemoryPlanner:
         text_precision: str = "bf16",
         dtype: torch.dtype | None = None,
         text_dtype: torch.dtype | None = None,
+        side_by_side: int = 1,
     ) -> None:
         """``dtype`` / ``text_dtype``: the activations' (default bf16 on a GPU, fp32 on the CPU;
-        the torch backend runs its text encoder in fp32 everywhere, as ComfyUI does)."""
+        the torch backend runs its text encoder in fp32 everywhere, as ComfyUI does);
+        ``side_by_side``: runs sampled together (a server's ``--max-batch``)."""
         if dit_precision not in DIT_PRECISIONS:
             raise InputError(f"DiT precision {dit_precision!r} is not one of {DIT_PRECISIONS}")
         if text_precision not in TEXT_PRECISIONS:
@@ -272,7 +279,7 @@ class MemoryPlanner:
         self.dtype = dtype or (torch.bfloat16 if device == "cuda" else torch.float32)
         self.text_dtype = text_dtype or self.dtype
         nets = _networks(configs, self.dtype)
-        vae = "fp32" if device == "cpu" else "bf16"
+        vae = "fp32" if self.dtype == torch.float32 else "bf16"
         self.precisions = {"DiT": dit_precision, "text encoder": text_precision, "VAE": vae}
         self.weights = {
             "DiT": weight_bytes(nets.dit, dit_precision, FULL_PRECISION_PARTS),
@@ -285,8 +292,15 @@ class MemoryPlanner:
         if dit_precision in GGUF:
             largest = max(m.weight.numel() for m in nets.dit.modules() if isinstance(m, nn.Linear))
             self.dequant = largest * self.dtype.itemsize
-        self.phases = phase_calls(wf, tokens)
+        self.side_by_side = side_by_side
+        self.phases = phase_calls(wf, tokens, side_by_side)
         self.overhead = CUDA_OVERHEAD if device == "cuda" else 0
+
+    def like(self, wf: Workflow, tokens: list[int]) -> MemoryPlanner:
+        """This planner (model, device, precisions) for another workflow."""
+        other = copy.copy(self)
+        other.wf, other.phases = wf, phase_calls(wf, tokens, self.side_by_side)
+        return other
 
     def held(self, s: Strategy) -> dict[str, int]:
         """The bytes of each network's weights the budget holds at most under ``s``."""
@@ -334,16 +348,23 @@ class MemoryPlanner:
                     for resident in range(self.blocks - 3, -1, -1)]  # fmt: skip
         return out
 
-    def plan(self, budget: int) -> MemoryPlan:
-        """The first strategy whose peak (and overhead) fits ``budget`` bytes; InputError
-        naming the smallest budget that works when none does."""
+    def plan(self, budget: int, others: Sequence[MemoryPlanner] = ()) -> MemoryPlan:
+        """The first strategy whose peak (and overhead) fits ``budget`` bytes, for this
+        workflow and ``others`` (``like``); InputError naming the smallest budget that works
+        when none does."""
         ladder = self.ladder()
+
+        def need(strategy: Strategy) -> int:
+            rows = [r for p in (self, *others) for r in p.predict(strategy)]
+            return max(r.peak for r in rows) + self.overhead
+
+        needs = []
         for strategy in ladder:
-            rows = self.predict(strategy)
-            if max(r.peak for r in rows) + self.overhead <= budget:
-                return self._plan(budget, strategy, rows)
-        frugal = ladder[-1]
-        least = max(r.peak for r in self.predict(frugal)) + self.overhead
+            needs.append(need(strategy))
+            if needs[-1] <= budget:
+                return self._plan(budget, strategy, self.predict(strategy))
+        least = min(needs)  # tiles, say, cost more than they save on a small image
+        frugal = ladder[needs.index(least)]
         unit = "" if self.device == "cuda" else " (RAM: planned for the CPU)"
         raise InputError(
             f"--max-vram {format_bytes(budget)}{unit} is too little for {self.wf.name} at DiT "
@@ -378,19 +399,87 @@ def model_configs(model: str | None) -> tuple[DiTConfig, Qwen3Config, VAEConfig]
         return DiTConfig(), Qwen3Config(), VAEConfig()
     if model == "tiny":
         return DiTConfig.tiny(), Qwen3Config.tiny(), VAEConfig.tiny()
+    from zimage_trt.models.model_files import resolve_model
+
+    return configs_of_files(resolve_model(model, download=False))  # LoRAs change no size
+
+
+def configs_of_files(files: ModelFiles) -> tuple[DiTConfig, Qwen3Config, VAEConfig]:
+    """The configurations in a model's weight headers (no weight read)."""
     from zimage_trt.models.checkpoints import (
         load_dit,
         load_text_encoder_weights,
         load_vae_weights,
     )
-    from zimage_trt.models.model_files import resolve_model
 
-    files = resolve_model(model, download=False)  # LoRAs change no size: not looked for
     return (
         load_dit(files.transformer, torch.bfloat16, meta=True).config,
         load_text_encoder_weights(files.text_encoder, torch.bfloat16, meta=True).config,
         load_vae_weights(files.vae, torch.bfloat16, meta=True).config,
     )
+
+
+def gguf_precision(path: str | Path) -> str:
+    """The precision a GGUF DiT's Linear weights are kept at (their most common GGML type)."""
+    from zimage_trt.models.gguf import open_dit_gguf
+
+    kinds = Counter(t.qtype.lower() for t in open_dit_gguf(path).values() if len(t.shape) >= 2)
+    kind = kinds.most_common(1)[0][0]
+    if kind not in GGUF:
+        raise InputError(f"{path} holds {kind.upper()} weights; the memory planner knows "
+                         f"{', '.join(k.upper() for k in GGUF)}")  # fmt: skip
+    return kind
+
+
+def plan_budget(
+    workflows: Sequence[Workflow],
+    tokenizer: QwenTokenizer,
+    files: ModelFiles,
+    device: torch.device,
+    dtype: torch.dtype,
+    budget: int,
+    *,
+    gguf_in_memory: bool = False,
+    side_by_side: int = 1,
+) -> Budget:
+    """The torch backend's plan for ``budget`` bytes that every one of ``workflows`` fits (the
+    first is shown): the model's configurations from its files, its DiT at ``dtype`` (or kept
+    quantized, ``gguf_in_memory``), its text encoder in fp32, as ``load_torch_engines`` loads
+    them; ``side_by_side``: runs sampled together at the most."""
+    precision = gguf_precision(files.transformer) if gguf_in_memory else (
+        "fp32" if dtype == torch.float32 else "bf16")  # fmt: skip
+    configs = configs_of_files(files)
+    first, *more = [
+        MemoryPlanner(wf, prompt_tokens(wf, tokenizer), configs,
+                      device="cuda" if device.type == "cuda" else "cpu",
+                      dit_precision=precision, text_precision="fp32", dtype=dtype,
+                      text_dtype=torch.float32, side_by_side=side_by_side)
+        for wf in workflows
+    ]  # fmt: skip
+    return Budget(first.plan(budget, more), first)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A pipeline's memory budget: the plan it follows, and a check of each workflow it runs
+    against it (another size or a longer prompt may need more than the planned one)."""
+
+    plan: MemoryPlan
+    planner: MemoryPlanner
+
+    def check(self, wf: Workflow, tokens: list[int]) -> None:
+        """InputError when ``wf`` (prompts of ``tokens`` tokens) would pass the budget."""
+        planner = self.planner.like(wf, tokens)
+        rows = planner.predict(self.plan.strategy)
+        worst = max(rows, key=lambda r: r.peak)
+        need = worst.peak + planner.overhead
+        if need > self.plan.budget:
+            raise InputError(
+                f"workflow {wf.name!r} needs {format_bytes(need)} at its {worst.name} phase under "
+                f"this pipeline's memory plan ({'; '.join(self.plan.choices)}), more than "
+                f"--max-vram {format_bytes(self.plan.budget)}: ask for a smaller image or a "
+                "shorter prompt, or open the pipeline for this workflow"
+            )
 
 
 def model_configs_of(engines: Engines) -> tuple[DiTConfig, Qwen3Config, VAEConfig]:

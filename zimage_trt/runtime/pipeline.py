@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -39,7 +40,12 @@ from zimage_trt.runtime.images import (
     to_uint8,
 )
 from zimage_trt.runtime.loras import LoraBank
-from zimage_trt.runtime.preflight import TORCH_CAPTION_MAX, check_prompt_lengths, preflight
+from zimage_trt.runtime.preflight import (
+    TORCH_CAPTION_MAX,
+    check_prompt_lengths,
+    preflight,
+    prompt_tokens,
+)
 from zimage_trt.runtime.requests import (
     CacheStats,
     GenerateRequest,
@@ -52,6 +58,9 @@ from zimage_trt.runtime.vae_tiles import VaeTiles, decode_tiled
 from zimage_trt.sampling.guider import Cond, ModelFn
 from zimage_trt.sampling.stage import sample_stage, stage_input_latent
 from zimage_trt.workflow import Workflow
+
+if TYPE_CHECKING:
+    from zimage_trt.runtime.memory_plan import Budget
 
 
 def _stderr(msg: str) -> None:
@@ -89,6 +98,7 @@ class Pipeline:
         self.engine_lock = threading.RLock()
         self.loras: LoraBank | None = None  # LoRAs switched per request (runtime.loras)
         self.vae_tiles: VaeTiles | None = None  # decode in tiles as ComfyUI's VAEDecodeTiled
+        self.budget: Budget | None = None  # the memory plan it follows (--max-vram)
 
     @classmethod
     def open(
@@ -108,6 +118,10 @@ class Pipeline:
         lora_ignore_unmatched: bool = False,
         gguf_in_memory: bool = False,
         resident_blocks: int | None = None,
+        text_encoder: str = "resident",
+        vae_tiles: VaeTiles | None = None,
+        max_vram: int | None = None,
+        side_by_side: int = 1,
         strict_model: bool = False,
         search: Sequence[Path] | None = None,
         requests: Sequence[GenerateRequest] = (),
@@ -122,9 +136,14 @@ class Pipeline:
         the torch backend (``compile``: ``torch.compile`` per stage shape, ``compile_scope``
         ``"whole"`` or ``"regional"``; ``gguf_in_memory``: a GGUF DiT kept quantized in memory,
         dequantized layer by layer; ``resident_blocks``: that many of the DiT's main blocks on
-        the device, the others streamed from CPU memory); ``engines`` serves a built folder
-        (``cuda_graphs``: TensorRT replays the denoiser), with ``model`` as the base DiT when
-        its engines take other LoRAs (``strict_model``: refuse a ``model`` that no swap
+        the device, the others streamed from CPU memory; ``text_encoder``: ``resident``,
+        ``released`` (taking turns with the DiT) or ``cpu``, see ``engines.placement``;
+        ``max_vram``: a memory budget in bytes whose plan, ``runtime.memory_plan``, places the
+        networks and tiles the decode, and which every request is checked against; planned for
+        ``side_by_side`` runs sampled together, a server's ``--max-batch``);
+        ``vae_tiles`` decodes in tiles as ComfyUI's VAEDecodeTiled; ``engines`` serves a built
+        folder (``cuda_graphs``: TensorRT replays the denoiser), with ``model`` as the base DiT
+        when its engines take other LoRAs (``strict_model``: refuse a ``model`` that no swap
         needs). ``loras``
         ((file, strength) pairs) replace the workflow's LoRAs, ``negative_prompt_file`` its
         negative prompt; relative LoRA paths are looked for in ``search`` (default: the
@@ -136,6 +155,14 @@ class Pipeline:
         workflow's folder) — and against the loaded engines (LoRAs, profiles) before this
         returns, so that a bad one stops the batch before its first image.
         """
+        if engines is not None and max_vram is not None:
+            raise InputError(
+                "--max-vram plans the torch backend (--model): an engine folder's memory is "
+                "fixed when it is built"
+            )
+        if max_vram is not None and vae_tiles is not None:
+            raise InputError("--max-vram tiles the decode by its plan: pass it without "
+                             "--vae-tiles")  # fmt: skip
         wf = loading.open_workflow(
             workflow, engines, loras=loras, negative_prompt_file=negative_prompt_file
         )
@@ -177,13 +204,19 @@ class Pipeline:
                 wf, model, device=device, dtype=dtype, search=where,
                 lora_ignore_unmatched=lora_ignore_unmatched, compile=compile,
                 compile_scope=compile_scope, gguf_in_memory=gguf_in_memory,
-                resident_blocks=resident_blocks,
+                resident_blocks=resident_blocks, text_encoder=text_encoder, max_vram=max_vram,
+                side_by_side=side_by_side,
+                workflows=[request.workflow_for(wf) for request in requests],
                 check_prompts=check_prompts, log=log,
             )  # fmt: skip
         pipeline = cls(
             loaded.engines, loaded.tokenizer, cache_size, workflow=loaded.workflow,
             manifest=loaded.manifest, lora_swap=loaded.lora_swap,
         )  # fmt: skip
+        pipeline.budget = loaded.budget
+        pipeline.vae_tiles = vae_tiles
+        if loaded.budget is not None:
+            pipeline.vae_tiles = loaded.budget.plan.strategy.vae_tiles
         pipeline.preflight(wf)
         for request in requests:
             pipeline.request_workflow(request)
@@ -282,6 +315,14 @@ class Pipeline:
         with self.engine_lock:
             self._captions.clear()
 
+    def _encode_first(self, texts: list[str]) -> None:
+        """Every text whose caption is not cached encoded before any caption path runs, so that
+        a text encoder taking turns with the DiT (``engines.placement``) takes one turn."""
+        new = [text for text in texts if text not in self._captions]
+        if len(new) > 1 and self.prompts.cache.size >= len(new):
+            for text in new:
+                self.prompts(text)
+
     def caption(self, text: str, name: str) -> Cond:
         """The prompt's caption tokens (after the context refiner), cached by text."""
         with self.engine_lock:
@@ -339,9 +380,12 @@ class Pipeline:
     # -- the workflow ------------------------------------------------------------------------
     def preflight(self, wf: Workflow) -> None:
         """Every engine call the workflow will make, checked against the built profiles before
-        any work (compiled engines only; ProfileError names the engine, shape and ranges)."""
+        any work (compiled engines only; ProfileError names the engine, shape and ranges), and
+        against the memory budget (``--max-vram``)."""
         cap = self.manifest.caption_max if self.manifest is not None else TORCH_CAPTION_MAX
         preflight(wf, self.engines.profiles, self.prompts.tokenizer, self.engines.backend, cap)
+        if self.budget is not None:
+            self.budget.check(wf, prompt_tokens(wf, self.prompts.tokenizer))
 
     def run(
         self,
@@ -364,6 +408,8 @@ class Pipeline:
         # runs go side by side (runtime.batch)
         with self.engine_lock:
             encoder_calls, caption_calls = self.prompts.encoder_calls, self.caption_path_calls
+            texts = [wf.prompts.positive_text] + [wf.prompts.negative_text()] * needs_uncond
+            self._encode_first(texts)
             positive = self.caption(wf.prompts.positive_text, "cond")
             negative = self.caption(wf.prompts.negative_text(), "uncond") if needs_uncond else None
             encoder_calls = self.prompts.encoder_calls - encoder_calls

@@ -55,11 +55,15 @@ def phase_name(engine: str, stage: str) -> str:
             "vae_decoder": f"{stage} decode", "vae_encoder": f"{stage} encode"}[engine]  # fmt: skip
 
 
-def phase_calls(wf: Workflow, tokens: list[int]) -> list[tuple[str, list[EngineCall]]]:
+def phase_calls(
+    wf: Workflow, tokens: list[int], side_by_side: int = 1
+) -> list[tuple[str, list[EngineCall]]]:
     """The shapes of every engine call of a run, given the token counts of its prompts
     (positive, then negative where a stage has cfg ≠ 1), by phase: ``text`` (the text encoder),
     ``captions`` (the caption path), then each stage's denoising (its name), its decode
-    (``<stage> decode``, for a preview or the image) and its image input (``<stage> encode``)."""
+    (``<stage> decode``, for a preview or the image) and its image input (``<stage> encode``).
+    ``side_by_side`` > 1: that many runs of the shape sampled together (``runtime.batch``), at
+    the most: each denoiser call holds them all, padded to the longest caption."""
     slots = [-(-n // 32) * 32 for n in tokens]
     phases: list[tuple[str, list[EngineCall]]] = [
         (phase_name(engine, ""), [(engine, {axis: (1, n)}) for n in tokens])
@@ -71,6 +75,9 @@ def phase_calls(wf: Workflow, tokens: list[int]) -> list[tuple[str, list[EngineC
         b = 2 if batched else 1
         denoise = [("denoiser", {"latents": (b, 16, h, w), "cap_valid": (b, lc)})
                    for lc in (uses[:1] if batched else uses)]  # fmt: skip
+        if side_by_side > 1:
+            n = side_by_side * len(uses)
+            denoise = [("denoiser", {"latents": (n, 16, h, w), "cap_valid": (n, max(uses))})]
         phases.append((phase_name("denoiser", stage.name), denoise))
         if stage.preview or i == len(wf.stages) - 1:
             decode: EngineCall = ("vae_decoder", {"latents": (1, 16, h, w)})

@@ -30,6 +30,9 @@ class LRUCache(Generic[V]):
         self.size = size
         self._items: OrderedDict[str, V] = OrderedDict()
 
+    def __contains__(self, key: str) -> bool:
+        return key in self._items
+
     def get_or_make(self, key: str, make: Callable[[], V]) -> V:
         if key in self._items:
             self._items.move_to_end(key)

@@ -103,10 +103,13 @@ class Source:
     workflow: str | None = None
     device: str = "auto"
     loras: tuple[RegisteredLora, ...] = ()  # switched per request (serve --lora)
+    max_vram: int | None = None  # a memory budget in bytes (serve --max-vram)
+    max_batch: int = 1  # runs sampled together, which the budget's plan allows for
 
     def open(self, log: Callable[[str], None]) -> Pipeline:
         pipeline = Pipeline.open(model=self.model, engines=self.engines, workflow=self.workflow,
-                                 device=self.device, log=log)  # fmt: skip
+                                 device=self.device, max_vram=self.max_vram,
+                                 side_by_side=self.max_batch, log=log)  # fmt: skip
         if self.loras:
             LoraBank.attach(pipeline, self.loras, folder=self.engines, model=self.model,
                             search=lora_search(self.workflow), log=log)  # fmt: skip

@@ -1,0 +1,175 @@
+"""Where the text encoder and the DiT stay (issue 17): released between turns or on the CPU, or
+placed by a ``--max-vram`` plan, a run gives the resident run's image to the bit; the plan is
+followed, and what would pass the budget is refused with the numbers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from test_memory_plan import _one_stage
+
+from zimage_trt.bench.memory import bench_memory
+from zimage_trt.bench.run import run_bench
+from zimage_trt.cli import main
+from zimage_trt.engines.placement import OnCpu, TurnEngine, Turns
+from zimage_trt.errors import InputError
+from zimage_trt.runtime.memory_plan import MIB
+from zimage_trt.runtime.pipeline import Pipeline
+from zimage_trt.runtime.preflight import phase_calls
+from zimage_trt.workflow import Workflow
+
+WF = _one_stage()  # 224×288, one step, cfg 2 with the 1,587-token negative prompt
+# the tiny model's CPU plan for WF (fp32): everything resident 77,712,908 B at its peak (the
+# decode), released 58,116,492 B (the text phase); 70 MiB = 73,400,320 B lies between
+BUDGET = 70 * MIB
+
+
+@pytest.fixture(scope="module")
+def resident() -> np.ndarray:
+    pipeline = Pipeline.open(model="tiny", workflow=WF, device="cpu", log=lambda msg: None)
+    return pipeline.run(WF).image
+
+
+def _device(module: torch.nn.Module) -> str:
+    return next(module.parameters()).device.type
+
+
+def test_a_released_text_encoder_takes_turns_with_the_dit(resident: np.ndarray) -> None:
+    logs: list[str] = []
+    pipeline = Pipeline.open(model="tiny", workflow=WF, device="cpu", text_encoder="released",
+                             log=logs.append)  # fmt: skip
+    text, dit = pipeline.engines.text_encoder, pipeline.engines.denoiser
+    assert isinstance(text, TurnEngine) and isinstance(dit, TurnEngine)
+    assert _device(text.module) == "meta"  # never read beside the DiT
+    assert np.array_equal(pipeline.run(WF).image, resident)
+    turns = text.turns
+    # both prompts encoded in one turn, then the DiT read again for the caption paths
+    assert (turns.turns, turns.on) == (2, "DiT")
+    assert (_device(text.module), _device(dit.module)) == ("meta", "cpu")
+    assert np.array_equal(pipeline.run(WF).image, resident)
+    assert turns.turns == 2  # the prompts cached: no turn
+    assert sum(line.startswith("loading the DiT from") for line in logs) == 2
+    with pytest.raises(InputError) as refused:
+        dit.refit({})
+    assert str(refused.value) == (
+        "the DiT is released between its turns and read again from the model's files, which "
+        "would drop LoRAs switched into it: switching LoRAs needs a budget that keeps it "
+        "resident (a larger --max-vram)"
+    )
+
+
+def test_a_text_encoder_on_the_cpu_gives_the_same_image(resident: np.ndarray) -> None:
+    pipeline = Pipeline.open(model="tiny", workflow=WF, device="cpu", text_encoder="cpu",
+                             log=lambda msg: None)  # fmt: skip
+    assert isinstance(pipeline.engines.text_encoder, OnCpu)
+    assert np.array_equal(pipeline.run(WF).image, resident)
+
+
+def test_turns_park_the_network_on_the_device_before_bringing_another() -> None:
+    events: list[str] = []
+
+    class Recorder:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def park(self) -> None:
+            events.append(f"park {self.name}")
+
+        def bring(self) -> None:
+            events.append(f"bring {self.name}")
+
+    turns = Turns({"a": Recorder("a"), "b": Recorder("b")}, on="a")
+    for name in ("a", "b", "b", "a"):
+        turns.hold(name)
+    assert events == ["park a", "bring b", "park b", "bring a"] and turns.turns == 2
+
+
+def _write(wf: Workflow, path: Path) -> str:
+    path.write_text(wf.to_yaml())
+    return str(path)
+
+
+def test_max_vram_follows_its_plan_and_refuses_what_passes_it(
+    resident: np.ndarray, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    workflow = _write(WF, tmp_path / "one-stage.yaml")
+    argv = ["generate", "--model", "tiny", "-w", workflow, "--device", "cpu", "-q"]
+    assert main([*argv, "--max-vram", "70M", "--out", str(tmp_path / "out")]) == 0
+    captured = capsys.readouterr()
+    plan = (
+        "plan: text encoder released after encoding (the prompt cache keeps its output)\n"
+        "predicted peak: 55.4 MiB + 0.0 MiB (nothing) = 55.4 MiB of 70.0 MiB RAM"
+    )
+    assert plan in captured.err
+    written = Path(captured.out.strip().splitlines()[-1].removeprefix("wrote "))
+    assert np.array_equal(np.asarray(Image.open(written).convert("RGB")), resident)
+
+    # the least of the ladder: released alone (a tile costs more than it saves here)
+    assert main([*argv, "--max-vram", "40M"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "zimage-trt: error: --max-vram 40.0 MiB (RAM: planned for the CPU) is too little for "
+        "zimage-121101 at DiT fp32, text encoder fp32: the smallest budget that works is "
+        "55.4 MiB (text encoder released after encoding (the prompt cache keeps its output))"
+    )
+    assert main([*argv, "--max-vram", "70M", "--vae-tiles", "512"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "zimage-trt: error: --max-vram tiles the decode by its plan: pass it without --vae-tiles"
+    )
+    assert main([*argv, "--max-vram", "70M", "--compile"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "zimage-trt: error: --compile keeps every network whole on the device; this run places "
+        "the text encoder released: run it eager (without --compile)"
+    )
+
+
+def test_a_pipeline_checks_each_workflow_against_its_budget_and_bench_measures_it() -> None:
+    pipeline = Pipeline.open(model="tiny", workflow=WF, device="cpu", max_vram=BUDGET,
+                             log=lambda msg: None)  # fmt: skip
+    assert pipeline.budget is not None and pipeline.budget.plan.strategy.text_encoder == "released"
+    first = WF.stages[0]
+    latent = first.latent.model_copy(update={"width": 448, "height": 576})
+    larger = WF.model_copy(update={"stages": [first.model_copy(update={"latent": latent})]})
+    with pytest.raises(InputError) as refused:
+        pipeline.check(larger)
+    assert str(refused.value) == (
+        "workflow 'zimage-121101' needs 197.4 MiB at its base decode phase under this "
+        "pipeline's memory plan (text encoder released after encoding (the prompt cache keeps "
+        "its output)), more than --max-vram 70.0 MiB: ask for a smaller image or a shorter "
+        "prompt, or open the pipeline for this workflow"
+    )
+    # bench's measurement: each call's activations, the turn that brought its network (the
+    # text encoder read again: 19,596,416 B) excluded; the text phase measures 35.6 MB beside
+    # 28.1 MB predicted, resident or released alike (the prompt tensors, the cached outputs)
+    memory = bench_memory(pipeline, WF)
+    text = {p["name"]: p for p in memory["phases"]}["text"]
+    weights = pipeline.budget.planner.weights["text encoder"]
+    assert (text["predicted_peak_bytes"], weights) == (28_123_227, 19_596_416)
+    assert 0 < text["measured_peak_bytes"] - text["predicted_peak_bytes"] < weights / 2
+
+
+def test_max_vram_is_refused_where_no_plan_applies(tmp_path: Path) -> None:
+    with pytest.raises(InputError) as refused:
+        Pipeline.open(engines=tmp_path, max_vram=BUDGET)
+    assert str(refused.value) == (
+        "--max-vram plans the torch backend (--model): an engine folder's memory is fixed when "
+        "it is built"
+    )
+    with pytest.raises(InputError) as refused:
+        run_bench("tiny", WF, "torch,onnxruntime", max_vram=BUDGET)
+    assert str(refused.value) == (
+        "--max-vram plans the eager torch backend alone: pass --backends torch --skip-baseline "
+        "(the other backends and diffusers' baseline follow no budget)"
+    )
+
+
+def test_a_server_plans_for_its_batch_sampled_together() -> None:
+    """``--max-batch 3``: each denoiser call holds three runs' cond and uncond, padded to the
+    longest caption slot (29 → 32, 1,587 → 1,600 tokens)."""
+    one, three = (dict(phase_calls(WF, [29, 1587], n))["base"] for n in (1, 3))
+    assert one == [("denoiser", {"latents": (1, 16, 36, 28), "cap_valid": (1, 32)}),
+                   ("denoiser", {"latents": (1, 16, 36, 28), "cap_valid": (1, 1600)})]  # fmt: skip
+    assert three == [("denoiser", {"latents": (6, 16, 36, 28), "cap_valid": (6, 1600)})]
