@@ -16,6 +16,7 @@ from zimage_trt.calibration.calibrate import CALIBRATION, calibrate, load, save,
 from zimage_trt.calibration.quantize import quant_config, quantizers, restore
 from zimage_trt.cli import main
 from zimage_trt.engines.manifest import weights_sha256
+from zimage_trt.engines.onnxruntime_engines import ort_options
 from zimage_trt.errors import FileError, InputError
 from zimage_trt.runtime.pipeline import Pipeline
 from zimage_trt.workflow import Workflow, load_workflow
@@ -199,7 +200,7 @@ def _export_and_run(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...],
     feeds = {i.name: t.numpy() for i, t in zip(graph.input, inputs, strict=False)}
     return {
         "ops": sorted(n.op_type for n in graph.node if n.op_type in qdq),
-        "onnxruntime": ort.InferenceSession(str(path)).run(None, feeds)[0],
+        "onnxruntime": ort.InferenceSession(str(path), ort_options()).run(None, feeds)[0],
         "reference": ReferenceEvaluator(str(path)).run(None, feeds)[0],
     }
 

@@ -167,7 +167,10 @@ def _runner(graph: Path, precision: str):  # type: ignore[no-untyped-def]
     if precision == "fp32":
         import onnxruntime as ort
 
-        session = ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
+        from zimage_trt.engines.onnxruntime_engines import ort_options
+
+        session = ort.InferenceSession(str(graph), ort_options(),
+                                       providers=["CPUExecutionProvider"])  # fmt: skip
 
         def run_ort(inputs: dict[str, Tensor]) -> list[np.ndarray]:
             return list(session.run(None, {k: v.numpy() for k, v in inputs.items()}))

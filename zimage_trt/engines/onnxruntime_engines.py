@@ -35,6 +35,19 @@ def onnxruntime_providers(device: torch.device) -> list[str]:
     return ["CPUExecutionProvider"]
 
 
+def ort_options() -> Any:
+    """ONNX Runtime's session options for this project's graphs: quiet, and Q/DQ pairs computed
+    as written (dequantize, then the float op) — ONNX Runtime 1.32 fuses an INT8 Q/DQ MatMul
+    into its own integer kernels, whose rounding lies a step and more from the quantized math
+    that TensorRT and ModelOpt compute."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.add_session_config_entry("session.disable_quant_qdq", "1")
+    return options
+
+
 class OnnxRuntimeEngine:
     def __init__(
         self,
@@ -70,8 +83,7 @@ class OnnxRuntimeEngine:
     def _session(self, weights: Mapping[str, Tensor]) -> Any:
         import onnxruntime as ort
 
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
+        options = ort_options()
         overrides = [_ort_value(t) for t in weights.values()]
         if weights:
             # in place of the external data, before graph optimization (add_initializer comes
