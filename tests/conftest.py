@@ -67,10 +67,11 @@ class DoubleBuild:
 
 @pytest.fixture(scope="session")
 def built_tensorrt_double(tmp_path_factory: pytest.TempPathFactory) -> DoubleBuild:
-    """A refittable bf16 TensorRT folder for 256×256 (no LoRA) made by build.py's TensorRT
-    branch against the recording double (tests/tensorrt_double.py: it checks our calls, it
-    proves nothing about TensorRT), its parser reading each real ONNX file. The double is
-    installed only while building: a test that loads the plans installs ``trt`` again."""
+    """A refittable, weight-streaming bf16 TensorRT folder for 256×256 (no LoRA) made by
+    build.py's TensorRT branch against the recording double (tests/tensorrt_double.py: it
+    checks our calls, it proves nothing about TensorRT), its parser reading each real ONNX
+    file. The double is installed only while building: a test that loads the plans installs
+    ``trt`` again."""
     import torch._dynamo  # noqa: F401  # before the double: dynamo probes find_spec("tensorrt")
 
     from tests.tensorrt_double import FakeTensorRT
@@ -80,7 +81,8 @@ def built_tensorrt_double(tmp_path_factory: pytest.TempPathFactory) -> DoubleBui
     trt.read_onnx = True
     out = tmp_path_factory.mktemp("tensorrt-engines")
     options = BuildOptions(backend="tensorrt", precision="bf16", check_parity=False,
-                           refittable=True, optimization_level=4)  # fmt: skip
+                           refittable=True, weight_streaming=True,
+                           optimization_level=4)  # fmt: skip
     with pytest.MonkeyPatch.context() as mp:
         mp.setitem(sys.modules, "tensorrt", trt)
         mp.setattr(tensorrt_env, "gpu_identity", lambda device=0: {

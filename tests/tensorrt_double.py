@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 PLAN_MAGIC = b"FAKE-TRT-PLAN\n"
+WS_SCRATCH = 512  # the scratch bytes a streaming engine's context needs beside its activations
 RUNTIME_CACHE_MAGIC = b"FAKE-RTX-RUNTIME-CACHE\n"
 CACHE_MAGIC = b"FAKE-TRT-TIMING-CACHE:"
 _TORCH = {
@@ -296,7 +297,26 @@ class Engine:
         self.device_memory_size = spec["device_memory"]
         self.refittable = spec["refittable"]
         self.refitted: dict[str, torch.Tensor] = {}  # weights a Refitter replaced
+        self.streamable_weights_size = spec.get("streamable", 0)
+        self._budget = self.streamable_weights_size  # TensorRT's default: nothing streamed
         self.contexts: list[Context] = []
+
+    @property
+    def weight_streaming_budget_v2(self) -> int:
+        return self._budget
+
+    @weight_streaming_budget_v2.setter
+    def weight_streaming_budget_v2(self, value: int) -> None:
+        """Streaming needs scratch memory beside the activations (``WS_SCRATCH`` bytes here)."""
+        if self.contexts:
+            raise RuntimeError("weight_streaming_budget_v2 set after a context was created")
+        self._trt.events.append(("weight_streaming_budget_v2", value))
+        self._budget = value
+        streams = value < self.streamable_weights_size
+        self.device_memory_size_v2 = self.spec["device_memory"] + WS_SCRATCH * streams
+
+    def get_weight_streaming_automatic_budget(self) -> int:
+        return int(self.streamable_weights_size // 2)
 
     @property
     def num_io_tensors(self) -> int:
@@ -543,6 +563,7 @@ class FakeTensorRT(types.ModuleType):
         self.build_fails = False
         self.phases: list[tuple[str, int]] = [("Building engine", 2)]
         self.device_memory = 4096
+        self.streamable_weights = 1 << 20  # what a WEIGHT_STREAMING build can stream
         self.refit_weights: dict[str, tuple[str, int]] = {
             "blocks.0.qkv.weight": ("FLOAT", 12),
             "blocks.0.out.weight": ("FLOAT", 4),
@@ -581,7 +602,7 @@ class FakeTensorRT(types.ModuleType):
         self.NetworkDefinitionCreationFlag = _enum(
             "NetworkDefinitionCreationFlag", EXPLICIT_BATCH=0, STRONGLY_TYPED=1
         )
-        flags = {"REFIT": 4, "STRIP_PLAN": 19}
+        flags = {"REFIT": 4, "STRIP_PLAN": 19, "WEIGHT_STREAMING": 21}
         if major < 11:  # the weak-typing flags are gone in 11
             flags |= {"FP16": 0, "INT8": 1, "TF32": 6, "BF16": 17}
         self.BuilderFlag = _enum("BuilderFlag", **flags)
@@ -634,8 +655,10 @@ class FakeTensorRT(types.ModuleType):
         *,
         device_memory: int | None = None,
         refittable: bool = False,
+        streamable: int = 0,
     ) -> bytes:
-        """A plan this double's Runtime deserializes (what its Builder writes)."""
+        """A plan this double's Runtime deserializes (what its Builder writes); ``streamable``:
+        the bytes of weights a weight-streaming plan can stream."""
         spec = {
             "version": self.__version__,
             "inputs": [[t.name, t.dtype, list(t.shape)] for t in inputs],
@@ -646,6 +669,7 @@ class FakeTensorRT(types.ModuleType):
             "device_memory": self.device_memory if device_memory is None else device_memory,
             "refittable": refittable,
             "weights": {n: list(w) for n, w in self.refit_weights.items()} if refittable else {},
+            "streamable": streamable,
         }
         return PLAN_MAGIC + json.dumps(spec).encode()
 
@@ -702,6 +726,7 @@ class Builder:
             [TensorDesc(t.name, t.dtype.name, t.shape.tuple()) for t in network.outputs],
             [{n: [list(s) for s in mom] for n, mom in p.shapes.items()} for p in config.profiles],
             refittable="REFIT" in config.flags,
+            streamable=trt.streamable_weights if "WEIGHT_STREAMING" in config.flags else 0,
         )
 
 

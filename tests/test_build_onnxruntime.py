@@ -311,6 +311,13 @@ def test_a_tensorrt_build_through_the_recording_double(
     builds = [e for e in trt.events if e[0] == "build_serialized_network"]
     assert [e[1] for e in builds] == [4, 4, 4, 4]
     assert result.manifest.options["refittable"] is True
+    # --weight-streaming: the text encoder's and the DiT's plans stream, the VAE's does not
+    streaming = {name: entry.weight_streaming for name, entry in manifest.engines.items()}
+    assert streaming == {"text_encoder": True, "caption_path": True, "denoiser": True,
+                         "vae_decoder": False}  # fmt: skip
+    assert result.manifest.options["weight_streaming"] is True
+    flags = [e[1] for e in trt.events if e[0] == "set_flag"]
+    assert sorted(flags) == ["REFIT"] * 2 + ["WEIGHT_STREAMING"] * 3
     # a refittable engine's cache key leaves the weights out
     from zimage_trt.build_engines.build import _engine_key
 
@@ -382,8 +389,10 @@ def test_inspect_describes_a_folder_and_checks_it_against_this_machine(
         == "profiles from: workflow zimage-121101 (workflow.yaml); captions up to 4096 tokens"
     )
     rows = [line.split() for line in lines]
-    assert rows[8][:2] == ["text_encoder", "onnx/text_encoder.onnx"] and rows[8][3:] == ["1", "no"]
-    assert rows[10][:2] == ["denoiser", "onnx/denoiser.onnx"] and rows[10][3:] == ["3", "yes"]
+    assert rows[7][-2:] == ["streams", "weights"]
+    assert rows[8][:2] == ["text_encoder", "onnx/text_encoder.onnx"]
+    assert rows[8][3:] == ["1", "no", "no"]
+    assert rows[10][:2] == ["denoiser", "onnx/denoiser.onnx"] and rows[10][3:] == ["3", "yes", "no"]
     assert ["denoiser", "base", "latents", "1×16×28×22", "1×16×28×22", "2×16×28×22"] in rows
     assert lines[-2:] == ["files: 10 verified (size and sha-256)",
                           "serves here: yes (onnxruntime on cpu)"]  # fmt: skip
@@ -393,6 +402,10 @@ def test_inspect_describes_a_folder_and_checks_it_against_this_machine(
     lines = capsys.readouterr().out.splitlines()
     assert lines[2] == "built on: name Fake GPU, compute_capability 9.0, cuda 13.0"
     assert lines[4] == "LoRAs: none; other LoRAs or strengths: swapped in when the folder loads"
+    rows = [line.split() for line in lines]
+    assert [r[0] for r in rows if r[-2:] == ["yes", "yes"]] == ["caption_path", "denoiser"]
+    streams_only = [r[0] for r in rows if r[-2:] == ["no", "yes"]]
+    assert streams_only == ["text_encoder"]  # the VAE neither refits nor streams
     assert lines[-1].startswith("serves here: no: TensorRT is not installed")
 
     copy = tmp_path / "engines"
@@ -400,3 +413,15 @@ def test_inspect_describes_a_folder_and_checks_it_against_this_machine(
     (copy / "denoiser.refit.json").write_text("{}")
     assert main(["inspect", str(copy), "--verify"]) == 3
     assert "denoiser.refit.json is 2 bytes, the manifest says" in capsys.readouterr().err
+
+
+def test_a_weight_streaming_budget_needs_engines_built_for_it(built: BuildResult) -> None:
+    from zimage_trt.engines.folder import load_engine_folder
+    from zimage_trt.engines.tensorrt_engines import WeightBudget
+
+    with pytest.raises(ManifestError) as refused:
+        load_engine_folder(built.folder, weight_budget=WeightBudget(40.0))
+    assert str(refused.value) == (
+        f"--weight-streaming-budget 40%: no engine of {built.folder} was built for weight "
+        "streaming (zimage-trt build --backend tensorrt --weight-streaming)"
+    )

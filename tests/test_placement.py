@@ -16,6 +16,7 @@ from zimage_trt.bench.memory import _Meter, bench_memory
 from zimage_trt.bench.run import run_bench
 from zimage_trt.cli import main
 from zimage_trt.engines.placement import OnCpu, Reload, TurnEngine, Turns
+from zimage_trt.engines.tensorrt_engines import WeightBudget
 from zimage_trt.errors import InputError
 from zimage_trt.runtime.memory_plan import MIB
 from zimage_trt.runtime.pipeline import Pipeline
@@ -169,8 +170,14 @@ def test_max_vram_is_refused_where_no_plan_applies(tmp_path: Path) -> None:
     with pytest.raises(InputError) as refused:
         Pipeline.open(engines=tmp_path, max_vram=BUDGET)
     assert str(refused.value) == (
-        "--max-vram plans the torch backend (--model): an engine folder's memory is fixed when "
-        "it is built"
+        "--max-vram plans the torch backend (--model): an engine folder's memory is set when it "
+        "is built (--weight-streaming) and loaded (--weight-streaming-budget)"
+    )
+    with pytest.raises(InputError) as refused:
+        Pipeline.open(model="tiny", weight_budget=WeightBudget(40.0))
+    assert str(refused.value) == (
+        "--weight-streaming-budget serves an engine folder built --weight-streaming (--engines "
+        "DIR); the torch backend streams with --resident-blocks"
     )
     with pytest.raises(InputError) as refused:
         run_bench("tiny", WF, "torch,onnxruntime", max_vram=BUDGET)

@@ -142,6 +142,34 @@ def test_build_info_describes_the_written_plan(trt: FakeTensorRT, onnx: Path) ->
     assert sorted(p.name for p in plan.parent.iterdir()) == ["denoiser.plan"]
 
 
+def test_weight_streaming_is_a_builder_flag_and_its_streamable_bytes_are_read(
+    trt: FakeTensorRT, onnx: Path
+) -> None:
+    plan = onnx.with_suffix(".plan")
+    plain = build_tensorrt_engine(onnx, plan, STAGES, log=lambda m: None)
+    assert (plain.weight_streaming, plain.streamable_bytes) == (False, None)
+    info = build_tensorrt_engine(onnx, plan, STAGES, weight_streaming=True, log=lambda m: None)
+    assert _events(trt, "set_flag") == [("set_flag", "WEIGHT_STREAMING")]
+    assert (info.weight_streaming, info.streamable_bytes) == (True, 1 << 20)
+
+
+def test_weight_streaming_needs_a_tensorrt_backend() -> None:
+    from zimage_trt.build_engines.build import _options_record
+    from zimage_trt.build_engines.plan import BuildOptions
+    from zimage_trt.errors import InputError
+
+    with pytest.raises(InputError) as refused:
+        BuildOptions(backend="onnxruntime", weight_streaming=True).validate()
+    assert str(refused.value) == (
+        "--weight-streaming builds TensorRT engines (--backend tensorrt or tensorrt-rtx); the "
+        "onnxruntime backend keeps every weight in memory"
+    )
+    # recorded in the cache key only when asked, so that folders built before keep theirs
+    assert "weight_streaming" not in _options_record(BuildOptions(backend="tensorrt"))
+    streaming = BuildOptions(backend="tensorrt", weight_streaming=True)
+    assert _options_record(streaming)["weight_streaming"] is True
+
+
 def test_timing_cache_loaded_and_saved(trt: FakeTensorRT, onnx: Path, tmp_path: Path) -> None:
     cache = tmp_path / "caches" / "h100-trt10.13.cache"
     plan = onnx.with_suffix(".plan")

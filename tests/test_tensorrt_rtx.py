@@ -66,6 +66,21 @@ def test_every_engine_compiles_for_two_targets_at_fp32(
         assert sum(n for by in info.layers.values() for n in by.values()) > 100
 
 
+def test_a_weight_streaming_plan_compiles_ahead_of_time(
+    built: BuildResult, fp32_plans: dict[str, TensorRTBuildInfo], tmp_path: Path
+) -> None:
+    """TensorRT-RTX accepts BuilderFlag.WEIGHT_STREAMING without a GPU and compiles another
+    plan; how much it can stream is read when a GPU loads it."""
+    entry = read_manifest(built.folder).engines["caption_path"]
+    info = build_tensorrt_engine(
+        built.folder / entry.file, tmp_path / "streaming.plan", entry.profiles,
+        library="tensorrt_rtx", compute_capabilities=TARGETS, weight_streaming=True,
+        log=lambda msg: None,
+    )  # fmt: skip
+    assert (info.weight_streaming, info.streamable_bytes) == (True, None)
+    assert info.engine_bytes > 100_000 and info.sha256 != fp32_plans["caption_path"].sha256
+
+
 def test_the_targets_shape_the_plan(
     built: BuildResult, fp32_plans: dict[str, TensorRTBuildInfo], tmp_path: Path
 ) -> None:

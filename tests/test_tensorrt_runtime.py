@@ -16,10 +16,12 @@ from zimage_trt.engines.tensorrt_engines import (
     SharedActivations,
     TensorRTEngine,
     TensorSpec,
+    WeightBudget,
     binding_plan,
     buffer_key,
 )
 from zimage_trt.engines.tensorrt_env import dtype_name, torch_dtype, trt_dtype_name, version_tuple
+from zimage_trt.errors import InputError
 
 
 class HostTensorRTEngine(TensorRTEngine):
@@ -57,12 +59,15 @@ def trt(monkeypatch: pytest.MonkeyPatch) -> FakeTensorRT:
     return double
 
 
-def _plan(trt: FakeTensorRT, profiles: list[Profile] = PROFILES, memory: int = 4096) -> bytes:
+def _plan(
+    trt: FakeTensorRT, profiles: list[Profile] = PROFILES, memory: int = 4096, streamable: int = 0
+) -> bytes:
     return trt.make_plan(
         [TensorDesc("latents", "FLOAT", (-1, 16, -1, -1))],
         [TensorDesc("image", "FLOAT", (-1, 3, -1, -1))],
         [{n: (r.min, r.opt, r.max) for n, r in p.shapes.items()} for p in profiles],
         device_memory=memory,
+        streamable=streamable,
     )
 
 
@@ -366,4 +371,50 @@ def test_missing_tensorrt(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> No
     assert str(info.value).endswith(
         "or use the onnxruntime backend (`zimage-trt build --backend onnxruntime`), which will "
         "run instead"
+    )
+
+
+def test_a_weight_budget_is_set_before_any_context_and_sizes_the_activation_block(
+    trt: FakeTensorRT,
+) -> None:
+    """40 % of a plan's 1 MiB of streamable weights kept on the GPU: the budget is set on the
+    engine before its first context, and the shared block then holds the streaming scratch
+    (the double's 512 bytes) beside the 4,096 bytes of activations."""
+    plan = _plan(trt, streamable=1 << 20)
+    engine = HostTensorRTEngine("vae_decoder", plan, PROFILES, device="cpu",
+                                weight_budget=WeightBudget.parse("40%"))  # fmt: skip
+    assert engine.streamed == (419_430, 1_048_576)
+    engine(latents=torch.randn(1, 16, 2, 3))
+    names = [e[0] for e in trt.events if e[0] != "deserialize_cuda_engine"]
+    assert names[:2] == ["weight_streaming_budget_v2", "create_execution_context"]
+    assert [e[1:] for e in trt.events if e[0] == "set_device_memory"] == [
+        (engine.memory.block().data_ptr(), 4096 + 512)
+    ]
+    auto = HostTensorRTEngine("vae_decoder", plan, PROFILES, device="cpu",
+                              weight_budget=WeightBudget.parse("auto"))  # fmt: skip
+    assert auto.streamed == (524_288, 1_048_576)  # TensorRT's choice (the double: half)
+    whole = HostTensorRTEngine("vae_decoder", plan, PROFILES, device="cpu",
+                               weight_budget=WeightBudget.parse("100"))  # fmt: skip
+    assert whole.streamed == (1_048_576, 1_048_576) and whole._activation_bytes() == 4096
+
+
+def test_weight_budgets_refused_with_their_reasons(trt: FakeTensorRT, tmp_path: Path) -> None:
+    with pytest.raises(InputError) as refused:
+        HostTensorRTEngine("vae_decoder", _plan(trt), PROFILES, device="cpu",
+                           weight_budget=WeightBudget(50.0))  # fmt: skip
+    assert str(refused.value) == (
+        "engine 'vae_decoder' was not built for weight streaming: rebuild the folder with "
+        "zimage-trt build --weight-streaming"
+    )
+    for text, message in (
+        ("half", "weight streaming budget 'half' is not auto or a percent of the streamable "
+                 "weights kept on the GPU (0–100, e.g. 40%)"),
+        ("120%", "weight streaming budget '120%' is outside 0 … 100 % (the share of the "
+                 "streamable weights kept on the GPU)"),
+    ):  # fmt: skip
+        with pytest.raises(InputError) as refused:
+            WeightBudget.parse(text)
+        assert str(refused.value) == message
+    assert (
+        str(WeightBudget.parse(" 37.5% ")) == "37.5%" and str(WeightBudget.parse("AUTO")) == "auto"
     )

@@ -61,6 +61,8 @@ if TYPE_CHECKING:
     from zimage_trt.calibration.calibrate import Calibration
 
 Log = Callable[[str], None]
+# the engines ``--weight-streaming`` builds to stream: the big ones (the VAE's weights are small)
+WEIGHT_STREAMING_ENGINES = ("text_encoder", "caption_path", "denoiser")
 
 
 def _stderr(msg: str) -> None:
@@ -197,6 +199,7 @@ def run_build(
         }
         engine_file = _rel(out, onnx_path)
         refit_names: Sequence[str] = ()
+        streams = False
         if net.component == "transformer" and options.backend == "onnxruntime" and not quantized:
             refit_names = result.weight_names  # ONNX Runtime overrides initializers by name
         if options.backend in ("tensorrt", "tensorrt-rtx"):
@@ -206,6 +209,7 @@ def run_build(
                 optimization_level=options.optimization_level,
                 memory_pool_limit=options.memory_pool_limit,
                 refittable=options.refittable and name in ("denoiser", "caption_path"),
+                weight_streaming=options.weight_streaming and name in WEIGHT_STREAMING_ENGINES,
                 timing_cache=options.timing_cache, log=log,
                 progress=_phase_logger(f"[{index}/{len(names)}] {name}", log),
                 library=options.backend.replace("-", "_"), compute_capabilities=targets,
@@ -213,6 +217,7 @@ def run_build(
             log(f"[{index}/{len(names)}] {name}: {info.engine_bytes / 2**20:.1f} MiB plan built "
                 f"in {info.seconds:.1f} s")  # fmt: skip
             report.plan = info
+            streams = info.weight_streaming
             files[_rel(out, plan_path)] = file_record(plan_path)
             engine_file = _rel(out, plan_path)
             refit_names = info.refit_weights
@@ -230,6 +235,7 @@ def run_build(
             cache_key=key,
             build_seconds=report.seconds,
             refittable=bool(refit_names),
+            weight_streaming=streams,
         )
         txn.finished(name, entries[name])
         reports.append(report)
@@ -407,6 +413,8 @@ def _options_record(options: BuildOptions) -> dict[str, Any]:
             memory_pool_limit=options.memory_pool_limit,
             refittable=options.refittable,
         )
+        if options.weight_streaming:  # recorded only when asked: earlier keys stay valid
+            record["weight_streaming"] = True
     if options.backend == "tensorrt-rtx":
         record["compute_capabilities"] = list(options.rtx_targets()[0])
     return record

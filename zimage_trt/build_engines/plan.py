@@ -53,6 +53,7 @@ class BuildOptions:
     optimization_level: int = 3
     memory_pool_limit: int | None = None
     refittable: bool = False
+    weight_streaming: bool = False  # the text encoder's and the DiT's engines stream weights
     timing_cache: Path | None = None
     lora_ignore_unmatched: bool = False
     # TensorRT-RTX: the GPUs' compute capabilities ("8.9,12.0"); None: this GPU, else defaults
@@ -80,6 +81,11 @@ class BuildOptions:
             )
         if self.calibration is not None:
             self._validate_calibration()
+        if self.weight_streaming and self.backend not in ("tensorrt", "tensorrt-rtx"):
+            raise InputError(
+                f"--weight-streaming builds TensorRT engines (--backend tensorrt or "
+                f"tensorrt-rtx); the {self.backend} backend keeps every weight in memory"
+            )
         if self.backend == "tensorrt-rtx":
             from zimage_trt.engines.tensorrt_env import check_rtx_refit
 

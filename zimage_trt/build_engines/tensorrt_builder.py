@@ -68,6 +68,8 @@ class TensorRTBuildInfo:
     outputs: dict[str, str]
     profiles: tuple[str, ...]  # profile names in the plan's profile order
     refit_weights: tuple[str, ...] = ()  # refittable weight names (refittable builds only)
+    weight_streaming: bool = False  # built with BuilderFlag.WEIGHT_STREAMING
+    streamable_bytes: int | None = None  # the weights it can stream; None: not loadable here
     log: tuple[str, ...] = field(default=(), repr=False)  # TensorRT's warnings and errors
     library: str = "tensorrt"
     compute_capabilities: tuple[str, ...] = ()  # TensorRT-RTX: the GPUs the plan is for
@@ -87,6 +89,7 @@ def build_tensorrt_engine(
     optimization_level: int = 3,
     memory_pool_limit: int | None = None,
     refittable: bool = False,
+    weight_streaming: bool = False,
     timing_cache: Path | None = None,
     progress: ProgressFn | None = None,
     log: Callable[[str], None] = _print_log,
@@ -100,6 +103,8 @@ def build_tensorrt_engine(
     GPU and TensorRT version, chosen by the caller) is read if present and rewritten after the
     build; ``progress`` receives (phase, steps done, steps) from TensorRT's progress monitor and
     may raise to cancel the build; ``log`` receives TensorRT's warnings and errors.
+    ``weight_streaming``: the plan can keep part of its weights in CPU memory and stream them
+    in as it runs (a budget set when it loads, ``engines.tensorrt_engines.WeightBudget``).
     ``library`` "tensorrt_rtx" builds with TensorRT-RTX for ``compute_capabilities`` ("8.9", …).
     """
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)
@@ -133,6 +138,8 @@ def build_tensorrt_engine(
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, memory_pool_limit)
     if refittable:
         config.set_flag(trt.BuilderFlag.REFIT)
+    if weight_streaming:  # needs a strongly typed network: it is one (above)
+        config.set_flag(trt.BuilderFlag.WEIGHT_STREAMING)
     for stage in profiles:
         profile = builder.create_optimization_profile()
         for name, shape_range in stage.shapes.items():
@@ -170,6 +177,7 @@ def build_tensorrt_engine(
     layers = layer_precisions(network)
     device_memory: int | None = None
     refit_weights: tuple[str, ...] = ()
+    streamable: int | None = None
     if not rtx or refittable:  # a GPU is here (refittable RTX builds need one)
         runtime = trt.Runtime(logger)  # held while the engine lives (TensorRT's lifetime rule)
         engine = runtime.deserialize_cuda_engine(plan)
@@ -183,6 +191,7 @@ def build_tensorrt_engine(
             else engine.device_memory_size
         )
         refit_weights = tuple(refit_weight_names(engine)) if refittable else ()
+        streamable = int(engine.streamable_weights_size) if weight_streaming else None
         del engine, runtime
 
     if timing_cache is not None and not rtx:
@@ -202,6 +211,8 @@ def build_tensorrt_engine(
         outputs=outputs,
         profiles=tuple(p.name for p in profiles),
         refit_weights=refit_weights,
+        weight_streaming=weight_streaming,
+        streamable_bytes=streamable,
         log=tuple(record.messages),
         library=library,
         compute_capabilities=tuple(compute_capabilities) if rtx else (),

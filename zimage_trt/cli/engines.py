@@ -41,6 +41,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         optimization_level=args.opt_level,
         memory_pool_limit=parse_bytes(args.memory_pool_limit) if args.memory_pool_limit else None,
         refittable=args.refittable,
+        weight_streaming=args.weight_streaming,
         timing_cache=args.timing_cache,
         lora_ignore_unmatched=args.lora_ignore_unmatched,
         compute_capability=args.compute_capability,
@@ -205,6 +206,13 @@ def add_build_parser(sub: Any) -> None:
         "--refittable",
         action="store_true",
         help="TensorRT: refittable DiT engines (swap LoRAs without a rebuild; slower)",
+    )
+    p.add_argument(
+        "--weight-streaming",
+        action="store_true",
+        help="TensorRT: text encoder and DiT engines that can keep part of their weights in "
+        "CPU memory and stream them in as they run (generate --weight-streaming-budget); for "
+        "GPUs their weights do not fit",
     )
     p.add_argument(
         "--timing-cache",

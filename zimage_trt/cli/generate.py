@@ -88,6 +88,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     requests = _requests(args)
     tiles = VaeTiles.parse(args.vae_tiles) if args.vae_tiles else None
     max_vram = parse_bytes(args.max_vram) if args.max_vram else None
+    weight_budget = None
+    if args.weight_streaming_budget is not None:
+        from zimage_trt.engines.tensorrt_engines import WeightBudget
+
+        weight_budget = WeightBudget.parse(args.weight_streaming_budget)
     pipeline = Pipeline.open(
         model=args.model,
         engines=args.engines,
@@ -104,6 +109,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         text_encoder=args.text_encoder,
         vae_tiles=tiles,
         max_vram=max_vram,
+        weight_budget=weight_budget,
         cuda_graphs=args.cuda_graphs,
         lora_ignore_unmatched=args.lora_ignore_unmatched,
         strict_model=True,
@@ -305,6 +311,14 @@ def add_generate_parser(sub: Any) -> None:
         help="run the engines of a folder made by `zimage-trt build`; with other LoRAs than "
         "the folder's, refittable engines take them from the base DiT (the workflow's, or "
         "--model)",
+    )
+    p.add_argument(
+        "--weight-streaming-budget",
+        default=None,
+        metavar="PCT|auto",
+        help="with --engines built --weight-streaming: the share of each streaming engine's "
+        "weights kept on the GPU (0–100 %%; the rest streamed from CPU memory as it runs), or "
+        "auto (TensorRT's choice)",
     )
     p.add_argument(
         "--cuda-graphs",

@@ -82,6 +82,13 @@ def add_serve_parser(sub: Any) -> None:
         "request that would pass it is refused with 400",
     )
     p.add_argument(
+        "--weight-streaming-budget",
+        default=None,
+        metavar="PCT|auto",
+        help="for --engines built --weight-streaming: the share of each streaming engine's "
+        "weights kept on the GPU (0–100 %%), or auto",
+    )
+    p.add_argument(
         "--host",
         default="127.0.0.1",
         help="address to listen on (default 127.0.0.1; 0.0.0.0 for every interface)",
@@ -204,8 +211,13 @@ def source_from(args: argparse.Namespace) -> Any:
     loras = tuple(RegisteredLora.parse(spec) for spec in args.lora)
     check_names(loras)
     max_vram = parse_bytes(args.max_vram) if args.max_vram else None
+    weight_budget = None
+    if args.weight_streaming_budget is not None:
+        from zimage_trt.engines.tensorrt_engines import WeightBudget
+
+        weight_budget = WeightBudget.parse(args.weight_streaming_budget)
     return Source(args.model, args.engines, args.workflow, args.device, loras, max_vram,
-                  args.max_batch)  # fmt: skip
+                  args.max_batch, weight_budget)  # fmt: skip
 
 
 def ray_app(args: dict[str, str]) -> Any:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
@@ -39,6 +39,9 @@ from zimage_trt.models.tokenizer import QwenTokenizer
 from zimage_trt.text_table import text_table
 from zimage_trt.workflow import Workflow
 
+if TYPE_CHECKING:
+    from zimage_trt.engines.tensorrt_engines import WeightBudget
+
 
 class EngineFolder(NamedTuple):
     """A loaded folder: its engines, the tokenizer it was built with, and its manifest."""
@@ -55,14 +58,22 @@ def load_engine_folder(
     cuda_graphs: bool = False,
     swap: LoraSwap | None = None,
     tokenizer: QwenTokenizer | None = None,
+    weight_budget: WeightBudget | None = None,
     log: Callable[[str], None] = lambda msg: None,
 ) -> EngineFolder:
     """The engines of a built folder. ``cuda_graphs``: capture the TensorRT denoiser once per
     shape and replay it (TensorRT only). ``swap``: new DiT weights (other LoRAs) for the
-    refittable engines, from ``engines.refit.plan_lora_swap``."""
+    refittable engines, from ``engines.refit.plan_lora_swap``. ``weight_budget``: what the
+    engines built ``--weight-streaming`` keep of their weights on the GPU."""
     root = Path(folder)
     manifest = read_manifest(root)
     backend = manifest.backend
+    streaming = [name for name, entry in manifest.engines.items() if entry.weight_streaming]
+    if weight_budget is not None and not streaming:
+        raise ManifestError(
+            f"--weight-streaming-budget {weight_budget}: no engine of {root} was built for "
+            "weight streaming (zimage-trt build --backend tensorrt --weight-streaming)"
+        )
     tensorrt = backend in ("tensorrt", "tensorrt-rtx")
     if device is None:
         device = torch.device("cuda" if tensorrt else "cpu")
@@ -107,7 +118,7 @@ def load_engine_folder(
 
                 make = functools.partial(TensorRTRTXEngine, runtime_cache=runtime_cache)
             # outputs the runtime caches (prompts, captions) are cloned; the denoiser's are not
-            engines[name] = make(
+            engine = make(
                 name,
                 path.read_bytes(),
                 entry.profiles,
@@ -119,7 +130,14 @@ def load_engine_folder(
                 io_dtypes={**entry.inputs, **entry.outputs},
                 weights=weights,
                 more_weights=swap.source if swap is not None else None,
+                weight_budget=weight_budget if name in streaming else None,
             )
+            engines[name] = engine
+            streamed = engine.streamed
+            if streamed is not None:
+                kept, streamable = streamed
+                log(f"{name}: {kept / 2**20:.1f} of {streamable / 2**20:.1f} MiB of streamable "
+                    f"weights kept on the GPU ({weight_budget}), the rest streamed")  # fmt: skip
     missing = [n for n in ("text_encoder", "caption_path", "denoiser", "vae_decoder")
                if n not in engines]  # fmt: skip
     if missing:
@@ -187,11 +205,12 @@ def describe_folder(folder: str | Path, *, verify: bool = False) -> str:
     lines.append(f"LoRAs: {loras}; other LoRAs or strengths: {other}")
     workflow = f" ({m.workflow_file})" if m.workflow_file else ""
     lines.append(f"profiles from: {m.workflow}{workflow}; captions up to {m.caption_max} tokens")
-    rows = [("engine", "file", "MiB", "profiles", "refittable")]
+    rows = [("engine", "file", "MiB", "profiles", "refittable", "streams weights")]
     for name, entry in m.engines.items():
         size = sum(r.bytes for r in entry.files.values()) / 2**20
         rows.append((name, entry.file, f"{size:.1f}", str(len(entry.profiles)),
-                     "yes" if entry.refittable else "no"))  # fmt: skip
+                     "yes" if entry.refittable else "no",
+                     "yes" if entry.weight_streaming else "no"))  # fmt: skip
     lines += ["", text_table(rows, right=(2, 3)), "", format_profiles(m.profiles_by_engine()), ""]
     if verify:
         verify_files(root, m)

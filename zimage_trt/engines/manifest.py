@@ -112,6 +112,9 @@ class EngineFile(_Model):
     # ``<engine>.refit.json`` lists the names that take them (TensorRT: built --refittable;
     # ONNX Runtime: always, as initializer overrides)
     refittable: bool = False
+    # built with TensorRT's WEIGHT_STREAMING: a budget at load keeps part of its weights on the
+    # GPU and streams the rest in as it runs (``engines.tensorrt_engines.WeightBudget``)
+    weight_streaming: bool = False
 
 
 class LoraRecord(_Model):

@@ -34,6 +34,39 @@ BufferKey = tuple[int, tuple[tuple[str, Shape], ...]]
 
 
 @dataclass(frozen=True)
+class WeightBudget:
+    """How much of a weight-streaming plan's streamable weights stay on the GPU (the rest is
+    streamed in from CPU memory as the engine runs): a percent of them, or TensorRT's own
+    choice (``auto``). Set when a plan built ``--weight-streaming`` loads."""
+
+    percent: float | None  # None: TensorRT's automatic budget
+
+    @classmethod
+    def parse(cls, text: str) -> WeightBudget:
+        if text.strip().lower() == "auto":
+            return cls(None)
+        try:
+            value = float(text.strip().removesuffix("%"))
+        except ValueError:
+            raise InputError(
+                f"weight streaming budget {text!r} is not auto or a percent of the streamable "
+                "weights kept on the GPU (0–100, e.g. 40%)"
+            ) from None
+        if not 0 <= value <= 100:
+            raise InputError(f"weight streaming budget {text!r} is outside 0 … 100 % (the share "
+                             "of the streamable weights kept on the GPU)")  # fmt: skip
+        return cls(value)
+
+    def __str__(self) -> str:
+        return "auto" if self.percent is None else f"{self.percent:g}%"
+
+    def bytes_for(self, engine: tensorrt.ICudaEngine) -> int:
+        if self.percent is None:
+            return int(engine.get_weight_streaming_automatic_budget())
+        return int(engine.streamable_weights_size * self.percent / 100)
+
+
+@dataclass(frozen=True)
 class TensorSpec:
     """One I/O tensor of an engine as the plan declares it."""
 
@@ -168,6 +201,9 @@ class TensorRTEngine:
     dtype names) are checked against the plan's. ``weights``: new values for refittable weights
     (other LoRAs, ``engines.refit``), refit into the plan before first use; ``more_weights``: where
     to take any further weight TensorRT asks for to refit them (weights it built together).
+    ``weight_budget``: a plan built ``--weight-streaming`` keeps that much of its streamable
+    weights on the GPU and streams the rest (set before any context: the activation block then
+    holds the streaming scratch too).
     """
 
     LIBRARY = "TensorRT"  # in messages
@@ -186,6 +222,7 @@ class TensorRTEngine:
         io_dtypes: Mapping[str, str] | None = None,
         weights: Mapping[str, Tensor] | None = None,
         more_weights: Mapping[str, Tensor] | None = None,
+        weight_budget: WeightBudget | None = None,
     ) -> None:
         if not profiles:
             raise InputError(f"engine {name!r}: no optimization profiles given")
@@ -197,6 +234,9 @@ class TensorRTEngine:
         self.hint = hint
         self._check_device()
         self._engine = self._deserialize(plan)
+        self.streamed: tuple[int, int] | None = None  # (weight bytes on the GPU, streamable)
+        if weight_budget is not None:
+            self._stream_weights(weight_budget)
         if weights:
             self._refit(weights, more_weights or {})
         self.io = self._read_io()
@@ -455,6 +495,16 @@ class TensorRTEngine:
                         f"engine {self.name!r}: profile {index} ({profile.name}) gives {name} "
                         f"min/opt/max {wanted}, the plan was built with {built}; rebuild"
                     )
+
+    def _stream_weights(self, budget: WeightBudget) -> None:
+        engine = self._engine
+        streamable = int(engine.streamable_weights_size)
+        if streamable == 0:
+            raise InputError(f"engine {self.name!r} was not built for weight streaming: rebuild "
+                             "the folder with zimage-trt build --weight-streaming")  # fmt: skip
+        kept = min(budget.bytes_for(engine), streamable)
+        engine.weight_streaming_budget_v2 = kept
+        self.streamed = (kept, streamable)
 
     def _activation_bytes(self) -> int:
         engine = self._engine

@@ -33,6 +33,7 @@ from zimage_trt.workflow.resolve import model_sources
 from zimage_trt.workflow.spec import LORA_STRENGTH_MAX
 
 if TYPE_CHECKING:
+    from zimage_trt.engines.tensorrt_engines import WeightBudget
     from zimage_trt.runtime.memory_plan import Budget
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt", "tensorrt-rtx")
@@ -197,13 +198,15 @@ def load_folder(
     cuda_graphs: bool = False,
     search: tuple[Path, ...] = (),
     lora_ignore_unmatched: bool = False,
+    weight_budget: WeightBudget | None = None,
     check_prompts: PromptCheck | None = None,
     log: Log = _stderr,
 ) -> Loaded:
     """A built folder's engines for ``wf``: refused with the reason when the folder holds
     another backend than ``backend``, does not fit this machine, or cannot serve the workflow's
     LoRAs; LoRAs other than the fused ones are swapped in from the base DiT (the workflow's, or
-    ``model``). ``strict_model``: refuse a ``model`` that no swap needs."""
+    ``model``). ``strict_model``: refuse a ``model`` that no swap needs. ``weight_budget``:
+    the share of their weights the engines built ``--weight-streaming`` keep on the GPU."""
     folder = Path(folder)
     manifest = read_manifest(folder)
     tokenizer = folder_tokenizer(folder, manifest)
@@ -229,6 +232,6 @@ def load_folder(
         )
     loaded = load_engine_folder(
         folder, device=torch_device, cuda_graphs=cuda_graphs, swap=swap, tokenizer=tokenizer,
-        log=log,
+        weight_budget=weight_budget, log=log,
     )  # fmt: skip
     return Loaded(loaded.engines, loaded.tokenizer, wf, loaded.manifest, swap)

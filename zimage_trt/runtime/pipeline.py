@@ -60,6 +60,7 @@ from zimage_trt.sampling.stage import sample_stage, stage_input_latent
 from zimage_trt.workflow import Workflow
 
 if TYPE_CHECKING:
+    from zimage_trt.engines.tensorrt_engines import WeightBudget
     from zimage_trt.runtime.memory_plan import Budget
 
 
@@ -122,6 +123,7 @@ class Pipeline:
         vae_tiles: VaeTiles | None = None,
         max_vram: int | None = None,
         side_by_side: int = 1,
+        weight_budget: WeightBudget | None = None,
         strict_model: bool = False,
         search: Sequence[Path] | None = None,
         requests: Sequence[GenerateRequest] = (),
@@ -142,9 +144,10 @@ class Pipeline:
         networks and tiles the decode, and which every request is checked against; planned for
         ``side_by_side`` runs sampled together, a server's ``--max-batch``);
         ``vae_tiles`` decodes in tiles as ComfyUI's VAEDecodeTiled; ``engines`` serves a built
-        folder (``cuda_graphs``: TensorRT replays the denoiser), with ``model`` as the base DiT
-        when its engines take other LoRAs (``strict_model``: refuse a ``model`` that no swap
-        needs). ``loras``
+        folder (``cuda_graphs``: TensorRT replays the denoiser; ``weight_budget``: what its
+        engines built ``--weight-streaming`` keep of their weights on the GPU), with ``model``
+        as the base DiT when its engines take other LoRAs (``strict_model``: refuse a
+        ``model`` that no swap needs). ``loras``
         ((file, strength) pairs) replace the workflow's LoRAs, ``negative_prompt_file`` its
         negative prompt; relative LoRA paths are looked for in ``search`` (default: the
         workflow file's folder, then the current one). ``backend`` names the backend the
@@ -158,7 +161,13 @@ class Pipeline:
         if engines is not None and max_vram is not None:
             raise InputError(
                 "--max-vram plans the torch backend (--model): an engine folder's memory is "
-                "fixed when it is built"
+                "set when it is built (--weight-streaming) and loaded "
+                "(--weight-streaming-budget)"
+            )
+        if engines is None and weight_budget is not None:
+            raise InputError(
+                "--weight-streaming-budget serves an engine folder built --weight-streaming "
+                "(--engines DIR); the torch backend streams with --resident-blocks"
             )
         if max_vram is not None and vae_tiles is not None:
             raise InputError("--max-vram tiles the decode by its plan: pass it without "
@@ -197,7 +206,8 @@ class Pipeline:
             loaded = loading.load_folder(
                 wf, engines, model=model, strict_model=strict_model, backend=backend,
                 device=device, cuda_graphs=cuda_graphs, search=where,
-                lora_ignore_unmatched=lora_ignore_unmatched, check_prompts=check_prompts, log=log,
+                lora_ignore_unmatched=lora_ignore_unmatched, weight_budget=weight_budget,
+                check_prompts=check_prompts, log=log,
             )  # fmt: skip
         else:
             loaded = loading.load_model(

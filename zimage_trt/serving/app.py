@@ -22,7 +22,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable, MutableMapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import yaml
 from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
@@ -62,6 +62,9 @@ from zimage_trt.serving.worker import Cancelled, Job, QueueFull, Result, Worker
 from zimage_trt.workflow import Workflow, preset_names
 from zimage_trt.workflow.comfy_import import import_graph
 from zimage_trt.workflow.spec import LatentSource
+
+if TYPE_CHECKING:
+    from zimage_trt.engines.tensorrt_engines import WeightBudget
 
 ASGIApp = Callable[[MutableMapping[str, Any], Any, Any], Awaitable[None]]
 OPEN_PATHS = ("/healthz",)
@@ -105,11 +108,13 @@ class Source:
     loras: tuple[RegisteredLora, ...] = ()  # switched per request (serve --lora)
     max_vram: int | None = None  # a memory budget in bytes (serve --max-vram)
     max_batch: int = 1  # runs sampled together, which the budget's plan allows for
+    weight_budget: WeightBudget | None = None  # serve --weight-streaming-budget
 
     def open(self, log: Callable[[str], None]) -> Pipeline:
         pipeline = Pipeline.open(model=self.model, engines=self.engines, workflow=self.workflow,
                                  device=self.device, max_vram=self.max_vram,
-                                 side_by_side=self.max_batch, log=log)  # fmt: skip
+                                 side_by_side=self.max_batch, weight_budget=self.weight_budget,
+                                 log=log)  # fmt: skip
         if self.loras:
             LoraBank.attach(pipeline, self.loras, folder=self.engines, model=self.model,
                             search=lora_search(self.workflow), log=log)  # fmt: skip
