@@ -4,6 +4,7 @@ followed, and what would pass the budget is refused with the numbers."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -194,3 +195,55 @@ def test_a_server_plans_for_its_batch_sampled_together() -> None:
     assert one == [("denoiser", {"latents": (1, 16, 36, 28), "cap_valid": (1, 32)}),
                    ("denoiser", {"latents": (1, 16, 36, 28), "cap_valid": (1, 1600)})]  # fmt: skip
     assert three == [("denoiser", {"latents": (6, 16, 36, 28), "cap_valid": (6, 1600)})]
+
+
+def test_a_bf16_text_encoder_is_kept_in_bf16_and_upcast_block_by_block(tmp_path: Path) -> None:
+    """The tiny model with its text encoder stored in bf16 (as Z-Image's Qwen3 is): under a
+    --max-vram plan its weights stay bf16 (half the bytes) and each block is upcast as it runs;
+    the image is the fp32-weights run's to the bit."""
+    from safetensors.torch import load_file, save_file
+
+    from zimage_trt.models.tiny import tiny_model_dir
+
+    folder = tmp_path / "bf16-text"
+    shutil.copytree(tiny_model_dir(), folder)
+    weights = folder / "text_encoder" / "model.safetensors"
+    save_file({k: v.to(torch.bfloat16) for k, v in load_file(weights).items()}, weights)
+    wf = WF.model_copy(deep=True)
+    wf.models.loras = []
+    fp32 = Pipeline.open(model=str(folder), workflow=wf, device="cpu", log=lambda msg: None)
+    logs: list[str] = []
+    bf16 = Pipeline.open(model=str(folder), workflow=wf, device="cpu", max_vram=1 << 30,
+                         log=logs.append)  # fmt: skip
+    stored = {p.dtype for p in bf16.engines.text_encoder.module.parameters()}
+    assert stored == {torch.bfloat16}
+    assert {p.dtype for p in fp32.engines.text_encoder.module.parameters()} == {torch.float32}
+    assert np.array_equal(bf16.run(wf).image, fp32.run(wf).image)
+    assert bf16.budget is not None
+    planner = bf16.budget.planner
+    # the tiny encoder: 9,798,208 B in bf16 (19,596,416 in fp32); one upcast block 49,536 B
+    assert (planner.weights["text encoder"], planner.upcast) == (9_798_208, 49_536)
+    plan = next(line for line in logs if line.startswith("memory plan")).splitlines()
+    assert plan[3] == "text encoder  bf16       9.3 MiB  RAM"
+
+
+def test_upcast_per_block_computes_the_fp32_encoder_s_hidden_states_to_the_bit() -> None:
+    import copy
+
+    from zimage_trt.engines.placement import upcast_per_block
+    from zimage_trt.models.text_encoder import Qwen3Config, Qwen3TextEncoder
+
+    torch.manual_seed(0)
+    fp32 = Qwen3TextEncoder(Qwen3Config.tiny())
+    with torch.no_grad():  # the values a bf16 file holds
+        for param in fp32.parameters():
+            param.copy_(param.to(torch.bfloat16).float())
+    kept = copy.deepcopy(fp32).to(torch.bfloat16)
+    assert upcast_per_block(kept) == 49_536  # one block's 12,384 weights in fp32
+    ids = torch.randint(0, 151_000, (2, 40), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, 30:] = 0
+    with torch.inference_mode():
+        got, expected = kept(ids, mask), fp32(ids, mask)
+    assert got.dtype == torch.float32 and torch.equal(got, expected)
+    assert {p.dtype for p in kept.parameters()} == {torch.bfloat16}  # restored after each block

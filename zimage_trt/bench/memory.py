@@ -166,15 +166,17 @@ def bench_memory(pipeline: Pipeline, wf: Workflow, log: Log = lambda msg: None) 
 def _predicted(pipeline: Pipeline, wf: Workflow, device: torch.device) -> dict[str, int]:
     if pipeline.engines.backend != "torch":
         return {}
+    budget = pipeline.budget
+    if budget is not None:  # the plan's own planner: its precisions, its upcast text encoder
+        tokens = prompt_tokens(wf, pipeline.prompts.tokenizer)
+        rows = budget.planner.like(wf, tokens).predict(budget.plan.strategy)
+        return {row.name: row.activations for row in rows}
     planner = MemoryPlanner(
         wf, prompt_tokens(wf, pipeline.prompts.tokenizer), model_configs_of(pipeline.engines),
         device="cuda" if device.type == "cuda" else "cpu", dtype=pipeline.engines.dtype,
         text_dtype=_module_dtype(pipeline.engines.text_encoder),
     )  # fmt: skip
-    budget = pipeline.budget
-    rows = planner.predict(
-        budget.plan.strategy if budget else Strategy(vae_tiles=pipeline.vae_tiles)
-    )
+    rows = planner.predict(Strategy(vae_tiles=pipeline.vae_tiles))
     return {row.name: row.activations for row in rows}
 
 

@@ -26,8 +26,8 @@ def add_parser(sub: Any) -> None:
         "decode in tiles; the text encoder on the CPU; the DiT streamed. A budget nothing "
         "meets is refused, naming the smallest that works. Without --model: Z-Image-Turbo's "
         "real configuration (nothing is read or downloaded). generate, bench and serve take "
-        "--max-vram and follow the plan (the torch backend holds its text encoder in fp32: "
-        "--text-encoder-precision fp32 shows its plan).",
+        "--max-vram and follow the plan (the torch backend keeps a bf16 text encoder in bf16 "
+        "and computes it in fp32, block by block).",
         epilog=examples(
             "zimage-trt plan -w zimage-121101 --max-vram 8G,12G,16G,24G",
             "zimage-trt plan -w zimage-121101 --max-vram 8G --dit-precision fp8 "

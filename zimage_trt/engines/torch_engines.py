@@ -210,13 +210,19 @@ def load_torch_engines(
     gguf_in_memory: bool = False,
     resident_blocks: int | None = None,
     text_encoder_placement: str = "resident",
+    text_encoder_storage: torch.dtype = torch.float32,
     log: Callable[[str], None] = lambda msg: print(msg, file=sys.stderr),
 ) -> Engines:
     """The three networks of ``sources`` (its LoRAs fused into the DiT) on ``device``, eager
     (``gguf_in_memory``: a GGUF DiT kept quantized, ``models.gguf_resident``;
     ``text_encoder_placement``: see ``torch_engines``; released on the CPU, the text encoder is
-    read at its first call, never beside the DiT)."""
+    read at its first call, never beside the DiT). ``text_encoder_storage`` bf16: its weights
+    kept in bf16 (a bf16 file's, exactly) and upcast block by block as it computes in fp32
+    (``engines.placement.upcast_per_block``)."""
     files = sources.files
+    if text_encoder_storage not in (torch.float32, torch.bfloat16):
+        raise InputError(f"text encoder storage {text_encoder_storage} is not float32 or "
+                         "bfloat16")  # fmt: skip
 
     def dit() -> nn.Module:
         return load_fused_dit(sources, dtype, lora_ignore_unmatched=lora_ignore_unmatched,
@@ -224,7 +230,7 @@ def load_torch_engines(
 
     def text_encoder(meta: bool = False) -> nn.Module:
         log(f"loading the text encoder from {files.text_encoder}" + (" (its shapes)" * meta))
-        return load_text_encoder_weights(files.text_encoder, torch.float32, meta=meta)
+        return load_text_encoder_weights(files.text_encoder, text_encoder_storage, meta=meta)
 
     later = text_encoder_placement == "released" and device.type == "cpu"
     if later and resident_blocks is not None:
@@ -236,7 +242,12 @@ def load_torch_engines(
     log(f"loading the VAE from {files.vae}")
     vae = load_vae_weights(files.vae, dtype)
     assert isinstance(fused, ZImageDiT) and isinstance(text, Qwen3TextEncoder)
+    if text_encoder_storage != torch.float32:
+        from zimage_trt.engines.placement import upcast_per_block
+
+        upcast_per_block(text)
     return torch_engines(fused, text, vae, device=device, dtype=dtype,
+                         text_encoder_dtype=text_encoder_storage,
                          resident_blocks=resident_blocks,
                          text_encoder_placement=text_encoder_placement,
                          reload={"text encoder": text_encoder, "DiT": dit})  # fmt: skip

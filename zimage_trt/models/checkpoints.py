@@ -22,7 +22,12 @@ from zimage_trt.models import dit_keys, vae_keys
 from zimage_trt.models import text_encoder_keys as te_keys
 from zimage_trt.models.dit import DiTConfig, ZImageDiT
 from zimage_trt.models.model_files import weight_files
-from zimage_trt.models.safetensors_io import CheckpointError, LazyStateDict, key_list
+from zimage_trt.models.safetensors_io import (
+    CheckpointError,
+    LazyStateDict,
+    key_list,
+    read_safetensors_header,
+)
 from zimage_trt.models.text_encoder import Qwen3TextEncoder
 from zimage_trt.models.vae import FluxVAE
 
@@ -78,6 +83,19 @@ def _open_weights(
     name = str(path if path.is_file() else files[0] if len(files) == 1 else path)
     lazy = LazyStateDict.open(files, dtype, name)
     return lazy, name, lazy.metadata
+
+
+def stored_dtypes(source: str | Path) -> set[torch.dtype]:
+    """The dtypes a checkpoint stores its floating-point tensors in, from its headers alone
+    (none for a GGUF: its quantized values have no exact lower precision to keep)."""
+    files = weight_files(source)
+    if files[0].suffix == ".gguf":
+        return set()
+    found: set[torch.dtype] = set()
+    for file in files:
+        tensors, _ = read_safetensors_header(file)
+        found |= {t.dtype for t in tensors.values() if t.dtype.is_floating_point}
+    return found
 
 
 def _shapes(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:

@@ -151,15 +151,21 @@ def load_model(
     if check_prompts is not None:
         check_prompts(tokenizer, TORCH_CAPTION_MAX, "torch")
     budget = None
+    text_storage = torch.float32
     if max_vram is not None:
+        from zimage_trt.models.checkpoints import stored_dtypes
         from zimage_trt.runtime.memory_plan import plan_budget
+
+        # a bf16 file's text encoder kept in bf16, upcast block by block (the same output)
+        if not compile and stored_dtypes(sources.files.text_encoder) == {torch.bfloat16}:
+            text_storage = torch.bfloat16
 
         if resident_blocks is not None or text_encoder != "resident":
             raise InputError("--max-vram places the networks by its plan: pass it without "
                              "--resident-blocks or --text-encoder")  # fmt: skip
         budget = plan_budget([wf, *workflows], tokenizer, sources.files, torch_device,
                              torch_dtype, max_vram, gguf_in_memory=gguf_in_memory,
-                             side_by_side=side_by_side)  # fmt: skip
+                             side_by_side=side_by_side, text_storage=text_storage)  # fmt: skip
         log(f"memory plan for --max-vram:\n{budget.plan.table()}")
         resident_blocks, text_encoder = (
             budget.plan.strategy.dit_blocks,
@@ -178,6 +184,7 @@ def load_model(
         gguf_in_memory=gguf_in_memory,
         resident_blocks=resident_blocks,
         text_encoder_placement=text_encoder,
+        text_encoder_storage=text_storage,
         log=log,
     )
     if compile:

@@ -266,10 +266,13 @@ class MemoryPlanner:
         dtype: torch.dtype | None = None,
         text_dtype: torch.dtype | None = None,
         side_by_side: int = 1,
+        text_upcast: bool = False,
     ) -> None:
         """``dtype`` / ``text_dtype``: the activations' (default bf16 on a GPU, fp32 on the CPU;
         the torch backend runs its text encoder in fp32 everywhere, as ComfyUI does);
-        ``side_by_side``: runs sampled together (a server's ``--max-batch``)."""
+        ``side_by_side``: runs sampled together (a server's ``--max-batch``); ``text_upcast``:
+        the text encoder's weights upcast to ``text_dtype`` one block at a time as it runs
+        (``engines.placement.upcast_per_block``)."""
         if dit_precision not in DIT_PRECISIONS:
             raise InputError(f"DiT precision {dit_precision!r} is not one of {DIT_PRECISIONS}")
         if text_precision not in TEXT_PRECISIONS:
@@ -288,6 +291,10 @@ class MemoryPlanner:
         }
         self.block = weight_bytes(nets.dit.layers[0], dit_precision, FULL_PRECISION_PARTS)
         self.blocks = len(nets.dit.layers)
+        block = nets.text_encoder.model.layers[0]
+        self.upcast = (
+            text_upcast * sum(p.numel() for p in block.parameters()) * (self.text_dtype.itemsize)
+        )
         self.dequant = 0  # GGUF: one Linear dequantized at a time inside the forward
         if dit_precision in GGUF:
             largest = max(m.weight.numel() for m in nets.dit.modules() if isinstance(m, nn.Linear))
@@ -331,6 +338,8 @@ class MemoryPlanner:
                 resident = dit + vae + (text if s.text_encoder == "resident" else 0)
             if engine in ("denoiser", "caption_path"):
                 act += self.dequant
+            if engine == "text_encoder" and s.text_encoder != "cpu":
+                act += self.upcast
             rows.append(PhaseMemory(name, _short(calls), act, resident, act + resident))
         return rows
 
@@ -441,19 +450,22 @@ def plan_budget(
     *,
     gguf_in_memory: bool = False,
     side_by_side: int = 1,
+    text_storage: torch.dtype = torch.float32,
 ) -> Budget:
     """The torch backend's plan for ``budget`` bytes that every one of ``workflows`` fits (the
     first is shown): the model's configurations from its files, its DiT at ``dtype`` (or kept
-    quantized, ``gguf_in_memory``), its text encoder in fp32, as ``load_torch_engines`` loads
-    them; ``side_by_side``: runs sampled together at the most."""
+    quantized, ``gguf_in_memory``), its text encoder in ``text_storage`` (bf16: upcast block
+    by block as it computes in fp32), as ``load_torch_engines`` loads them; ``side_by_side``:
+    runs sampled together at the most."""
     precision = gguf_precision(files.transformer) if gguf_in_memory else (
         "fp32" if dtype == torch.float32 else "bf16")  # fmt: skip
     configs = configs_of_files(files)
     first, *more = [
         MemoryPlanner(wf, prompt_tokens(wf, tokenizer), configs,
                       device="cuda" if device.type == "cuda" else "cpu",
-                      dit_precision=precision, text_precision="fp32", dtype=dtype,
-                      text_dtype=torch.float32, side_by_side=side_by_side)
+                      dit_precision=precision, dtype=dtype, text_dtype=torch.float32,
+                      text_precision="bf16" if text_storage == torch.bfloat16 else "fp32",
+                      text_upcast=text_storage == torch.bfloat16, side_by_side=side_by_side)
         for wf in workflows
     ]  # fmt: skip
     return Budget(first.plan(budget, more), first)
