@@ -247,3 +247,21 @@ def test_upcast_per_block_computes_the_fp32_encoder_s_hidden_states_to_the_bit()
         got, expected = kept(ids, mask), fp32(ids, mask)
     assert got.dtype == torch.float32 and torch.equal(got, expected)
     assert {p.dtype for p in kept.parameters()} == {torch.bfloat16}  # restored after each block
+
+
+def test_serve_plans_for_its_max_batch(tmp_path: Path) -> None:
+    import argparse
+
+    from zimage_trt.cli.serve import add_serve_parser, source_from
+
+    parser = argparse.ArgumentParser()
+    add_serve_parser(parser.add_subparsers())
+    workflow = _write(WF, tmp_path / "one-stage.yaml")
+    args = parser.parse_args(["serve", "--model", "tiny", "-w", workflow, "--device", "cpu",
+                              "--max-vram", "200M", "--max-batch", "3"])  # fmt: skip
+    source = source_from(args)
+    assert (source.max_vram, source.max_batch, source.weight_budget) == (200 * MIB, 3, None)
+    pipeline = source.open(lambda msg: None)
+    assert pipeline.budget is not None and pipeline.budget.planner.side_by_side == 3
+    base = dict(pipeline.budget.planner.phases)["base"]
+    assert base == [("denoiser", {"latents": (6, 16, 36, 28), "cap_valid": (6, 1600)})]
