@@ -59,8 +59,6 @@ class Offload:
     """Parked in CPU memory (a GPU's networks); every weight and buffer comes back as it left
     (a LoRA switched in while parked included)."""
 
-    reloads = False
-
     def __init__(self, module: nn.Module, device: torch.device) -> None:
         self.module, self.device = module, device
 
@@ -74,8 +72,6 @@ class Offload:
 class Reload:
     """Released (the CPU's networks: there is no other memory to park in) and made again by
     ``load`` — from the model's files — when next called."""
-
-    reloads = True
 
     def __init__(self, module: nn.Module, load: Callable[[], nn.Module]) -> None:
         self.module, self.load = module, load
@@ -126,14 +122,14 @@ class TurnEngine:
             self.turns.hold(self.member)
 
     def __call__(self, **inputs: Tensor) -> dict[str, Tensor]:
-        with self.turns.lock:
-            self.turns.hold(self.member)
+        with self.turns.lock:  # re-entrant: held over the turn and the call
+            self.hold()
             return self.engine(**inputs)
 
     def refit(
         self, weights: Mapping[str, Tensor], more: Mapping[str, Tensor] | None = None
     ) -> None:
-        if getattr(self.turns.parked[self.member], "reloads", False):
+        if isinstance(self.turns.parked[self.member], Reload):
             raise InputError(
                 f"the {self.member} is released between its turns and read again from the "
                 "model's files, which would drop LoRAs switched into it: switching LoRAs needs "

@@ -40,12 +40,7 @@ from zimage_trt.runtime.images import (
     to_uint8,
 )
 from zimage_trt.runtime.loras import LoraBank
-from zimage_trt.runtime.preflight import (
-    TORCH_CAPTION_MAX,
-    check_prompt_lengths,
-    preflight,
-    prompt_tokens,
-)
+from zimage_trt.runtime.preflight import TORCH_CAPTION_MAX, check_prompt_lengths, preflight
 from zimage_trt.runtime.requests import (
     CacheStats,
     GenerateRequest,
@@ -393,9 +388,10 @@ class Pipeline:
         any work (compiled engines only; ProfileError names the engine, shape and ranges), and
         against the memory budget (``--max-vram``)."""
         cap = self.manifest.caption_max if self.manifest is not None else TORCH_CAPTION_MAX
-        preflight(wf, self.engines.profiles, self.prompts.tokenizer, self.engines.backend, cap)
+        tokens = preflight(wf, self.engines.profiles, self.prompts.tokenizer,
+                           self.engines.backend, cap)  # fmt: skip
         if self.budget is not None:
-            self.budget.check(wf, prompt_tokens(wf, self.prompts.tokenizer))
+            self.budget.check(wf, tokens)
 
     def run(
         self,

@@ -99,13 +99,13 @@ def preflight(
     tokenizer: QwenTokenizer,
     backend: str,
     caption_max: int = TORCH_CAPTION_MAX,
-) -> None:
+) -> list[int]:
     """Raise ``InputError`` for a prompt longer than ``caption_max`` tokens, ``ProfileError``
     unless every call of ``wf`` lies inside a built profile (no profiles: eager engines, which
-    serve any shape)."""
+    serve any shape); returns the prompts' token counts."""
     tokens = check_prompt_lengths(wf, tokenizer, caption_max, backend)
     if not profiles:
-        return
+        return tokens
     hint = (
         f"zimage-trt build --model MODEL --workflow {wf.name}.yaml --backend "
         f"{backend} --caption-max {max(max(tokens), 4096)} --out DIR"
@@ -114,3 +114,4 @@ def preflight(
         if engine not in profiles:
             raise ProfileError(f"engine {engine!r} was not built; build it with: {hint}")
         select_profile(engine, profiles[engine], shapes, hint)
+    return tokens
