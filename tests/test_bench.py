@@ -239,13 +239,13 @@ def test_reference_run_json_has_every_figure(reference_run: tuple[Path, str]) ->
     assert list(phases) == ["text", "captions", "base", "base decode", "refine", "refine decode",
                             "upscale", "upscale decode"]  # fmt: skip
     decode = phases["upscale decode"]  # the run's largest: the 672×864 decode
-    assert decode["predicted_peak_bytes"] > 400 * 2**20
-    # within 5 %: measured inside a pytest worker that ran other tests before (the fresh-process
-    # comparison, tests/test_memory_plan.py, holds to 8 MiB)
-    assert (
-        abs(decode["measured_peak_bytes"] - decode["predicted_peak_bytes"])
-        <= 0.05 * (decode["predicted_peak_bytes"])
-    )
+    assert decode["predicted_peak_bytes"] > 100 * 2**20
+    assert decode["predicted_peak_bytes"] == max(p["predicted_peak_bytes"] for p in phases.values())
+    # within 16 MiB (16,777,216 B, under half of one 16-channel 672×864 map): measured inside a
+    # pytest worker that ran other tests before (the fresh-process comparison,
+    # tests/test_memory_plan.py, holds to 8 MiB)
+    measured, predicted = decode["measured_peak_bytes"], decode["predicted_peak_bytes"]
+    assert abs(measured - predicted) <= 16 * 2**20, (measured, predicted)
     assert parts[4]["memory"] == {"kind": "rss", "predicted_peak_bytes": max(
         phases[n]["predicted_peak_bytes"] for n in ("base decode", "refine decode",
                                                     "upscale decode")),

@@ -24,9 +24,9 @@ from zimage_trt.runtime.pipeline import Pipeline
 from zimage_trt.runtime.preflight import phase_calls
 from zimage_trt.workflow import Workflow
 
-WF = _one_stage()  # 224×288, one step, cfg 2 with the 1,587-token negative prompt
-# the tiny model's CPU plan for WF (fp32): everything resident 77,712,908 B at its peak (the
-# decode), released 58,116,492 B (the text phase); 70 MiB = 73,400,320 B lies between
+WF = _one_stage()  # 336×432, one step, cfg 2 with the 1,587-token negative prompt
+# the tiny model's CPU plan for WF (fp32): everything resident 79,763,276 B at its peak (the
+# decode), released 60,166,860 B (the decode); 70 MiB = 73,400,320 B lies between
 BUDGET = 70 * MIB
 
 
@@ -104,7 +104,7 @@ def test_max_vram_follows_its_plan_and_refuses_what_passes_it(
     captured = capsys.readouterr()
     plan = (
         "plan: text encoder released after encoding (the prompt cache keeps its output)\n"
-        "predicted peak: 55.4 MiB + 0.0 MiB (nothing) = 55.4 MiB of 70.0 MiB RAM"
+        "predicted peak: 57.4 MiB + 0.0 MiB (nothing) = 57.4 MiB of 70.0 MiB RAM"
     )
     assert plan in captured.err
     written = Path(captured.out.strip().splitlines()[-1].removeprefix("wrote "))
@@ -115,7 +115,7 @@ def test_max_vram_follows_its_plan_and_refuses_what_passes_it(
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "zimage-trt: error: --max-vram 40.0 MiB (RAM: planned for the CPU) is too little for "
         "zimage-121101 at DiT fp32, text encoder fp32: the smallest budget that works is "
-        "55.4 MiB (text encoder released after encoding (the prompt cache keeps its output))"
+        "57.4 MiB (text encoder released after encoding (the prompt cache keeps its output))"
     )
     assert main([*argv, "--max-vram", "70M", "--vae-tiles", "512"]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
@@ -140,7 +140,7 @@ def test_a_pipeline_checks_each_workflow_against_its_budget_and_bench_measures_i
     with pytest.raises(InputError) as refused:
         pipeline.check(larger)
     assert str(refused.value) == (
-        "workflow 'zimage-121101' needs 197.4 MiB at its base decode phase under this "
+        "workflow 'zimage-121101' needs 98.8 MiB at its base decode phase under this "
         "pipeline's memory plan (text encoder released after encoding (the prompt cache keeps "
         "its output)), more than --max-vram 70.0 MiB: ask for a smaller image or a shorter "
         "prompt, or open the pipeline for this workflow"
@@ -192,9 +192,9 @@ def test_a_server_plans_for_its_batch_sampled_together() -> None:
     """``--max-batch 3``: each denoiser call holds three runs' cond and uncond, padded to the
     longest caption slot (29 → 32, 1,587 → 1,600 tokens)."""
     one, three = (dict(phase_calls(WF, [29, 1587], n))["base"] for n in (1, 3))
-    assert one == [("denoiser", {"latents": (1, 16, 36, 28), "cap_valid": (1, 32)}),
-                   ("denoiser", {"latents": (1, 16, 36, 28), "cap_valid": (1, 1600)})]  # fmt: skip
-    assert three == [("denoiser", {"latents": (6, 16, 36, 28), "cap_valid": (6, 1600)})]
+    assert one == [("denoiser", {"latents": (1, 16, 54, 42), "cap_valid": (1, 32)}),
+                   ("denoiser", {"latents": (1, 16, 54, 42), "cap_valid": (1, 1600)})]  # fmt: skip
+    assert three == [("denoiser", {"latents": (6, 16, 54, 42), "cap_valid": (6, 1600)})]
 
 
 def test_a_bf16_text_encoder_is_kept_in_bf16_and_upcast_block_by_block(tmp_path: Path) -> None:
@@ -264,4 +264,4 @@ def test_serve_plans_for_its_max_batch(tmp_path: Path) -> None:
     pipeline = source.open(lambda msg: None)
     assert pipeline.budget is not None and pipeline.budget.planner.side_by_side == 3
     base = dict(pipeline.budget.planner.phases)["base"]
-    assert base == [("denoiser", {"latents": (6, 16, 36, 28), "cap_valid": (6, 1600)})]
+    assert base == [("denoiser", {"latents": (6, 16, 54, 42), "cap_valid": (6, 1600)})]

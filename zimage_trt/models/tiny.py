@@ -44,7 +44,7 @@ from zimage_trt.models.tokenizer import FIRST_SPECIAL_ID
 from zimage_trt.models.tokenizer_files import write_tokenizer
 from zimage_trt.models.vae import FluxVAE, VAEConfig
 
-TINY_VERSION = "1"  # bump whenever what make_tiny writes changes: it names the cache folder
+TINY_VERSION = "2"  # bump whenever what make_tiny writes changes: it names the cache folder
 CACHE_ENV = "ZIMAGE_TRT_CACHE"
 TINY_MARKER = ".zimage-trt-tiny.json"  # marks a folder make_tiny wrote (it may write there again)
 DIFFUSERS_VERSION = "0.36.0"  # the first diffusers with Z-Image

@@ -43,7 +43,7 @@ class VAEConfig:
     @classmethod
     def tiny(cls) -> VAEConfig:
         """Same topology (4 levels, 16 latent channels, a shortcut conv) at test size."""
-        return cls(block_out_channels=(32, 32, 64, 64), norm_num_groups=8)
+        return cls(block_out_channels=(16, 16, 32, 32), norm_num_groups=8)
 
     @property
     def downscale(self) -> int:
