@@ -172,7 +172,8 @@ def test_max_vram_is_refused_where_no_plan_applies(tmp_path: Path) -> None:
         Pipeline.open(engines=tmp_path, max_vram=BUDGET)
     assert str(refused.value) == (
         "--max-vram plans the torch backend (--model): an engine folder's memory is set when it "
-        "is built (--weight-streaming) and loaded (--weight-streaming-budget)"
+        "is built (--weight-streaming, --vae-tiles) and loaded (--weight-streaming-budget, "
+        "--vae-tiles)"
     )
     with pytest.raises(InputError) as refused:
         Pipeline.open(model="tiny", weight_budget=WeightBudget(40.0))

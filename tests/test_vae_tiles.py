@@ -5,7 +5,9 @@ tests/comfy_reference.py), and the pipeline decoding in tiles when asked."""
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -100,3 +102,58 @@ def test_the_pipeline_decodes_in_tiles_when_asked() -> None:
     expected = decode_tiled(latent, lambda z: decoder(latents=z)["image"], tiles)
     assert (image == to_uint8(expected)).all() and image.shape == whole.shape == (224, 176, 3)
     assert (image != whole).any()
+
+
+def test_a_reference_build_for_tiles_spans_every_piece() -> None:
+    """``build --vae-tiles 512:64`` for the reference workflow: one more decoder profile, from the
+    12-row piece the 32-row tiling leaves of 108 rows to the whole 108×84 latent (the tall
+    tiling's one piece); the DiT gets none."""
+    from zimage_trt.build_engines.profiles import Span, tile_stage, workflow_stages
+    from zimage_trt.workflow import load_workflow
+
+    stages = workflow_stages(load_workflow("zimage-121101"))
+    tiled = tile_stage(VaeTiles(), stages)
+    assert (tiled.name, tiled.height, tiled.width) == ("tiles 512:64", Span(12, 64, 108),
+                                                       Span(12, 64, 84))  # fmt: skip
+    assert (tiled.decode, tiled.denoise, tiled.max_batch) == (True, False, 1)
+    for stage in stages:
+        for h, w in tile_shapes(stage.height.opt, stage.width.opt, VaeTiles()):
+            assert 12 <= h <= 108 and 12 <= w <= 84
+
+
+def test_an_engine_folder_built_for_tiles_decodes_in_them(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An ONNX Runtime folder built ``--vae-tiles 128:32`` for a one-stage 336×432 workflow
+    decodes in those tiles (the torch backend's tiled image, within 2 levels); asked for other
+    tiles it refuses before any work, naming the piece and the build that covers it."""
+    from tests.test_memory_plan import _one_stage
+    from zimage_trt.cli import main
+    from zimage_trt.engines.manifest import ProfileError
+    from zimage_trt.runtime.pipeline import Pipeline
+
+    wf = _one_stage()
+    path = tmp_path / "one-stage.yaml"
+    path.write_text(wf.to_yaml())
+    out = tmp_path / "engines"
+    assert main(["build", "--model", "tiny", "--backend", "onnxruntime", "-w", str(path),
+                 "--vae-tiles", "128:32", "--no-parity", "--out", str(out), "-q"]) == 0  # fmt: skip
+    printed = capsys.readouterr().out
+    row = "vae_decoder   tiles 128:32  latents           1×16×6×6  1×16×16×16  1×16×32×32"
+    assert row in printed
+    tiles = VaeTiles(128, 32)
+    engines = Pipeline.open(engines=out, vae_tiles=tiles, log=lambda m: None)
+    eager = Pipeline.open(model="tiny", workflow=wf, device="cpu", vae_tiles=tiles,
+                          log=lambda m: None)  # fmt: skip
+    got, ref = engines.run(wf).image, eager.run(wf).image
+    assert got.shape == ref.shape == (432, 336, 3)
+    assert int(np.abs(got.astype(int) - ref.astype(int)).max()) <= 2
+    assert (got != Pipeline.open(engines=out, log=lambda m: None).run(wf).image).any()
+    with pytest.raises(ProfileError) as refused:
+        Pipeline.open(engines=out, vae_tiles=VaeTiles(256, 32), log=lambda m: None)
+    assert str(refused.value) == (
+        "engine 'vae_decoder' was not built for latents 1×16×6×42; built profiles: base: latents "
+        "1×16×54×42 … 1×16×54×42 (opt 1×16×54×42); tiles 128:32: latents 1×16×6×6 … 1×16×32×32 "
+        "(opt 1×16×16×16). To cover it, build with: zimage-trt build --model MODEL --workflow "
+        "zimage-121101.yaml --backend onnxruntime --caption-max 4096 --vae-tiles 256:32 --out DIR"
+    )

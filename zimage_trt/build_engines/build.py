@@ -407,6 +407,8 @@ def _machine(backend: str) -> dict[str, str]:
 def _options_record(options: BuildOptions) -> dict[str, Any]:
     record: dict[str, Any] = {"opset": OPSET, "caption_max": options.caption_max,
                               "buckets": list(options.buckets)}  # fmt: skip
+    if options.vae_tiles is not None:  # recorded only when asked: earlier keys stay valid
+        record["vae_tiles"] = str(options.vae_tiles)
     if options.backend in ("tensorrt", "tensorrt-rtx"):
         record.update(
             optimization_level=options.optimization_level,

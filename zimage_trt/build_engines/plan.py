@@ -20,12 +20,14 @@ from zimage_trt.build_engines.profiles import (
     caption_span,
     engine_profiles,
     resolution_stages,
+    tile_stage,
     workflow_stages,
 )
 from zimage_trt.engines.manifest import Profile
 from zimage_trt.errors import InputError
 from zimage_trt.models.checkpoints import load_dit, load_text_encoder_weights, load_vae_weights
 from zimage_trt.models.sources import ModelSources
+from zimage_trt.runtime.vae_tiles import VaeTiles
 from zimage_trt.workflow import Stage, Workflow
 from zimage_trt.workflow.resolve import model_sources
 
@@ -47,6 +49,7 @@ class BuildOptions:
     caption_max: int = CAPTION_MAX
     buckets: list[str] = field(default_factory=list)
     with_encoder: bool = False  # also build the VAE encoder (image inputs) for every stage
+    vae_tiles: VaeTiles | None = None  # also a decoder profile for decoding in these tiles
     check_parity: bool = True
     parity_mode: str = "auto"  # auto | whole | slice (auto: slice when RAM forbids the whole)
     # TensorRT
@@ -187,6 +190,8 @@ def plan_build(
     stages += [bucket_stage(b, stages) for b in options.buckets]
     if options.with_encoder:
         stages = [_with_encoder(s) for s in stages]
+    if options.vae_tiles is not None:
+        stages.append(tile_stage(options.vae_tiles, stages))
     opt_tokens = _prompt_tokens(files, wf) if workflow is not None else 128
     caption = caption_span(options.caption_max, opt_tokens)
     wanted = [n for n in nets if n != "vae_encoder" or any(s.encode for s in stages)]

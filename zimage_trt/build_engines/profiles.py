@@ -6,7 +6,9 @@ calls); its caption slots run from 32 to the caption ceiling rounded up to 32. T
 profile is the stage's exact shape with the workflow's own positive prompt. The text encoder and
 caption path serve one prompt at a time at any length up to the ceiling (default 4,096 tokens: a
 2,000-character Chinese negative prompt is ~1,600). The VAE decoder gets a static profile per
-decoded latent size (each preview and the final image); the encoder one per image input.
+decoded latent size (each preview and the final image); the encoder one per image input. A build
+for tiled decoding (``--vae-tiles``) gives the decoder one more profile, spanning every piece
+ComfyUI's VAEDecodeTiled cuts from those latents (``runtime.vae_tiles``).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from dataclasses import dataclass
 from zimage_trt.build_engines.networks import Network, ShapePoint
 from zimage_trt.engines.manifest import Profile, ShapeRange
 from zimage_trt.errors import InputError
+from zimage_trt.runtime.vae_tiles import VaeTiles, piece_sides
 from zimage_trt.sampling.latents import MAX_SIDE, SIDE_MULTIPLE, VAE_SCALE
 from zimage_trt.workflow import Workflow
 
@@ -51,6 +54,7 @@ class StageShapes:
     max_batch: int  # 2 when cfg > 1, else 1
     decode: bool  # the VAE decodes this latent (a preview or the final image)
     encode: bool = False  # the VAE encodes an input image at this size
+    denoise: bool = True  # the DiT samples this latent (not a decoder-only tile profile)
 
 
 def workflow_stages(wf: Workflow) -> list[StageShapes]:
@@ -126,6 +130,28 @@ def bucket_stage(text: str, stages: Sequence[StageShapes]) -> StageShapes:
     )
 
 
+def tile_stage(tiles: VaeTiles, stages: Sequence[StageShapes]) -> StageShapes:
+    """The decoder's profile for decoding ``stages``' latents in ``tiles``: rows and columns from
+    the smallest piece to the largest any of them is cut into (every size of a bucket's span
+    counted), its opt a whole tile."""
+    decoded = [s for s in stages if s.decode]
+    if not decoded:
+        raise InputError("--vae-tiles: no stage decodes a latent")
+    tile, _ = tiles.latent()
+    rows = {n for s in decoded for h in range(s.height.min, s.height.max + 1)
+            for n in piece_sides(h, tiles, axis=0)}  # fmt: skip
+    cols = {n for s in decoded for w in range(s.width.min, s.width.max + 1)
+            for n in piece_sides(w, tiles, axis=1)}  # fmt: skip
+    return StageShapes(
+        f"tiles {tiles}",
+        Span(min(rows), min(max(tile, min(rows)), max(rows)), max(rows)),
+        Span(min(cols), min(max(tile, min(cols)), max(cols)), max(cols)),
+        1,
+        decode=True,
+        denoise=False,
+    )
+
+
 def caption_span(caption_max: int, opt_tokens: int) -> Span:
     if caption_max < CAPTION_MIN_CEILING:
         raise InputError(
@@ -151,7 +177,7 @@ def engine_profiles(
             out[name] = [_profile("prompt", net, corners)]
             continue
         wanted = {
-            "denoiser": list(stages),
+            "denoiser": [s for s in stages if s.denoise],
             "vae_decoder": [s for s in stages if s.decode],
             "vae_encoder": [s for s in stages if s.encode],
         }[name]

@@ -24,6 +24,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     from zimage_trt.build_engines.profiles import parse_resolutions
     from zimage_trt.build_engines.tensorrt_builder import format_plan
     from zimage_trt.engines.manifest import format_profiles
+    from zimage_trt.runtime.vae_tiles import VaeTiles
     from zimage_trt.workflow import load_workflow
 
     if args.workflow is not None and args.resolutions is not None:
@@ -36,6 +37,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         precision=precision,
         caption_max=args.caption_max,
         buckets=list(args.bucket),
+        vae_tiles=VaeTiles.parse(args.vae_tiles) if args.vae_tiles else None,
         with_encoder=args.with_encoder,
         check_parity=not args.no_parity,
         optimization_level=args.opt_level,
@@ -131,6 +133,13 @@ def add_build_parser(sub: Any) -> None:
         default=[],
         metavar="WxH-WxH",
         help="add a dynamic profile spanning these sizes (repeatable)",
+    )
+    p.add_argument(
+        "--vae-tiles",
+        default=None,
+        metavar="TILE[:OVERLAP]",
+        help="also give the VAE decoder a profile for decoding in these tiles (pixels, e.g. "
+        "512:64), so that generate --vae-tiles runs on these engines",
     )
     p.add_argument(
         "--backend",

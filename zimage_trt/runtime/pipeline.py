@@ -156,8 +156,8 @@ class Pipeline:
         if engines is not None and max_vram is not None:
             raise InputError(
                 "--max-vram plans the torch backend (--model): an engine folder's memory is "
-                "set when it is built (--weight-streaming) and loaded "
-                "(--weight-streaming-budget)"
+                "set when it is built (--weight-streaming, --vae-tiles) and loaded "
+                "(--weight-streaming-budget, --vae-tiles)"
             )
         if engines is None and weight_budget is not None:
             raise InputError(
@@ -389,7 +389,7 @@ class Pipeline:
         against the memory budget (``--max-vram``)."""
         cap = self.manifest.caption_max if self.manifest is not None else TORCH_CAPTION_MAX
         tokens = preflight(wf, self.engines.profiles, self.prompts.tokenizer,
-                           self.engines.backend, cap)  # fmt: skip
+                           self.engines.backend, cap, self.vae_tiles)  # fmt: skip
         if self.budget is not None:
             self.budget.check(wf, tokens)
 

@@ -12,6 +12,7 @@ import math
 from zimage_trt.engines.manifest import Profile, ProfileError, select_profile
 from zimage_trt.errors import InputError
 from zimage_trt.models.tokenizer import QwenTokenizer
+from zimage_trt.runtime.vae_tiles import VaeTiles, tile_shapes
 from zimage_trt.workflow import Workflow
 
 EngineCall = tuple[str, dict[str, tuple[int, ...]]]  # engine, input name → shape
@@ -88,9 +89,21 @@ def phase_calls(
     return phases
 
 
-def engine_calls(wf: Workflow, tokens: list[int]) -> list[EngineCall]:
-    """Every engine call of a run (``phase_calls``, in one list)."""
-    return [call for _, calls in phase_calls(wf, tokens) for call in calls]
+def engine_calls(
+    wf: Workflow, tokens: list[int], vae_tiles: VaeTiles | None = None
+) -> list[EngineCall]:
+    """Every engine call of a run (``phase_calls``, in one list); with ``vae_tiles`` each
+    decode is the pieces ``decode_tiled`` cuts."""
+    out: list[EngineCall] = []
+    for _, calls in phase_calls(wf, tokens):
+        for engine, shapes in calls:
+            if engine == "vae_decoder" and vae_tiles is not None:
+                _, c, h, w = shapes["latents"]
+                out += [(engine, {"latents": (1, c, rows, cols)})
+                        for rows, cols in tile_shapes(h, w, vae_tiles)]  # fmt: skip
+            else:
+                out.append((engine, shapes))
+    return out
 
 
 def preflight(
@@ -99,18 +112,20 @@ def preflight(
     tokenizer: QwenTokenizer,
     backend: str,
     caption_max: int = TORCH_CAPTION_MAX,
+    vae_tiles: VaeTiles | None = None,
 ) -> list[int]:
     """Raise ``InputError`` for a prompt longer than ``caption_max`` tokens, ``ProfileError``
-    unless every call of ``wf`` lies inside a built profile (no profiles: eager engines, which
-    serve any shape); returns the prompts' token counts."""
+    unless every call of ``wf`` (its decodes cut in ``vae_tiles``) lies inside a built profile
+    (no profiles: eager engines, which serve any shape); returns the prompts' token counts."""
     tokens = check_prompt_lengths(wf, tokenizer, caption_max, backend)
     if not profiles:
         return tokens
+    tiled = f" --vae-tiles {vae_tiles}" if vae_tiles is not None else ""
     hint = (
         f"zimage-trt build --model MODEL --workflow {wf.name}.yaml --backend "
-        f"{backend} --caption-max {max(max(tokens), 4096)} --out DIR"
+        f"{backend} --caption-max {max(max(tokens), 4096)}{tiled} --out DIR"
     )
-    for engine, shapes in engine_calls(wf, tokens):
+    for engine, shapes in engine_calls(wf, tokens, vae_tiles):
         if engine not in profiles:
             raise ProfileError(f"engine {engine!r} was not built; build it with: {hint}")
         select_profile(engine, profiles[engine], shapes, hint)

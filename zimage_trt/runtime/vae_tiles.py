@@ -144,6 +144,18 @@ def _tilings(tile: int) -> tuple[tuple[int, int], ...]:
     return (tile * 2, tile // 2), (tile // 2, tile * 2), (tile, tile)
 
 
+def piece_sides(side: int, tiles: VaeTiles, axis: int) -> set[int]:
+    """The lengths along ``axis`` (0: rows, 1: columns) of the pieces ``decode_tiled`` cuts from
+    a latent ``side`` long, over its three tilings (the axes are cut independently)."""
+    tile, overlap = tiles.latent()
+    out: set[int] = set()
+    for size in _tilings(tile):
+        length = size[axis]
+        starts = range(0, side - overlap, length - overlap) if side > length else range(1)
+        out.update(min(length, side - start) for start in starts)
+    return out
+
+
 def tile_shapes(height: int, width: int, tiles: VaeTiles) -> list[tuple[int, int]]:
     """Every (rows, columns) latent piece ``decode_tiled`` decodes for an ``height``×``width``
     latent: what a decoder engine's profile must admit."""

@@ -577,7 +577,7 @@ def _fits(pipeline: Pipeline, template: Workflow) -> Callable[[Workflow], bool]:
 
     def fits(wf: Workflow) -> bool:
         try:
-            for engine, shapes in engine_calls(wf, tokens):
+            for engine, shapes in engine_calls(wf, tokens, pipeline.vae_tiles):
                 select_profile(engine, profiles[engine], shapes)
         except (ProfileError, KeyError, ValueError):
             return False
