@@ -121,27 +121,42 @@ def test_a_reference_build_for_tiles_spans_every_piece() -> None:
             assert 12 <= h <= 108 and 12 <= w <= 84
 
 
-def test_an_engine_folder_built_for_tiles_decodes_in_them(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+@pytest.fixture(scope="module")
+def tiled_folder(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, str]:
     """An ONNX Runtime folder built ``--vae-tiles 128:32`` for a one-stage 336×432 workflow
-    decodes in those tiles (the torch backend's tiled image, within 2 levels); asked for other
-    tiles it refuses before any work, naming the piece and the build that covers it."""
+    (no parity check: the test below compares images): its path, the workflow file, the
+    build's printout."""
+    import contextlib
+    import io
+
     from tests.test_memory_plan import _one_stage
     from zimage_trt.cli import main
+
+    root = tmp_path_factory.mktemp("tiled")
+    path = root / "one-stage.yaml"
+    path.write_text(_one_stage().to_yaml())
+    out, printed = root / "engines", io.StringIO()
+    argv = ["build", "--model", "tiny", "--backend", "onnxruntime", "-w", str(path),
+            "--vae-tiles", "128:32", "--no-parity", "--out", str(out), "-q"]  # fmt: skip
+    with contextlib.redirect_stdout(printed):
+        assert main(argv) == 0
+    return out, path, printed.getvalue()
+
+
+def test_an_engine_folder_built_for_tiles_decodes_in_them(
+    tiled_folder: tuple[Path, Path, str],
+) -> None:
+    """The folder decodes in those tiles (the torch backend's tiled image, within 2 levels);
+    asked for other tiles it refuses before any work, naming the piece and the build that
+    covers it."""
     from zimage_trt.engines.manifest import ProfileError
     from zimage_trt.runtime.pipeline import Pipeline
+    from zimage_trt.workflow import load_workflow
 
-    wf = _one_stage()
-    path = tmp_path / "one-stage.yaml"
-    path.write_text(wf.to_yaml())
-    out = tmp_path / "engines"
-    assert main(["build", "--model", "tiny", "--backend", "onnxruntime", "-w", str(path),
-                 "--vae-tiles", "128:32", "--no-parity", "--out", str(out), "-q"]) == 0  # fmt: skip
-    printed = capsys.readouterr().out
+    out, path, printed = tiled_folder
     row = "vae_decoder   tiles 128:32  latents           1×16×6×6  1×16×16×16  1×16×32×32"
     assert row in printed
-    tiles = VaeTiles(128, 32)
+    wf, tiles = load_workflow(str(path)), VaeTiles(128, 32)
     engines = Pipeline.open(engines=out, vae_tiles=tiles, log=lambda m: None)
     eager = Pipeline.open(model="tiny", workflow=wf, device="cpu", vae_tiles=tiles,
                           log=lambda m: None)  # fmt: skip
@@ -156,4 +171,25 @@ def test_an_engine_folder_built_for_tiles_decodes_in_them(
         "1×16×54×42 … 1×16×54×42 (opt 1×16×54×42); tiles 128:32: latents 1×16×6×6 … 1×16×32×32 "
         "(opt 1×16×16×16). To cover it, build with: zimage-trt build --model MODEL --workflow "
         "zimage-121101.yaml --backend onnxruntime --caption-max 4096 --vae-tiles 256:32 --out DIR"
+    )
+
+
+def test_serve_decodes_an_engine_folder_in_the_tiles_it_names(
+    tiled_folder: tuple[Path, Path, str],
+) -> None:
+    import argparse
+
+    from zimage_trt.cli.serve import add_serve_parser, source_from
+
+    parser = argparse.ArgumentParser()
+    add_serve_parser(parser.add_subparsers())
+    out, _, _ = tiled_folder
+    args = parser.parse_args(["serve", "--engines", str(out), "--vae-tiles", "128:32"])
+    source = source_from(args)
+    assert source.vae_tiles == VaeTiles(128, 32)
+    assert source.open(lambda msg: None).vae_tiles == VaeTiles(128, 32)
+    with pytest.raises(InputError) as refused:
+        source_from(parser.parse_args(["serve", "--engines", str(out), "--vae-tiles", "12:4"]))
+    assert str(refused.value) == (
+        "VAE tile size 12 is outside 64 … 4096 pixels (ComfyUI's VAEDecodeTiled)"
     )

@@ -89,6 +89,13 @@ def add_serve_parser(sub: Any) -> None:
         "weights kept on the GPU (0–100 %%), or auto",
     )
     p.add_argument(
+        "--vae-tiles",
+        default=None,
+        metavar="TILE[:OVERLAP]",
+        help="decode in tiles as ComfyUI's VAEDecodeTiled (pixels, e.g. 512:64): less memory "
+        "for the decoder (an engine folder must be built with the same --vae-tiles)",
+    )
+    p.add_argument(
         "--host",
         default="127.0.0.1",
         help="address to listen on (default 127.0.0.1; 0.0.0.0 for every interface)",
@@ -216,8 +223,13 @@ def source_from(args: argparse.Namespace) -> Any:
         from zimage_trt.engines.tensorrt_engines import WeightBudget
 
         weight_budget = WeightBudget.parse(args.weight_streaming_budget)
+    tiles = None
+    if args.vae_tiles is not None:
+        from zimage_trt.runtime.vae_tiles import VaeTiles
+
+        tiles = VaeTiles.parse(args.vae_tiles)
     return Source(args.model, args.engines, args.workflow, args.device, loras, max_vram,
-                  args.max_batch, weight_budget)  # fmt: skip
+                  args.max_batch, weight_budget, tiles)  # fmt: skip
 
 
 def ray_app(args: dict[str, str]) -> Any:

@@ -40,6 +40,7 @@ from zimage_trt.runtime.loras import LoraBank, RegisteredLora
 from zimage_trt.runtime.pipeline import Pipeline
 from zimage_trt.runtime.preflight import engine_calls, prompt_tokens
 from zimage_trt.runtime.requests import GenerateRequest, apply_overrides
+from zimage_trt.runtime.vae_tiles import VaeTiles
 from zimage_trt.sampling.latents import VAE_SCALE
 from zimage_trt.sampling.noise import SEED_MAX
 from zimage_trt.serving.metrics import Metrics
@@ -109,12 +110,13 @@ class Source:
     max_vram: int | None = None  # a memory budget in bytes (serve --max-vram)
     max_batch: int = 1  # runs sampled together, which the budget's plan allows for
     weight_budget: WeightBudget | None = None  # serve --weight-streaming-budget
+    vae_tiles: VaeTiles | None = None  # serve --vae-tiles
 
     def open(self, log: Callable[[str], None]) -> Pipeline:
         pipeline = Pipeline.open(model=self.model, engines=self.engines, workflow=self.workflow,
                                  device=self.device, max_vram=self.max_vram,
                                  side_by_side=self.max_batch, weight_budget=self.weight_budget,
-                                 log=log)  # fmt: skip
+                                 vae_tiles=self.vae_tiles, log=log)  # fmt: skip
         if self.loras:
             LoraBank.attach(pipeline, self.loras, folder=self.engines, model=self.model,
                             search=lora_search(self.workflow), log=log)  # fmt: skip
