@@ -50,7 +50,7 @@ class Block(importlib.abc.MetaPathFinder):
         return None
 sys.meta_path.insert(0, Block())
 from zimage_trt.cli import main
-code = main(["generate", "--model", "tiny", "-w", "zimage-121101", "-p", "a red fox in snow",
+code = main(["generate", "--model", "tiny", "-w", sys.argv[2], "-p", "a red fox in snow",
              "--out", sys.argv[1], "-q"])
 loaded = sorted({m.split(".")[0] for m in sys.modules} & set(BLOCKED))
 print(code, loaded)
@@ -69,10 +69,25 @@ def test_the_block_catches_an_import() -> None:
     assert out.returncode != 0 and "runtime imported transformers" in out.stderr
 
 
+def _small_reference(folder: Path) -> str:
+    """The reference workflow (both samplers, EasyCache, cfg with the negative prompt, upscales)
+    at a quarter of its sides, written to ``folder``: the imports are the same, the work less."""
+    from zimage_trt.workflow import load_workflow
+
+    wf = load_workflow("zimage-121101")
+    for stage, (width, height) in zip(wf.stages[:2], ((48, 64), (96, 112)), strict=True):
+        stage.latent = stage.latent.model_copy(update={"width": width, "height": height})
+    path = folder / "small.yaml"
+    path.write_text(wf.to_yaml())
+    return str(path)
+
+
 def test_torch_generate_imports_no_builder_or_compiled_backend(tmp_path: Path) -> None:
+    workflow = _small_reference(tmp_path)
     out = subprocess.run(
-        [sys.executable, "-c", GENERATE, str(tmp_path)], capture_output=True, text=True
-    )
+        [sys.executable, "-c", GENERATE, str(tmp_path / "out"), workflow],
+        capture_output=True, text=True,
+    )  # fmt: skip
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines()[-1] == "0 []", out.stdout + out.stderr
     assert len(list(tmp_path.rglob("*.png"))) == 3  # the image and two previews
@@ -81,6 +96,6 @@ def test_torch_generate_imports_no_builder_or_compiled_backend(tmp_path: Path) -
 def test_the_generate_block_catches_an_import(tmp_path: Path) -> None:
     probe = GENERATE.replace("from zimage_trt.cli import main", "import onnx")
     out = subprocess.run(
-        [sys.executable, "-c", probe, str(tmp_path)], capture_output=True, text=True
+        [sys.executable, "-c", probe, str(tmp_path), "unused"], capture_output=True, text=True
     )
     assert out.returncode != 0 and "generate imported onnx" in out.stderr
