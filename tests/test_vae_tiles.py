@@ -104,21 +104,26 @@ def test_the_pipeline_decodes_in_tiles_when_asked() -> None:
     assert (image != whole).any()
 
 
-def test_a_reference_build_for_tiles_spans_every_piece() -> None:
-    """``build --vae-tiles 512:64`` for the reference workflow: one more decoder profile, from the
-    12-row piece the 32-row tiling leaves of 108 rows to the whole 108×84 latent (the tall
-    tiling's one piece); the DiT gets none."""
-    from zimage_trt.build_engines.profiles import Span, tile_stage, workflow_stages
+def test_a_reference_build_for_tiles_spans_every_piece_and_no_whole_latent() -> None:
+    """``build --vae-tiles 512:64`` for the reference workflow: the decoder's three profiles, one
+    per tiling, each spanning the pieces that tiling cuts from the three latents (108×84 → the
+    tall tiling's 108×32 and 108×12 …) and none larger than its tile (a tile's activations, not
+    the 108×84 decode's); the DiT's profiles are the workflow's."""
+    from zimage_trt.build_engines.profiles import Span, tile_stages, workflow_stages
     from zimage_trt.workflow import load_workflow
 
     stages = workflow_stages(load_workflow("zimage-121101"))
-    tiled = tile_stage(VaeTiles(), stages)
-    assert (tiled.name, tiled.height, tiled.width) == ("tiles 512:64", Span(12, 64, 108),
-                                                       Span(12, 64, 84))  # fmt: skip
-    assert (tiled.decode, tiled.denoise, tiled.max_batch) == (True, False, 1)
+    tiled = tile_stages(VaeTiles(), stages)
+    assert [(t.name, t.height, t.width) for t in tiled] == [
+        ("tiles 512:64 tall", Span(28, 108, 108), Span(12, 32, 32)),
+        ("tiles 512:64 wide", Span(12, 32, 32), Span(22, 84, 84)),
+        ("tiles 512:64 square", Span(28, 64, 64), Span(22, 64, 64)),
+    ]
+    assert {(t.decode, t.denoise, t.max_batch) for t in tiled} == {(True, False, 1)}
     for stage in stages:
         for h, w in tile_shapes(stage.height.opt, stage.width.opt, VaeTiles()):
-            assert 12 <= h <= 108 and 12 <= w <= 84
+            assert any(t.height.min <= h <= t.height.max and t.width.min <= w <= t.width.max
+                       for t in tiled), (h, w)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -154,23 +159,32 @@ def test_an_engine_folder_built_for_tiles_decodes_in_them(
     from zimage_trt.workflow import load_workflow
 
     out, path, printed = tiled_folder
-    row = "vae_decoder   tiles 128:32  latents           1×16×6×6  1×16×16×16  1×16×32×32"
-    assert row in printed
-    wf, tiles = load_workflow(str(path)), VaeTiles(128, 32)
-    engines = Pipeline.open(engines=out, vae_tiles=tiles, log=lambda m: None)
+    decoder = [line for line in printed.splitlines() if line.startswith("vae_decoder  ")]
+    assert decoder == [
+        "vae_decoder   tiles 128:32 tall    latents          1×16×26×6   1×16×32×8   1×16×32×8",
+        "vae_decoder   tiles 128:32 wide    latents          1×16×6×14   1×16×8×32   1×16×8×32",
+        "vae_decoder   tiles 128:32 square  latents           1×16×6×6  1×16×16×16  1×16×16×16",
+    ]  # no whole 54×42 decode: the engine holds a tile's activations
+    wf, tiles, logs = load_workflow(str(path)), VaeTiles(128, 32), []
+    engines = Pipeline.open(engines=out, log=logs.append)  # the tiles it was built for
+    assert engines.vae_tiles == tiles
+    assert "decoding in tiles 128:32 (the folder was built --vae-tiles)" in logs
     eager = Pipeline.open(model="tiny", workflow=wf, device="cpu", vae_tiles=tiles,
                           log=lambda m: None)  # fmt: skip
     got, ref = engines.run(wf).image, eager.run(wf).image
     assert got.shape == ref.shape == (432, 336, 3)
     assert int(np.abs(got.astype(int) - ref.astype(int)).max()) <= 2
-    assert (got != Pipeline.open(engines=out, log=lambda m: None).run(wf).image).any()
+    eager.vae_tiles = None
+    assert int(np.abs(got.astype(int) - eager.run(wf).image.astype(int)).max()) > 2  # seams
     with pytest.raises(ProfileError) as refused:
         Pipeline.open(engines=out, vae_tiles=VaeTiles(256, 32), log=lambda m: None)
     assert str(refused.value) == (
-        "engine 'vae_decoder' was not built for latents 1×16×6×42; built profiles: base: latents "
-        "1×16×54×42 … 1×16×54×42 (opt 1×16×54×42); tiles 128:32: latents 1×16×6×6 … 1×16×32×32 "
-        "(opt 1×16×16×16). To cover it, build with: zimage-trt build --model MODEL --workflow "
-        "zimage-121101.yaml --backend onnxruntime --caption-max 4096 --vae-tiles 256:32 --out DIR"
+        "engine 'vae_decoder' was not built for latents 1×16×6×42; built profiles: tiles 128:32 "
+        "tall: latents 1×16×26×6 … 1×16×32×8 (opt 1×16×32×8); tiles 128:32 wide: latents "
+        "1×16×6×14 … 1×16×8×32 (opt 1×16×8×32); tiles 128:32 square: latents 1×16×6×6 … "
+        "1×16×16×16 (opt 1×16×16×16). To cover it, build with: zimage-trt build --model MODEL "
+        "--workflow zimage-121101.yaml --backend onnxruntime --caption-max 4096 --vae-tiles "
+        "256:32 --out DIR"
     )
 
 

@@ -4,6 +4,7 @@ shapes from a workflow or a list of resolutions, and every engine's optimization
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from collections.abc import Callable, Sequence
@@ -20,7 +21,7 @@ from zimage_trt.build_engines.profiles import (
     caption_span,
     engine_profiles,
     resolution_stages,
-    tile_stage,
+    tile_stages,
     workflow_stages,
 )
 from zimage_trt.engines.manifest import Profile
@@ -49,7 +50,7 @@ class BuildOptions:
     caption_max: int = CAPTION_MAX
     buckets: list[str] = field(default_factory=list)
     with_encoder: bool = False  # also build the VAE encoder (image inputs) for every stage
-    vae_tiles: VaeTiles | None = None  # also a decoder profile for decoding in these tiles
+    vae_tiles: VaeTiles | None = None  # the VAE decoder built for decoding in these tiles only
     check_parity: bool = True
     parity_mode: str = "auto"  # auto | whole | slice (auto: slice when RAM forbids the whole)
     # TensorRT
@@ -190,8 +191,9 @@ def plan_build(
     stages += [bucket_stage(b, stages) for b in options.buckets]
     if options.with_encoder:
         stages = [_with_encoder(s) for s in stages]
-    if options.vae_tiles is not None:
-        stages.append(tile_stage(options.vae_tiles, stages))
+    if options.vae_tiles is not None:  # every decode is then a piece of a tiling
+        tiled = tile_stages(options.vae_tiles, stages)
+        stages = [dataclasses.replace(s, decode=False) for s in stages] + tiled
     opt_tokens = _prompt_tokens(files, wf) if workflow is not None else 128
     caption = caption_span(options.caption_max, opt_tokens)
     wanted = [n for n in nets if n != "vae_encoder" or any(s.encode for s in stages)]

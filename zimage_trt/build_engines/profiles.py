@@ -7,8 +7,9 @@ profile is the stage's exact shape with the workflow's own positive prompt. The 
 caption path serve one prompt at a time at any length up to the ceiling (default 4,096 tokens: a
 2,000-character Chinese negative prompt is ~1,600). The VAE decoder gets a static profile per
 decoded latent size (each preview and the final image); the encoder one per image input. A build
-for tiled decoding (``--vae-tiles``) gives the decoder one more profile, spanning every piece
-ComfyUI's VAEDecodeTiled cuts from those latents (``runtime.vae_tiles``).
+for tiled decoding (``--vae-tiles``) gives the decoder, in place of those, one profile per
+tiling of ComfyUI's VAEDecodeTiled, spanning the pieces it cuts from those latents
+(``runtime.vae_tiles``): the engine then holds a tile's activations, not a whole image's.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 from zimage_trt.build_engines.networks import Network, ShapePoint
 from zimage_trt.engines.manifest import Profile, ShapeRange
 from zimage_trt.errors import InputError
-from zimage_trt.runtime.vae_tiles import VaeTiles, piece_sides
+from zimage_trt.runtime.vae_tiles import VaeTiles, piece_sides, tilings
 from zimage_trt.sampling.latents import MAX_SIDE, SIDE_MULTIPLE, VAE_SCALE
 from zimage_trt.workflow import Workflow
 
@@ -130,26 +131,31 @@ def bucket_stage(text: str, stages: Sequence[StageShapes]) -> StageShapes:
     )
 
 
-def tile_stage(tiles: VaeTiles, stages: Sequence[StageShapes]) -> StageShapes:
-    """The decoder's profile for decoding ``stages``' latents in ``tiles``: rows and columns from
-    the smallest piece to the largest any of them is cut into (every size of a bucket's span
-    counted), its opt a whole tile."""
+def tile_stages(tiles: VaeTiles, stages: Sequence[StageShapes]) -> list[StageShapes]:
+    """The decoder's profiles for decoding ``stages``' latents in ``tiles``: one per tiling of
+    ComfyUI's VAEDecodeTiled (tall, wide, square), its rows and columns from the smallest piece
+    that tiling cuts from any of them to the largest (every size of a bucket's span counted),
+    its opt a whole tile. None reaches past its tiling's tile, so that an engine sizes its
+    activation memory for a tile rather than for the whole latent."""
     decoded = [s for s in stages if s.decode]
     if not decoded:
         raise InputError("--vae-tiles: no stage decodes a latent")
-    tile, _ = tiles.latent()
-    rows = {n for s in decoded for h in range(s.height.min, s.height.max + 1)
-            for n in piece_sides(h, tiles, axis=0)}  # fmt: skip
-    cols = {n for s in decoded for w in range(s.width.min, s.width.max + 1)
-            for n in piece_sides(w, tiles, axis=1)}  # fmt: skip
-    return StageShapes(
-        f"tiles {tiles}",
-        Span(min(rows), min(max(tile, min(rows)), max(rows)), max(rows)),
-        Span(min(cols), min(max(tile, min(cols)), max(cols)), max(cols)),
-        1,
-        decode=True,
-        denoise=False,
-    )
+    tile, overlap = tiles.latent()
+    out = []
+    for label, (tall, wide) in zip(("tall", "wide", "square"), tilings(tile), strict=True):
+        rows = {n for s in decoded for h in range(s.height.min, s.height.max + 1)
+                for n in piece_sides(h, tall, overlap)}  # fmt: skip
+        cols = {n for s in decoded for w in range(s.width.min, s.width.max + 1)
+                for n in piece_sides(w, wide, overlap)}  # fmt: skip
+        out.append(StageShapes(
+            f"tiles {tiles} {label}",
+            Span(min(rows), max(min(rows), min(tall, max(rows))), max(rows)),
+            Span(min(cols), max(min(cols), min(wide, max(cols))), max(cols)),
+            1,
+            decode=True,
+            denoise=False,
+        ))  # fmt: skip
+    return out
 
 
 def caption_span(caption_max: int, opt_tokens: int) -> Span:

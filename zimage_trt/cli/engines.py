@@ -138,8 +138,9 @@ def add_build_parser(sub: Any) -> None:
         "--vae-tiles",
         default=None,
         metavar="TILE[:OVERLAP]",
-        help="also give the VAE decoder a profile for decoding in these tiles (pixels, e.g. "
-        "512:64), so that generate --vae-tiles runs on these engines",
+        help="build the VAE decoder for decoding in these tiles (pixels, e.g. 512:64; "
+        "ComfyUI's VAEDecodeTiled): a profile per tiling in place of the whole-image ones, so "
+        "that it holds a tile's activations; generate and serve then decode in them",
     )
     p.add_argument(
         "--backend",

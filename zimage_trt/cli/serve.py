@@ -93,7 +93,7 @@ def add_serve_parser(sub: Any) -> None:
         default=None,
         metavar="TILE[:OVERLAP]",
         help="decode in tiles as ComfyUI's VAEDecodeTiled (pixels, e.g. 512:64): less memory "
-        "for the decoder (an engine folder must be built with the same --vae-tiles)",
+        "for the decoder (an engine folder built --vae-tiles decodes in its own by default)",
     )
     p.add_argument(
         "--host",

@@ -222,6 +222,10 @@ class Pipeline:
         pipeline.vae_tiles = vae_tiles
         if loaded.budget is not None:
             pipeline.vae_tiles = loaded.budget.plan.strategy.vae_tiles
+        built_tiles = loaded.manifest.options.get("vae_tiles") if loaded.manifest else None
+        if vae_tiles is None and built_tiles is not None:  # its decoder serves only those
+            pipeline.vae_tiles = VaeTiles.parse(built_tiles)
+            log(f"decoding in tiles {built_tiles} (the folder was built --vae-tiles)")
         pipeline.preflight(wf)
         for request in requests:
             pipeline.request_workflow(request)

@@ -83,15 +83,26 @@ def _feather(mask: Tensor, fade: int) -> None:
             mask.narrow(dim, mask.shape[dim] - 1 - t, 1).mul_(weight)
 
 
+def _starts(side: int, length: int, overlap: int) -> range:
+    """Where one tiling's tiles start along an axis ``side`` long: every ``length − overlap``
+    when the tile does not cover it, else once."""
+    return range(0, side - overlap, length - overlap) if side > length else range(1)
+
+
 def _windows(
     height: int, width: int, tile: tuple[int, int], overlap: int
 ) -> list[tuple[int, int, int, int]]:
-    """(row, column, rows, columns) of every tile of one tiling: a start every ``tile − overlap``
-    along each axis the tile does not cover, the last tiles cut short at the edge."""
-    starts = [range(0, side - overlap, size - overlap) if side > size else range(1)
-              for side, size in ((height, tile[0]), (width, tile[1]))]  # fmt: skip
+    """(row, column, rows, columns) of every tile of one tiling, the last tiles cut short at
+    the edge."""
+    starts = (_starts(height, tile[0], overlap), _starts(width, tile[1], overlap))
     return [(y, x, min(tile[0], height - y), min(tile[1], width - x))
             for y, x in itertools.product(*starts)]  # fmt: skip
+
+
+def piece_sides(side: int, length: int, overlap: int) -> set[int]:
+    """The lengths of the pieces one tiling (tiles ``length`` long, ``overlap`` shared) cuts
+    along an axis ``side`` long; the two axes are cut independently."""
+    return {min(length, side - start) for start in _starts(side, length, overlap)}
 
 
 def tiled(
@@ -135,25 +146,13 @@ def decode_tiled(
     ``device``)."""
     tile, overlap = tiles.latent()
     tall, wide, square = (tiled(latent, decode, size, overlap, device=device)
-                          for size in _tilings(tile))  # fmt: skip
+                          for size in tilings(tile))  # fmt: skip
     return (tall + wide + square) / 3.0
 
 
-def _tilings(tile: int) -> tuple[tuple[int, int], ...]:
+def tilings(tile: int) -> tuple[tuple[int, int], ...]:
     """The three (rows, columns) tile sizes ComfyUI averages, in its order."""
     return (tile * 2, tile // 2), (tile // 2, tile * 2), (tile, tile)
-
-
-def piece_sides(side: int, tiles: VaeTiles, axis: int) -> set[int]:
-    """The lengths along ``axis`` (0: rows, 1: columns) of the pieces ``decode_tiled`` cuts from
-    a latent ``side`` long, over its three tilings (the axes are cut independently)."""
-    tile, overlap = tiles.latent()
-    out: set[int] = set()
-    for size in _tilings(tile):
-        length = size[axis]
-        starts = range(0, side - overlap, length - overlap) if side > length else range(1)
-        out.update(min(length, side - start) for start in starts)
-    return out
 
 
 def tile_shapes(height: int, width: int, tiles: VaeTiles) -> list[tuple[int, int]]:
@@ -161,7 +160,7 @@ def tile_shapes(height: int, width: int, tiles: VaeTiles) -> list[tuple[int, int
     latent: what a decoder engine's profile must admit."""
     tile, overlap = tiles.latent()
     shapes: set[tuple[int, int]] = set()
-    for size in _tilings(tile):
+    for size in tilings(tile):
         if height <= size[0] and width <= size[1]:
             shapes.add((height, width))
         else:
