@@ -19,6 +19,7 @@ import argparse
 import math
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,7 @@ from zimage_trt.models.text_encoder import Qwen3Config, Qwen3TextEncoder
 from zimage_trt.models.tokenizer import QwenTokenizer
 from zimage_trt.models.vae import FluxVAE, VAEConfig
 from zimage_trt.runtime.pipeline import Pipeline
-from zimage_trt.workflow import load_workflow
+from zimage_trt.workflow import Workflow, load_workflow
 
 WEIGHTS_NOTE = (
     "random weights (normal, scaled by 1/sqrt(fan-in); norms near 1): kernel timings do not depend "
@@ -60,13 +61,17 @@ def random_init_(module: nn.Module, seed: int) -> nn.Module:
     return module.requires_grad_(False)
 
 
+def model_configs(tiny: bool) -> tuple[DiTConfig, Qwen3Config, VAEConfig]:
+    if tiny:
+        return DiTConfig.tiny(), Qwen3Config.tiny(), VAEConfig.tiny()
+    return DiTConfig(), Qwen3Config(), VAEConfig()
+
+
 def random_models(
     tiny: bool, device: torch.device, dtype: torch.dtype
 ) -> tuple[ZImageDiT, Qwen3TextEncoder, FluxVAE]:
     """The three networks, built on ``meta`` and materialised on ``device`` (no host copy)."""
-    dit_cfg = DiTConfig.tiny() if tiny else DiTConfig()
-    text_cfg = Qwen3Config.tiny() if tiny else Qwen3Config()
-    vae_cfg = VAEConfig.tiny() if tiny else VAEConfig()
+    dit_cfg, text_cfg, vae_cfg = model_configs(tiny)
     with torch.device("meta"):
         dit, text, vae = ZImageDiT(dit_cfg), Qwen3TextEncoder(text_cfg), FluxVAE(vae_cfg)
     dit = random_init_(dit.to_empty(device=device).to(dtype), seed=1)
@@ -114,6 +119,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument(
+        "--edge",
+        default=None,
+        metavar="SIZE[,SIZE…]",
+        help="the memory budgets the edge part plans and runs, after the backends (issue 17; "
+        "default 24G,16G,12G,8G at full size, each rung of the planner's ladder for --tiny; "
+        "'none' skips it)",
+    )
     parser.add_argument(
         "--budget",
         type=float,
@@ -187,6 +200,12 @@ def run(args: argparse.Namespace) -> int:
         compile_options=compile_options, deadline=start + args.budget, on_backend=save_partial,
         log=log,
     )  # fmt: skip
+    del eager, dit, text, vae  # the edge part measures its own networks alone
+    if args.edge != "none":
+        stamp(result, partial=True)  # the tables and chart now, should the edge part be cut
+        write_outputs(result, *paths)
+        edge_plans(args, wf, device, dtype, start + args.budget, result,
+                   lambda: save_partial(result), log)  # fmt: skip
     stamp(result, partial=False)
     elapsed = result["gpu_bench"]["seconds"]
     write_outputs(result, *paths)
@@ -195,6 +214,104 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote {path}")
     print(f"gpu_bench: {elapsed:.0f} s ({WEIGHTS_NOTE})")
     return 0
+
+
+EDGE_NOTE = (
+    "one run per --max-vram budget, following its plan (torch backend); peaks: CUDA allocated / "
+    "reserved above what the process held before the run's networks were made (none on the "
+    "CPU); predicted: the plan's peak, CUDA context aside; latent delta against the first run"
+)
+
+
+def edge_plans(
+    args: argparse.Namespace, wf: Workflow, device: torch.device, dtype: torch.dtype,
+    deadline: float, result: dict[str, Any], save: Callable[[], None],
+    log: Callable[[str], None],
+) -> None:  # fmt: skip
+    """Issue 17 on the device: each budget's memory plan (``runtime.memory_plan``) followed by
+    the torch backend as ``generate --max-vram`` follows it (a bf16 text encoder kept in bf16 on
+    a GPU), one run each: its seconds, its peak (CUDA: allocated and reserved above what the
+    process held before its networks were made; the CPU: none, RSS holds the interpreter) beside
+    the plan's prediction, and its final latent against the first run's (placement and tiles
+    change no latent). Filled into ``result["edge"]`` run by run (``save`` after each)."""
+    import gc
+
+    from zimage_trt.cli.common import parse_bytes
+    from zimage_trt.engines.placement import upcast_per_block
+    from zimage_trt.errors import InputError
+    from zimage_trt.runtime.memory_plan import Budget, MemoryPlanner, format_bytes
+    from zimage_trt.runtime.preflight import prompt_tokens
+
+    cuda = device.type == "cuda"
+    tokenizer = QwenTokenizer.load(None)
+    text_storage = torch.bfloat16 if cuda else torch.float32  # Z-Image's Qwen3 file is bf16
+    planner = MemoryPlanner(
+        wf, prompt_tokens(wf, tokenizer), model_configs(args.tiny), device=device.type,
+        dit_precision="bf16" if dtype == torch.bfloat16 else "fp32", dtype=dtype,
+        text_precision="bf16" if cuda else "fp32", text_dtype=torch.float32, text_upcast=cuda,
+    )  # fmt: skip
+    if args.edge is not None:
+        budgets = [parse_bytes(part) for part in args.edge.split(",")]
+    elif not args.tiny:
+        budgets = [parse_bytes(size) for size in ("24G", "16G", "12G", "8G")]
+    else:  # each rung at its own need: the plan keeps the first that fits
+        needs = [max(r.peak for r in planner.predict(s)) + planner.overhead
+                 for s in planner.ladder()]  # fmt: skip
+        budgets = sorted(set(needs), reverse=True)[:3]
+    out: dict[str, Any] = {"device": device.type, "runs": [], "note": EDGE_NOTE}
+    result["edge"] = out
+    first: torch.Tensor | None = None
+
+    def networks() -> tuple[ZImageDiT, Qwen3TextEncoder, FluxVAE]:
+        dit, text, vae = random_models(args.tiny, device, dtype)
+        text = text.to(text_storage)
+        if text_storage == torch.bfloat16:
+            upcast_per_block(text)
+        return dit, text.to("cpu"), vae  # the text encoder arrives on the CPU, as from a file
+
+    for budget in budgets:
+        row: dict[str, Any] = {"budget_bytes": budget, "budget": format_bytes(budget)}
+        out["runs"].append(row)
+        if time.perf_counter() > deadline:
+            row["status"] = "skipped: past the time budget"
+            continue
+        try:
+            plan = planner.plan(budget)
+        except InputError as exc:
+            row["status"] = f"refused: {exc}"
+            continue
+        s = plan.strategy
+        log(f"[edge] --max-vram {row['budget']}: {'; '.join(plan.choices)}")
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+        held = torch.cuda.memory_allocated(device) if cuda else 0
+        dit, text, vae = networks()
+        reload = None if cuda else {  # released on the CPU: read again (here: made again)
+            "text encoder": lambda: networks()[1], "DiT": lambda: networks()[0]}  # fmt: skip
+        engines = torch_engines(dit, text, vae, device=device, dtype=dtype,
+                                text_encoder_dtype=text_storage, resident_blocks=s.dit_blocks,
+                                text_encoder_placement=s.text_encoder, reload=reload)  # fmt: skip
+        del dit, text, vae
+        pipeline = Pipeline(engines, tokenizer)
+        pipeline.budget, pipeline.vae_tiles = Budget(plan, planner), s.vae_tiles
+        if cuda:
+            torch.cuda.synchronize(device)
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        began = time.perf_counter()
+        generation = pipeline.run(wf)
+        row.update(status="ok", choices=plan.choices, seconds=time.perf_counter() - began,
+                   predicted_peak_bytes=plan.peak, predicted_total_bytes=plan.total)  # fmt: skip
+        if cuda:
+            row["cuda_allocated_peak_bytes"] = torch.cuda.max_memory_allocated(device) - held
+            row["cuda_reserved_peak_bytes"] = torch.cuda.max_memory_reserved(device) - held
+        latent = generation.latent.float().cpu()
+        if first is None:
+            first = latent
+        row["final_latent_max_abs_delta_vs_first"] = float((latent - first).abs().max())
+        del pipeline, engines, generation
+        save()
 
 
 def _tensorrt_note(engines: Path | None) -> str | None:

@@ -76,6 +76,22 @@ def test_the_cpu_dry_run_writes_every_figure(
     assert delta < 1e-4
     assert Image.open(tmp_path / "gpu_bench-cpu-tiny.png").size[0] > 0
     assert "| backend |" in (tmp_path / "gpu_bench-cpu-tiny.md").read_text()
+    # issue 17's edge part: each rung of the planner's ladder at its own need, followed
+    edge = result["edge"]
+    assert edge["device"] == "cpu" and [r["status"] for r in edge["runs"]] == ["ok"] * 3
+    released = "text encoder released after encoding (the prompt cache keeps its output)"
+    assert [r["choices"] for r in edge["runs"]] == [
+        ["everything resident"], [released],
+        [released, "decode in tiles (512:64, ComfyUI's VAEDecodeTiled)"],
+    ]  # fmt: skip
+    for run in edge["runs"]:
+        assert run["predicted_total_bytes"] == run["budget_bytes"]  # the rung's own need
+        assert run["final_latent_max_abs_delta_vs_first"] == 0.0  # made again: the same bits
+        assert "cuda_allocated_peak_bytes" not in run and run["seconds"] > 0
+    assert (
+        "## Memory budgets (--max-vram plans followed)"
+        in (tmp_path / "gpu_bench-cpu-tiny.md").read_text()
+    )
     out = capsys.readouterr().out
     # written after each part of each backend
     assert "(so far: torch incomplete)" in out and "(so far: torch ok)" in out
@@ -97,6 +113,7 @@ def test_a_spent_budget_skips_the_backends_and_says_why(
         assert re.fullmatch(r"past the time budget by \d+ s when it was due to start",
                             record["reason"])  # fmt: skip
     assert result["gpu_bench"]["over_budget"] is True and result["gpu_bench"]["partial"] is False
+    assert {r["status"] for r in result["edge"]["runs"]} == {"skipped: past the time budget"}
     assert "- torch: skipped, past the time budget by" in capsys.readouterr().out
 
 

@@ -144,6 +144,28 @@ def _md_memory(ok: Mapping[str, Any]) -> list[str]:
     return lines + ([*notes, ""] if notes else [])
 
 
+def _md_edge(edge: Mapping[str, Any] | None) -> list[str]:
+    """benchmarks/gpu_bench.py's edge part: one run per memory budget, following its plan."""
+    if not edge:
+        return []
+    rows: list[Row] = []
+    for r in edge["runs"]:
+        if r["status"] != "ok":
+            rows.append((r["budget"], r["status"], "—", "—", "—", "—", "—"))
+            continue
+        measured = [r.get(k) for k in ("cuda_allocated_peak_bytes", "cuda_reserved_peak_bytes")]
+        rows.append((r["budget"], "; ".join(r["choices"]), f"{r['seconds']:.3g}",
+                     f"{r['predicted_peak_bytes'] / 2**30:.2f}",
+                     *("—" if m is None else f"{m / 2**30:.2f}" for m in measured),
+                     f"{r['final_latent_max_abs_delta_vs_first']:.3g}"))  # fmt: skip
+    header = ("budget", "plan", "seconds", "predicted GiB", "allocated GiB", "reserved GiB",
+              "latent Δ vs first")  # fmt: skip
+    return ["## Memory budgets (--max-vram plans followed)", "",
+            "One run per budget; the peaks are above what the process held before the run's "
+            "networks were made (CUDA only), the prediction the plan's (CUDA context aside).",
+            "", *_table(header, rows)]  # fmt: skip
+
+
 def _md_roofline(roof: Mapping[str, Any]) -> list[str]:
     peak = roof["bf16_peak_flops"]
     where = f"{peak / 1e12:.1f} TFLOP/s ({roof['peak_source']})" if peak else "not tabulated"
@@ -180,7 +202,7 @@ def markdown(result: Mapping[str, Any]) -> str:
         if r.get("status") != "ok":
             lines += [f"- {b}: {r.get('status')}, {r.get('reason')}", ""]
     lines += _md_components(ok) + _md_end_to_end(ok, result) + _md_baselines(result)
-    lines += _md_cache(ok) + _md_memory(ok)
+    lines += _md_cache(ok) + _md_memory(ok) + _md_edge(result.get("edge"))
     if "roofline" in result:
         lines += _md_roofline(result["roofline"])
     return "\n".join(lines)

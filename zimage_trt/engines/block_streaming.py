@@ -103,7 +103,8 @@ def stream_blocks(dit: ZImageDiT, resident: int, device: torch.device | str,
     streamed: list[dict[str, Tensor]] = []
     template = dit.layers[resident]
     for i in range(resident, blocks):
-        state = {k: v.detach().to(dtype=dtype if v.is_floating_point() else v.dtype)
+        # held on the CPU (pinnable), whichever device the DiT arrived on
+        state = {k: v.detach().to("cpu", dtype=dtype if v.is_floating_point() else v.dtype)
                  for k, v in dit.layers[i].state_dict().items()}  # fmt: skip
         if device.type == "cuda":
             state = {k: v.pin_memory() for k, v in state.items()}
