@@ -176,6 +176,11 @@ def test_an_engine_folder_built_for_tiles_decodes_in_them(
     assert int(np.abs(got.astype(int) - ref.astype(int)).max()) <= 2
     eager.vae_tiles = None
     assert int(np.abs(got.astype(int) - eager.run(wf).image.astype(int)).max()) > 2  # seams
+    from zimage_trt.bench.measure import component_calls
+
+    timed = [c.inputs["latents"].shape[2:] for c in component_calls(engines, wf)
+             if c.engine == "vae_decoder"]  # fmt: skip
+    assert sorted(timed) == tile_shapes(54, 42, tiles) and len(timed) == 12  # bench: the pieces
     with pytest.raises(ProfileError) as refused:
         Pipeline.open(engines=out, vae_tiles=VaeTiles(256, 32), log=lambda m: None)
     assert str(refused.value) == (

@@ -23,6 +23,7 @@ from zimage_trt.models.dit import DiTConfig
 from zimage_trt.runtime.pipeline import Pipeline
 from zimage_trt.runtime.requests import Generation
 from zimage_trt.runtime.text import attention_mask
+from zimage_trt.runtime.vae_tiles import tile_shapes
 from zimage_trt.sampling.guider import Cond
 from zimage_trt.sampling.latents import LATENT_CHANNELS, VAE_SCALE
 from zimage_trt.workflow import Workflow
@@ -65,7 +66,8 @@ def component_calls(
 ) -> list[ComponentCall]:
     """One call per engine and distinct shape the workflow makes: the text encoder and caption
     path per prompt, the denoiser per stage shape (batch, latent, caption slots; cond and uncond
-    batched as the guider batches them), the VAE decoder per decoded size."""
+    batched as the guider batches them), the VAE decoder per decoded size (decoding in tiles:
+    per piece)."""
     engines = pipeline.engines
     device, dtype = engines.device, engines.dtype
     tokenizer = pipeline.prompts.tokenizer
@@ -165,7 +167,10 @@ def component_calls(
             key = ("denoiser", len(group), h, w, group[0].context.shape[1])
             add(key, names[i], partial(denoiser, group, h, w))
         if stage.preview or i == len(wf.stages) - 1:
-            add(("vae_decoder", h, w), names[i], partial(decoder, h, w))
+            tiles = pipeline.vae_tiles  # then every piece the tiled decode cuts
+            pieces = [(h, w)] if tiles is None else tile_shapes(h, w, tiles)
+            for rows, cols in pieces:
+                add(("vae_decoder", rows, cols), names[i], partial(decoder, rows, cols))
         if stage.latent.source == "image" and engines.vae_encoder is not None:
             add(("vae_encoder", h, w), names[i], partial(encoder, h, w))
     return calls
