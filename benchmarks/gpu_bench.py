@@ -21,7 +21,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -67,17 +67,39 @@ def model_configs(tiny: bool) -> tuple[DiTConfig, Qwen3Config, VAEConfig]:
     return DiTConfig(), Qwen3Config(), VAEConfig()
 
 
+Net = TypeVar("Net", bound=nn.Module)
+
+
+def random_network(make: Callable[[], Net], device: torch.device, dtype: torch.dtype,
+                   seed: int) -> Net:  # fmt: skip
+    """``make()``'s network built on ``meta`` and materialised on ``device`` in ``dtype`` (no
+    host copy), its weights drawn from ``seed``."""
+    with torch.device("meta"):
+        module = make()
+    module = module.to_empty(device=device).to(dtype)
+    random_init_(module, seed)
+    return module.eval()
+
+
+def random_dit(tiny: bool, device: torch.device, dtype: torch.dtype) -> ZImageDiT:
+    return random_network(lambda: ZImageDiT(model_configs(tiny)[0]), device, dtype, seed=1)
+
+
+def random_text_encoder(tiny: bool, device: torch.device, dtype: torch.dtype) -> Qwen3TextEncoder:
+    return random_network(lambda: Qwen3TextEncoder(model_configs(tiny)[1]), device, dtype, seed=2)
+
+
+def random_vae(tiny: bool, device: torch.device, dtype: torch.dtype) -> FluxVAE:
+    return random_network(lambda: FluxVAE(model_configs(tiny)[2]), device, dtype, seed=3)
+
+
 def random_models(
     tiny: bool, device: torch.device, dtype: torch.dtype
 ) -> tuple[ZImageDiT, Qwen3TextEncoder, FluxVAE]:
-    """The three networks, built on ``meta`` and materialised on ``device`` (no host copy)."""
-    dit_cfg, text_cfg, vae_cfg = model_configs(tiny)
-    with torch.device("meta"):
-        dit, text, vae = ZImageDiT(dit_cfg), Qwen3TextEncoder(text_cfg), FluxVAE(vae_cfg)
-    dit = random_init_(dit.to_empty(device=device).to(dtype), seed=1)
-    text = random_init_(text.to_empty(device=device), seed=2)  # fp32 activations, as ComfyUI
-    vae = random_init_(vae.to_empty(device=device).to(dtype), seed=3)
-    return dit.eval(), text.eval(), vae.eval()
+    """The three networks on ``device``; the text encoder in fp32 (its activations, as
+    ComfyUI's)."""
+    return (random_dit(tiny, device, dtype), random_text_encoder(tiny, device, torch.float32),
+            random_vae(tiny, device, dtype))  # fmt: skip
 
 
 def engines_for(
@@ -262,12 +284,11 @@ def edge_plans(
     result["edge"] = out
     first: torch.Tensor | None = None
 
-    def networks() -> tuple[ZImageDiT, Qwen3TextEncoder, FluxVAE]:
-        dit, text, vae = random_models(args.tiny, device, dtype)
-        text = text.to(text_storage)
+    def text_encoder() -> Qwen3TextEncoder:  # stored as a file stores it, arriving on the CPU
+        text = random_text_encoder(args.tiny, device, text_storage).to("cpu")
         if text_storage == torch.bfloat16:
             upcast_per_block(text)
-        return dit, text.to("cpu"), vae  # the text encoder arrives on the CPU, as from a file
+        return text
 
     for budget in budgets:
         row: dict[str, Any] = {"budget_bytes": budget, "budget": format_bytes(budget)}
@@ -286,9 +307,16 @@ def edge_plans(
         if cuda:
             torch.cuda.empty_cache()
         held = torch.cuda.memory_allocated(device) if cuda else 0
-        dit, text, vae = networks()
-        reload = None if cuda else {  # released on the CPU: read again (here: made again)
-            "text encoder": lambda: networks()[1], "DiT": lambda: networks()[0]}  # fmt: skip
+        dit, text = random_dit(args.tiny, device, dtype), text_encoder()
+        vae = random_vae(args.tiny, device, dtype)
+        reload = (
+            None
+            if cuda
+            else {  # released on the CPU: read again (here: made again)
+                "text encoder": text_encoder,
+                "DiT": lambda: random_dit(args.tiny, device, dtype),
+            }
+        )
         engines = torch_engines(dit, text, vae, device=device, dtype=dtype,
                                 text_encoder_dtype=text_storage, resident_blocks=s.dit_blocks,
                                 text_encoder_placement=s.text_encoder, reload=reload)  # fmt: skip

@@ -134,9 +134,9 @@ def bucket_stage(text: str, stages: Sequence[StageShapes]) -> StageShapes:
 def tile_stages(tiles: VaeTiles, stages: Sequence[StageShapes]) -> list[StageShapes]:
     """The decoder's profiles for decoding ``stages``' latents in ``tiles``: one per tiling of
     ComfyUI's VAEDecodeTiled (tall, wide, square), its rows and columns from the smallest piece
-    that tiling cuts from any of them to the largest (every size of a bucket's span counted),
-    its opt a whole tile. None reaches past its tiling's tile, so that an engine sizes its
-    activation memory for a tile rather than for the whole latent."""
+    that tiling cuts from any of them to the largest, its opt (every size of a bucket's span
+    counted). No piece is longer than its tiling's tile, so an engine sizes its activation
+    memory for a tile rather than for the whole latent."""
     decoded = [s for s in stages if s.decode]
     if not decoded:
         raise InputError("--vae-tiles: no stage decodes a latent")
@@ -149,8 +149,8 @@ def tile_stages(tiles: VaeTiles, stages: Sequence[StageShapes]) -> list[StageSha
                 for n in piece_sides(w, wide, overlap)}  # fmt: skip
         out.append(StageShapes(
             f"tiles {tiles} {label}",
-            Span(min(rows), max(min(rows), min(tall, max(rows))), max(rows)),
-            Span(min(cols), max(min(cols), min(wide, max(cols))), max(cols)),
+            Span(min(rows), max(rows), max(rows)),
+            Span(min(cols), max(cols), max(cols)),
             1,
             decode=True,
             denoise=False,
